@@ -1,0 +1,29 @@
+# Two commands: `make demo` runs the end-to-end demo, `make test` runs the tests.
+# Both create (or reuse) a virtual environment in $(VENV) and install what they need.
+# TORCH picks the PyTorch build installed first (e.g. TORCH="torch" for the newest).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pcasurgery-installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pcasurgery demo --out demo-out
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check pcasurgery tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,37 @@
+"""pcasurgery: PyTorch model surgery with PCA layers.
+
+Wrap a model with PCA layers, calibrate them on real data, read how much of
+each layer's width the network uses, and fold the kept eigendirections into
+smaller layers.
+"""
+
+from . import metrics, pca_layers, torch_utils
+from ._validation import NotCalibratedError
+from .core.covariance_matrix import TorchCovarianceMatrix
+from .layers import (
+    Conv2DPCALayer,
+    LinearPCALayer,
+    PCALayer,
+    inject_random_directions,
+    pca_layers_of,
+    set_centering,
+    set_threshold,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Conv2DPCALayer",
+    "LinearPCALayer",
+    "NotCalibratedError",
+    "PCALayer",
+    "TorchCovarianceMatrix",
+    "__version__",
+    "inject_random_directions",
+    "metrics",
+    "pca_layers",
+    "pca_layers_of",
+    "set_centering",
+    "set_threshold",
+    "torch_utils",
+]

@@ -1,0 +1,51 @@
+"""Statistics core: streaming moments and spectra on plain tensors (no ``nn.Module``)."""
+
+from .covariance_matrix import TorchCovarianceMatrix
+from .moments import (
+    Moments,
+    accumulate_,
+    batch_moments,
+    covariance,
+    empty_moments,
+    mean,
+    merge_moments,
+    reference_shift,
+    reshift,
+    second_moment,
+)
+from .spectrum import (
+    cov_determinant,
+    cov_trace,
+    diag_trace,
+    eigh_descending,
+    embed,
+    explained_fraction,
+    intrinsic_dimensionality,
+    projection_affine,
+    random_orthogonal,
+    saturation,
+)
+
+__all__ = [
+    "Moments",
+    "TorchCovarianceMatrix",
+    "accumulate_",
+    "batch_moments",
+    "cov_determinant",
+    "cov_trace",
+    "covariance",
+    "diag_trace",
+    "eigh_descending",
+    "embed",
+    "empty_moments",
+    "explained_fraction",
+    "intrinsic_dimensionality",
+    "mean",
+    "merge_moments",
+    "projection_affine",
+    "random_orthogonal",
+    "reference_shift",
+    "reshift",
+    "saturation",
+    "second_moment",
+]

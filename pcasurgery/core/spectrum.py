@@ -1,0 +1,168 @@
+"""Spectra of covariance matrices and the quantities read off them.
+
+Pure functions on tensors: the eigendecomposition (descending, signs fixed),
+the intrinsic dimensionality at a variance threshold, saturation, the fraction
+of variance kept, the affine map of a PCA projection, random orthogonal
+matrices for control experiments, and the seed library's stats
+(``idim``, ``lsat``, ``cov``, ``det``, ``trc``, ``dtrc``, ``embed``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._validation import check_positive_int, check_threshold
+
+__all__ = [
+    "cov_determinant",
+    "cov_trace",
+    "diag_trace",
+    "eigh_descending",
+    "embed",
+    "explained_fraction",
+    "intrinsic_dimensionality",
+    "projection_affine",
+    "random_orthogonal",
+    "saturation",
+]
+
+
+def _check_square(matrix: Tensor, name: str = "cov") -> None:
+    if not isinstance(matrix, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(matrix).__name__}")
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"{name} must be a square matrix, got shape {tuple(matrix.shape)}")
+    if not torch.isfinite(matrix).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def eigh_descending(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric PSD matrix, largest eigenvalue first.
+
+    Computed in float64. Tiny negative eigenvalues (rounding) are clipped to 0.
+    Each eigenvector's sign is fixed so that its largest-magnitude entry is
+    positive (scikit-learn's convention for ``PCA.components_``).
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``: float64 ``(d,)`` descending, and
+        ``(d, d)`` with the eigenvectors as columns.
+    """
+    _check_square(matrix)
+    values, vectors = torch.linalg.eigh(matrix.to(torch.float64))
+    values = values.flip(0).clamp_min(0.0)
+    vectors = vectors.flip(1)
+    if vectors.numel():
+        pivots = vectors.abs().argmax(dim=0)
+        signs = torch.sign(vectors.gather(0, pivots[None, :]))
+        signs[signs == 0] = 1.0
+        vectors = vectors * signs
+    return values, vectors
+
+
+def _cumulative_fraction(eigenvalues: Tensor) -> Tensor | None:
+    total = eigenvalues.sum()
+    if not total > 0:
+        return None
+    return eigenvalues.cumsum(0) / total
+
+
+def intrinsic_dimensionality(eigenvalues: Tensor, threshold: float = 0.99) -> int:
+    """Smallest ``k`` whose top-``k`` eigenvalues explain at least ``threshold`` of the variance.
+
+    ``threshold = 1`` keeps every direction (``k = width``), whatever the rounding.
+    A spectrum with no variance at all has ``k = 0``. On generic data this equals
+    ``sklearn.decomposition.PCA(n_components=threshold, svd_solver="full").n_components_``.
+
+    Args:
+        eigenvalues: descending, non-negative eigenvalues.
+        threshold: fraction of variance to keep, in (0, 1].
+    """
+    threshold = check_threshold(threshold)
+    width = eigenvalues.shape[0]
+    fractions = _cumulative_fraction(eigenvalues)
+    if fractions is None:
+        return 0
+    if threshold >= 1.0:
+        return width
+    t = torch.tensor([threshold], dtype=fractions.dtype, device=fractions.device)
+    k = int(torch.searchsorted(fractions, t, right=False)) + 1
+    return min(k, width)
+
+
+def saturation(k: int, width: int) -> float:
+    """Fraction of a layer's width in use: ``k / width`` (0 for an empty layer)."""
+    return k / width if width else 0.0
+
+
+def explained_fraction(eigenvalues: Tensor, k: int) -> float:
+    """Fraction of the total variance carried by the top ``k`` eigenvalues (1 if there is none)."""
+    fractions = _cumulative_fraction(eigenvalues)
+    if fractions is None:
+        return 1.0
+    return 0.0 if k == 0 else float(fractions[k - 1].clamp_max(1.0))
+
+
+def projection_affine(basis: Tensor, center: Tensor, keepdim: bool = True) -> tuple[Tensor, Tensor]:
+    """The affine map of a projection onto the span of ``basis`` around ``center``.
+
+    With ``V = basis`` (orthonormal columns, ``(d, k)``) and ``mu = center``:
+    ``keepdim=True`` maps ``x -> (x - mu) V V^T + mu`` and ``keepdim=False`` maps
+    ``x -> (x - mu) V``. Both are returned as ``(weight, bias)`` for
+    ``torch.nn.functional.linear`` (``x @ weight.T + bias``), one fused map.
+    """
+    basis = basis.to(torch.float64)
+    center = center.to(torch.float64)
+    if keepdim:
+        weight = basis @ basis.T
+        bias = center - weight @ center
+    else:
+        weight = basis.T.contiguous()
+        bias = -(weight @ center)
+    return weight, bias
+
+
+def random_orthogonal(
+    dim: int = 3, random_state: int | np.random.Generator | None = None
+) -> np.ndarray:
+    """Haar-random special orthogonal ``(dim, dim)`` matrix (determinant +1), float64.
+
+    Args:
+        dim: matrix size, >= 1.
+        random_state: seed or ``numpy.random.Generator`` for reproducibility;
+            ``None`` draws from the global NumPy state, as the seed library did.
+    """
+    from scipy.stats import special_ortho_group
+
+    dim = check_positive_int(dim, "dim")
+    if dim == 1:
+        return np.ones((1, 1))
+    if random_state is None:
+        random_state = np.random.mtrand._rand
+    return special_ortho_group.rvs(dim, random_state=random_state)
+
+
+def cov_determinant(cov: Tensor) -> float:
+    """Determinant of the covariance matrix (generalised variance)."""
+    _check_square(cov)
+    return float(torch.linalg.det(cov.to(torch.float64)))
+
+
+def cov_trace(cov: Tensor) -> float:
+    """Trace of the covariance matrix (total variance)."""
+    _check_square(cov)
+    return float(cov.to(torch.float64).trace())
+
+
+def diag_trace(cov: Tensor) -> float:
+    """Trace of the diagonalised covariance: the sum of its clipped eigenvalues."""
+    values, _ = eigh_descending(cov)
+    return float(values.sum())
+
+
+def embed(samples: Tensor, eigenvectors: Tensor, center: Tensor, dims: int = 2) -> Tensor:
+    """Samples ``(n, d)`` expressed in the top ``dims`` eigendirections: ``(x - center) V[:, :dims]``."""
+    dims = check_positive_int(dims, "dims")
+    v = eigenvectors[:, :dims].to(torch.float64)
+    return (samples.to(torch.float64) - center.to(torch.float64)) @ v

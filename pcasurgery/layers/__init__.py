@@ -1,0 +1,27 @@
+"""PCA layer modules and the network-wide operations on them."""
+
+from .network import (
+    change_all_pca_layer_centering,
+    change_all_pca_layer_thresholds,
+    change_all_pca_layer_thresholds_and_inject_random_directions,
+    inject_random_directions,
+    pca_layers_of,
+    select_layers,
+    set_centering,
+    set_threshold,
+)
+from .pca import Conv2DPCALayer, LinearPCALayer, PCALayer
+
+__all__ = [
+    "Conv2DPCALayer",
+    "LinearPCALayer",
+    "PCALayer",
+    "change_all_pca_layer_centering",
+    "change_all_pca_layer_thresholds",
+    "change_all_pca_layer_thresholds_and_inject_random_directions",
+    "inject_random_directions",
+    "pca_layers_of",
+    "select_layers",
+    "set_centering",
+    "set_threshold",
+]

@@ -1,0 +1,260 @@
+"""Network-wide operations on the PCA layers of a model.
+
+One implementation serves both the pcasurgery API (``set_threshold``,
+``set_centering``, ``inject_random_directions``, ``pca_layers_of``) and the seed
+library's ``change_all_pca_layer_*`` functions.
+
+Layer names: a layer inserted by ``pca_wrap`` is named after the module whose
+output it projects (``"layer1.0.conv1"``); a layer placed by hand is named by its
+own qualified name in the model. ``include`` filters are ``fnmatch`` globs on
+those names (``"layer1.*"``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import numbers
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from torch import fx, nn
+
+from .._validation import check_bool, check_threshold
+from .pca import Conv2DPCALayer, LinearPCALayer, PCALayer  # noqa: F401  (doctests)
+
+__all__ = [
+    "change_all_pca_layer_centering",
+    "change_all_pca_layer_thresholds",
+    "change_all_pca_layer_thresholds_and_inject_random_directions",
+    "inject_random_directions",
+    "pca_layers_of",
+    "select_layers",
+    "set_centering",
+    "set_threshold",
+]
+
+log = logging.getLogger("pcasurgery")
+
+
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def pca_layers_of(model: nn.Module) -> OrderedDict[str, PCALayer]:
+    """The PCA layers of ``model`` in forward order, keyed by name.
+
+    Forward order is the graph's order for models rewritten by ``pca_wrap``
+    (``torch.fx``), and module-registration order otherwise.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), LinearPCALayer(3))
+        >>> list(pca_layers_of(net))
+        ['1']
+    """
+    _check_model(model)
+    found: list[tuple[str, PCALayer]] = [
+        (qualified, m) for qualified, m in model.named_modules() if isinstance(m, PCALayer)
+    ]
+    if isinstance(model, fx.GraphModule):
+        position: dict[str, int] = {}
+        for i, node in enumerate(model.graph.nodes):
+            if node.op == "call_module":
+                position.setdefault(node.target, i)
+        found.sort(key=lambda item: position.get(item[0], len(position) + 1))
+    return OrderedDict((getattr(m, "target", None) or qualified, m) for qualified, m in found)
+
+
+def select_layers(
+    model: nn.Module, include: str | Iterable[str] | None = None
+) -> OrderedDict[str, PCALayer]:
+    """The PCA layers of ``model`` whose names match any glob of ``include`` (all when None)."""
+    layers = pca_layers_of(model)
+    if include is None:
+        return layers
+    patterns = [include] if isinstance(include, str) else list(include)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"include must be a glob string or a list of them, got {include!r}")
+    chosen = OrderedDict(
+        (name, layer)
+        for name, layer in layers.items()
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    )
+    if not chosen:
+        raise ValueError(
+            f"include={include!r} matches no PCA layer; the layers are: {', '.join(layers) or 'none'}"
+        )
+    return chosen
+
+
+def _require_layers(layers: Mapping[str, PCALayer]) -> None:
+    if not layers:
+        raise ValueError("the model has no PCA layer; wrap it first with pcasurgery.pca_wrap")
+
+
+def set_threshold(
+    model: nn.Module,
+    threshold: float | Mapping[str, float],
+    include: str | Iterable[str] | None = None,
+) -> nn.Module:
+    """Set the variance threshold of every PCA layer, using the stored statistics.
+
+    Args:
+        model: a model with PCA layers.
+        threshold: one fraction in (0, 1] for all layers, or a mapping
+            ``{glob: threshold}``; with a mapping, each layer takes the value of
+            the last glob that matches its name, and unmatched layers keep theirs.
+        include: restrict to layers whose names match these globs.
+
+    Returns:
+        ``model``.
+
+    Example:
+        >>> set_threshold(model, 0.95)                               # doctest: +SKIP
+        >>> set_threshold(model, {"*": 0.99, "features.*": 0.9})    # doctest: +SKIP
+    """
+    layers = select_layers(_check_model(model), include)
+    _require_layers(layers)
+    if isinstance(threshold, Mapping):
+        per_layer = {}
+        for pattern, value in threshold.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"threshold mapping keys must be glob strings, got {pattern!r}")
+            value = check_threshold(value, f"threshold[{pattern!r}]")
+            matched = [n for n in layers if fnmatch.fnmatchcase(n, pattern)]
+            if not matched:
+                raise ValueError(
+                    f"threshold pattern {pattern!r} matches no PCA layer; the layers are: {', '.join(layers)}"
+                )
+            per_layer.update(dict.fromkeys(matched, value))
+        for name, value in per_layer.items():
+            layers[name].threshold = value
+        return model
+    value = check_threshold(threshold)
+    for layer in layers.values():
+        layer.threshold = value
+    return model
+
+
+def set_centering(
+    model: nn.Module, centering: bool, include: str | Iterable[str] | None = None
+) -> nn.Module:
+    """Switch every PCA layer between centred PCA (True) and uncentred (False); returns ``model``."""
+    check_bool(centering, "centering")
+    layers = select_layers(_check_model(model), include)
+    _require_layers(layers)
+    for layer in layers.values():
+        layer.centering = centering
+    return model
+
+
+def inject_random_directions(
+    model: nn.Module,
+    seed: int | np.random.Generator | None = None,
+    include: str | Iterable[str] | None = None,
+) -> nn.Module:
+    """Replace every projection by one onto a random subspace of the same ``k`` (a control).
+
+    Args:
+        model: a calibrated model with PCA layers.
+        seed: an int or ``numpy.random.Generator`` for reproducible subspaces.
+        include: restrict to layers whose names match these globs.
+
+    Returns:
+        ``model``. Setting a threshold or the centering restores the PCA projections.
+    """
+    if seed is not None and not isinstance(seed, (numbers.Integral, np.random.Generator)):
+        raise TypeError(f"seed must be an int, a numpy Generator or None, got {seed!r}")
+    layers = select_layers(_check_model(model), include)
+    _require_layers(layers)
+    rng = np.random.default_rng(seed) if seed is not None else None
+    for layer in layers.values():
+        layer.inject_random_directions(rng)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# The seed library's functions, with its signatures and return values.
+
+
+def _seed_names(layers: Iterable[PCALayer], linear_prefix: str) -> list[str]:
+    counts = {"lin": 0, "conv": 0}
+    names = []
+    for layer in layers:
+        if isinstance(layer, Conv2DPCALayer):
+            names.append(f"Conv-{counts['conv']}")
+            counts["conv"] += 1
+        else:
+            names.append(f"{linear_prefix}-{counts['lin']}")
+            counts["lin"] += 1
+    return names
+
+
+def _summary(layers: Iterable[PCALayer]) -> tuple[list, list, list]:
+    layers = list(layers)
+    return [m.sat for m in layers], [m.in_dim for m in layers], [m.fs_dim for m in layers]
+
+
+def change_all_pca_layer_thresholds(threshold: float, network: nn.Module, verbose: bool = False):
+    """Set ``threshold`` on every PCA layer of ``network``.
+
+    Returns:
+        ``(sat, in_dims, fs_dims, names)``: saturation in percent, ``k``, width and
+        a name (``"Lin-0"``, ``"Conv-0"``, ...) per layer, in module order.
+    """
+    layers = [m for m in _check_model(network).modules() if isinstance(m, PCALayer)]
+    value = check_threshold(threshold)
+    for layer in layers:
+        layer.threshold = value
+        if verbose:
+            log.info("changed threshold for layer %s to %s", layer.name, value)
+    return (*_summary(layers), _seed_names(layers, "Lin"))
+
+
+def change_all_pca_layer_thresholds_and_inject_random_directions(
+    threshold: float,
+    network: nn.Module,
+    verbose: bool = False,
+    device="cpu",
+    include_names: bool = False,
+):
+    """Set ``threshold`` everywhere, then project onto random subspaces of the same ``k``.
+
+    ``device`` is accepted for compatibility: the projections stay where the
+    layers are.
+
+    Returns:
+        ``(sat, in_dims, fs_dims)``, plus ``names`` (``"Linear-0"``, ``"Conv-0"``)
+        when ``include_names``.
+    """
+    layers = [m for m in _check_model(network).modules() if isinstance(m, PCALayer)]
+    value = check_threshold(threshold)
+    for layer in layers:
+        layer.threshold = value
+        layer.inject_random_directions()
+        if verbose:
+            log.info("changed threshold for layer %s to %s (random directions)", layer.name, value)
+    result = _summary(layers)
+    return (*result, _seed_names(layers, "Linear")) if include_names else result
+
+
+def change_all_pca_layer_centering(
+    centering: bool, network: nn.Module, verbose: bool = False, downsampling=None
+):
+    """Set ``centering`` on every PCA layer (and ``downsampling`` on the conv ones).
+
+    Returns:
+        ``(sat, in_dims, fs_dims)``.
+    """
+    check_bool(centering, "centering")
+    layers = [m for m in _check_model(network).modules() if isinstance(m, PCALayer)]
+    for layer in layers:
+        layer.centering = centering
+        if isinstance(layer, Conv2DPCALayer):
+            layer.downsampling = downsampling
+        if verbose:
+            log.info("changed centering for layer %s to %s", layer.name, centering)
+    return _summary(layers)

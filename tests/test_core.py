@@ -1,0 +1,194 @@
+"""The statistics core against numpy, scipy and scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import decaying_data, relative_error
+from sklearn.decomposition import PCA
+
+from pcasurgery.core import moments as m
+from pcasurgery.core import spectrum as s
+
+
+def stream(x: np.ndarray, batch: int, channel_dim: int = -1) -> m.Moments:
+    t = torch.from_numpy(x)
+    width = t.shape[channel_dim]
+    state = m.empty_moments(width)
+    state.shift.copy_(m.reference_shift(t[:batch], channel_dim))
+    for i in range(0, t.shape[0], batch):
+        m.accumulate_(state, m.batch_moments(t[i : i + batch], state.shift, channel_dim))
+    return state
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e6])
+def test_streaming_covariance_matches_numpy_with_large_offsets(offset):
+    # float32 activations whose mean is up to 1e6 x their largest std
+    x = decaying_data(5000, 16, offset=offset)
+    state = stream(x, batch=128)
+    reference = np.cov(x.astype(np.float64), rowvar=False, bias=True)
+    assert relative_error(m.covariance(state).numpy(), reference) <= 1e-5
+    np.testing.assert_allclose(
+        m.mean(state).numpy(), x.astype(np.float64).mean(0), rtol=1e-12, atol=1e-12
+    )
+    assert int(state.count) == 5000
+
+
+def test_textbook_formula_fails_where_ours_holds():
+    """The reason for shifted sums: E[xx^T] - mu mu^T loses every digit at 1e6 x std."""
+    x = decaying_data(5000, 16, offset=1e6).astype(np.float64)
+    naive = x.T @ x / len(x) - np.outer(x.mean(0), x.mean(0))
+    reference = np.cov(x, rowvar=False, bias=True)
+    assert relative_error(naive, reference) > 1e-3
+
+
+def test_second_moment_matches_numpy():
+    x = decaying_data(3000, 10, offset=3.0)
+    state = stream(x, batch=100)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(m.second_moment(state).numpy(), x64.T @ x64 / len(x), rtol=1e-6)
+
+
+def test_merge_of_two_halves_equals_one_pass():
+    # float64 data: products in float64, so the only difference left is the merge itself
+    x = decaying_data(4000, 8, offset=50.0, dtype=np.float64)
+    whole = stream(x, batch=250)
+    first, second = stream(x[:1700], batch=100), stream(x[1700:] + 0, batch=300)
+    assert not torch.equal(first.shift, second.shift)
+    merged = m.merge_moments(first, second)
+    assert int(merged.count) == 4000
+    np.testing.assert_allclose(
+        m.covariance(merged).numpy(), m.covariance(whole).numpy(), rtol=1e-9, atol=1e-12
+    )
+    np.testing.assert_allclose(m.mean(merged).numpy(), m.mean(whole).numpy(), rtol=1e-12)
+    # merging with an empty accumulator is the identity
+    empty = m.empty_moments(8)
+    assert torch.equal(m.merge_moments(empty, whole).total_sq, whole.total_sq)
+
+
+def test_reshift_is_exact_algebra():
+    x = decaying_data(500, 5, offset=7.0)
+    state = stream(x, batch=50)
+    moved = m.reshift(state, torch.full((5,), -3.0, dtype=torch.float64))
+    np.testing.assert_allclose(m.covariance(moved).numpy(), m.covariance(state).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(
+        m.second_moment(moved).numpy(), m.second_moment(state).numpy(), rtol=1e-12
+    )
+
+
+def test_channelwise_layout_equals_rows_of_pixels():
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(6, 5, 4, 3)) * np.arange(1, 6)[None, :, None, None] + 100).astype(
+        np.float32
+    )
+    conv = stream(x, batch=2, channel_dim=1)
+    rows = x.transpose(0, 2, 3, 1).reshape(-1, 5)
+    assert int(conv.count) == 6 * 4 * 3
+    np.testing.assert_allclose(
+        m.covariance(conv).numpy(),
+        np.cov(rows.astype(np.float64), rowvar=False, bias=True),
+        rtol=1e-5,
+    )
+
+
+def test_float64_batches_are_multiplied_in_float64():
+    x = decaying_data(1000, 6, offset=1e3, dtype=np.float64)
+    state = stream(x, batch=100)
+    assert relative_error(m.covariance(state).numpy(), np.cov(x, rowvar=False, bias=True)) < 1e-12
+
+
+def test_eigh_descending_matches_numpy_with_sklearn_signs():
+    x = decaying_data(2000, 9)
+    cov = np.cov(x.astype(np.float64), rowvar=False, bias=True)
+    values, vectors = s.eigh_descending(torch.from_numpy(cov))
+    ref_values = np.linalg.eigvalsh(cov)[::-1]
+    np.testing.assert_allclose(values.numpy(), ref_values, rtol=1e-10, atol=1e-14)
+    assert np.all(np.diff(values.numpy()) <= 0)
+    np.testing.assert_allclose(
+        vectors.numpy() @ np.diag(values.numpy()) @ vectors.numpy().T, cov, atol=1e-12
+    )
+    components = PCA(svd_solver="full").fit(x.astype(np.float64)).components_
+    np.testing.assert_allclose(vectors.numpy().T, components, atol=1e-8)
+
+
+def test_eigenvalues_are_clipped_at_zero():
+    rank_one = torch.ones(4, 4, dtype=torch.float64)
+    values, _ = s.eigh_descending(rank_one)
+    assert (values >= 0).all() and values[0] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999])
+def test_intrinsic_dimensionality_matches_sklearn(threshold):
+    x = decaying_data(3000, 20, decay=0.75).astype(np.float64)
+    values, _ = s.eigh_descending(torch.from_numpy(np.cov(x, rowvar=False, bias=True)))
+    expected = PCA(n_components=threshold, svd_solver="full").fit(x).n_components_
+    assert s.intrinsic_dimensionality(values, threshold) == expected
+
+
+def test_intrinsic_dimensionality_edges():
+    values = torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    assert s.intrinsic_dimensionality(values, 1.0) == 4  # t = 1 keeps every direction
+    assert s.intrinsic_dimensionality(values, 0.75) == 1  # exactly 0.75 explained by one
+    assert s.intrinsic_dimensionality(values, 0.76) == 2
+    assert s.intrinsic_dimensionality(torch.zeros(5, dtype=torch.float64), 0.9) == 0
+    assert s.saturation(0, 5) == 0.0 and s.saturation(2, 8) == 0.25
+    assert s.explained_fraction(values, 1) == pytest.approx(0.75)
+    assert s.explained_fraction(values, 0) == 0.0
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
+def test_threshold_out_of_range_is_a_value_error(bad):
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+        s.intrinsic_dimensionality(torch.ones(3, dtype=torch.float64), bad)
+
+
+def test_threshold_of_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match="threshold must be a real number"):
+        s.intrinsic_dimensionality(torch.ones(3, dtype=torch.float64), "0.9")
+
+
+@pytest.mark.parametrize("keepdim", [True, False])
+def test_projection_affine_matches_sklearn_transform(keepdim):
+    x = decaying_data(1500, 10, offset=20.0).astype(np.float64)
+    pca = PCA(n_components=4, svd_solver="full").fit(x)
+    t = torch.from_numpy(x)
+    _, vectors = s.eigh_descending(torch.from_numpy(np.cov(x, rowvar=False, bias=True)))
+    weight, bias = s.projection_affine(vectors[:, :4], t.mean(0), keepdim=keepdim)
+    out = (t @ weight.T + bias).numpy()
+    expected = pca.inverse_transform(pca.transform(x)) if keepdim else pca.transform(x)
+    np.testing.assert_allclose(out, expected, atol=1e-8)
+
+
+def test_random_orthogonal_is_haar_special_orthogonal_and_seedable():
+    q = s.random_orthogonal(7, 3)
+    np.testing.assert_allclose(q @ q.T, np.eye(7), atol=1e-12)
+    assert np.linalg.det(q) == pytest.approx(1.0)
+    np.testing.assert_array_equal(q, s.random_orthogonal(7, 3))
+    assert not np.allclose(q, s.random_orthogonal(7, 4))
+    assert s.random_orthogonal(1).shape == (1, 1)
+    with pytest.raises(ValueError, match="dim must be >= 1"):
+        s.random_orthogonal(0)
+
+
+def test_seed_stats_match_numpy():
+    x = decaying_data(800, 6, decay=0.9).astype(np.float64)
+    cov = np.cov(x, rowvar=False, bias=True)
+    t = torch.from_numpy(cov)
+    assert s.cov_determinant(t) == pytest.approx(np.linalg.det(cov), rel=1e-9)
+    assert s.cov_trace(t) == pytest.approx(np.trace(cov), rel=1e-12)
+    assert s.diag_trace(t) == pytest.approx(np.linalg.eigvalsh(cov).sum(), rel=1e-12)
+    _, vectors = s.eigh_descending(t)
+    embedded = s.embed(torch.from_numpy(x), vectors, torch.from_numpy(x.mean(0)))
+    np.testing.assert_allclose(
+        embedded.numpy(), PCA(2, svd_solver="full").fit_transform(x), atol=1e-8
+    )
+
+
+def test_non_square_or_non_finite_matrices_are_rejected():
+    with pytest.raises(ValueError, match="square matrix"):
+        s.eigh_descending(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        s.eigh_descending(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="no samples"):
+        m.covariance(m.empty_moments(3))

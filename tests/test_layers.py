@@ -1,0 +1,262 @@
+"""LinearPCALayer and Conv2DPCALayer against scikit-learn and numpy."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import decaying_data, relative_error
+from sklearn.decomposition import PCA
+
+from pcasurgery import Conv2DPCALayer, LinearPCALayer, NotCalibratedError
+from pcasurgery.core import spectrum
+
+
+def fitted_linear(x: np.ndarray, batch: int = 250, **kwargs) -> LinearPCALayer:
+    layer = LinearPCALayer(x.shape[-1], **kwargs)
+    t = torch.from_numpy(x)
+    for i in range(0, len(t), batch):
+        layer(t[i : i + batch])
+    layer.compute_eigenspace()
+    return layer.eval()
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.99, 0.999])
+@pytest.mark.parametrize("keepdim", [True, False])
+def test_linear_projection_matches_sklearn(threshold, keepdim):
+    x = decaying_data(3000, 16, offset=5.0, decay=0.7)
+    layer = fitted_linear(x, threshold=threshold, keepdim=keepdim)
+    x64 = x.astype(np.float64)
+    pca = PCA(n_components=threshold, svd_solver="full").fit(x64)
+    assert layer.in_dim == pca.n_components_
+    assert layer.fs_dim == 16 and layer.sat == round(100 * pca.n_components_ / 16, 4)
+    out = layer(torch.from_numpy(x)).double().numpy()
+    expected = pca.inverse_transform(pca.transform(x64)) if keepdim else pca.transform(x64)
+    np.testing.assert_allclose(out, expected, atol=2e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(layer.mean.numpy(), x64.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(
+        layer.eigenvalues.numpy()[: pca.n_components_],
+        pca.explained_variance_ * (len(x) - 1) / len(x),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_large_offset_float32_activations_keep_float64_accuracy(offset):
+    x = decaying_data(4000, 10, offset=offset)
+    layer = fitted_linear(x, threshold=0.99)
+    reference = np.cov(x.astype(np.float64), rowvar=False, bias=True)
+    ref_values = np.linalg.eigvalsh(reference)[::-1]
+    cov = (
+        layer.eigenvectors.numpy()
+        @ np.diag(layer.eigenvalues.numpy())
+        @ layer.eigenvectors.numpy().T
+    )
+    assert relative_error(cov, reference) <= 1e-5
+    np.testing.assert_allclose(layer.eigenvalues.numpy()[:3], ref_values[:3], rtol=1e-5)
+
+
+def test_uncentred_layer_decomposes_the_second_moment_through_the_origin():
+    x = decaying_data(2000, 8, offset=2.0)
+    layer = fitted_linear(x, threshold=0.95, centering=False)
+    x64 = x.astype(np.float64)
+    values, vectors = np.linalg.eigh(x64.T @ x64 / len(x))
+    values, vectors = values[::-1], vectors[:, ::-1]
+    k = int(np.searchsorted(np.cumsum(values) / values.sum(), 0.95) + 1)
+    assert layer.in_dim == k
+    projector = vectors[:, :k] @ vectors[:, :k].T
+    np.testing.assert_allclose(
+        layer(torch.from_numpy(x)).double().numpy(), x64 @ projector, atol=1e-4
+    )
+
+
+def test_linear_accepts_tokens():
+    x = decaying_data(1200, 6)
+    tokens = torch.from_numpy(x).reshape(100, 12, 6)
+    layer = LinearPCALayer(6, threshold=0.9)
+    layer(tokens)
+    assert layer.samples == 100 and int(layer.sample_count) == 1200
+    flat = fitted_linear(x, batch=1200, threshold=0.9)
+    layer.eval()
+    torch.testing.assert_close(layer(tokens), flat(tokens.reshape(-1, 6)).reshape(100, 12, 6))
+
+
+@pytest.mark.parametrize("keepdim", [True, False])
+def test_conv_layer_is_channelwise_and_one_1x1_convolution(keepdim):
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(8, 8)) * (0.5 ** np.arange(8))
+    x = (np.einsum("bchw,dc->bdhw", rng.normal(size=(40, 8, 5, 5)), mix) + 3).astype(np.float32)
+    layer = Conv2DPCALayer(8, threshold=0.95, centering=True, verbose=False, keepdim=keepdim)
+    t = torch.from_numpy(x)
+    layer(t[:20])
+    layer(t[20:])
+    layer.eval()
+    rows = x.transpose(0, 2, 3, 1).reshape(-1, 8).astype(np.float64)
+    pca = PCA(n_components=0.95, svd_solver="full").fit(rows)
+    assert layer.in_dim == pca.n_components_
+    out = (
+        layer(t)
+        .double()
+        .numpy()
+        .transpose(0, 2, 3, 1)
+        .reshape(-1, layer.projection_weight.shape[0])
+    )
+    expected = pca.inverse_transform(pca.transform(rows)) if keepdim else pca.transform(rows)
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    assert layer.samples == 40
+
+
+def test_conv_downsampling_collects_on_smaller_maps():
+    layer = Conv2DPCALayer(3, downsampling=4, verbose=False)
+    layer(torch.randn(2, 3, 16, 16))
+    assert int(layer.sample_count) == 2 * 4 * 4
+    out = layer.eval()(torch.randn(2, 3, 16, 16))
+    assert out.shape == (2, 3, 16, 16)
+
+
+def test_setting_threshold_reuses_the_cached_spectrum(monkeypatch):
+    x = decaying_data(2000, 12, decay=0.7)
+    layer = fitted_linear(x, threshold=0.99)
+    layer(torch.from_numpy(x[:1]))  # computes the eigenspace once
+    calls = []
+    original = spectrum.eigh_descending
+    monkeypatch.setattr(spectrum, "eigh_descending", lambda m: calls.append(1) or original(m))
+    for t in (0.5, 0.8, 0.95):
+        layer.threshold = t
+        assert (
+            layer.in_dim
+            == PCA(n_components=t, svd_solver="full").fit(x.astype(np.float64)).n_components_
+        )
+    assert calls == []
+    layer.centering = False  # a different matrix: one new decomposition, no new data
+    assert len(calls) == 1 and layer.centering is False
+
+
+def test_state_dict_round_trips_into_a_fresh_layer():
+    x = decaying_data(1500, 10, offset=1.0)
+    for keepdim in (True, False):
+        layer = fitted_linear(x, threshold=0.9, keepdim=keepdim)
+        expected = layer(torch.from_numpy(x))
+        fresh = LinearPCALayer(10, keepdim=keepdim).eval()
+        fresh.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(fresh(torch.from_numpy(x)), expected)
+        assert fresh.threshold == 0.9 and fresh.in_dim == layer.in_dim
+        buffer = io.BytesIO()
+        torch.save(layer.state_dict(), buffer)
+        buffer.seek(0)
+        again = LinearPCALayer(10, keepdim=keepdim).eval()
+        again.load_state_dict(torch.load(buffer, weights_only=True))
+        torch.testing.assert_close(again(torch.from_numpy(x)), expected)
+        clone = pickle.loads(pickle.dumps(layer))
+        torch.testing.assert_close(clone(torch.from_numpy(x)), expected)
+
+
+def test_dtype_casts_keep_statistics_in_float64():
+    layer = fitted_linear(decaying_data(500, 4), threshold=0.9)
+    layer(torch.zeros(1, 4))
+    layer.half()
+    assert layer.shifted_sum_sq.dtype == torch.float64 and layer.eigenvectors.dtype == torch.float64
+    assert layer.projection_weight.dtype == torch.float16
+    layer.double()
+    out = layer(torch.ones(2, 4, dtype=torch.float64))
+    assert out.dtype == torch.float64
+
+
+def test_constant_outputs_have_rank_zero_and_project_onto_their_mean():
+    layer = LinearPCALayer(5, threshold=0.99)
+    layer(torch.full((64, 5), 2.5))
+    layer.eval()
+    out = layer(torch.randn(3, 5))
+    assert layer.in_dim == 0 and layer.sat == 0.0 and layer.saturation == 0.0
+    torch.testing.assert_close(out, torch.full((3, 5), 2.5))
+    assert torch.isfinite(out).all()
+
+
+def test_random_directions_are_a_projector_of_the_same_rank():
+    x = decaying_data(2000, 12, decay=0.7)
+    layer = fitted_linear(x, threshold=0.9)
+    pca_projector = layer.transformation_matrix.double()
+    k = layer.in_dim
+    layer.inject_random_directions(random_state=0)
+    p = layer.transformation_matrix.double()
+    torch.testing.assert_close(p, p.T, atol=1e-6, rtol=0)
+    torch.testing.assert_close(p @ p, p, atol=1e-5, rtol=0)
+    assert float(torch.trace(p)) == pytest.approx(k, abs=1e-4)
+    assert (p - pca_projector).abs().max() > 0.1
+    assert bool(layer.random_directions)
+    layer.threshold = 0.9  # restores the PCA projection
+    torch.testing.assert_close(layer.transformation_matrix.double(), pca_projector)
+
+
+def test_training_mode_is_identity_and_seed_epochs_restart_statistics():
+    layer = LinearPCALayer(3)
+    x = torch.randn(10, 3)
+    assert torch.equal(layer(x), x)
+    layer.eval()(x)  # computes from the first "epoch"
+    layer.train()(torch.randn(7, 3))
+    assert int(layer.sample_count) == 7  # the next training phase starts afresh, as in the seed
+
+
+def test_collect_mode_collects_in_eval_and_project_mode_projects_in_training():
+    layer = LinearPCALayer(3).eval()
+    layer.mode = "collect"
+    layer(torch.randn(10, 3))
+    assert int(layer.sample_count) == 10
+    layer.mode = "project"
+    layer.train()
+    out = layer(torch.randn(4, 3) * torch.tensor([1.0, 1.0, 0.0]))
+    assert int(layer.sample_count) == 10 and out.shape == (4, 3)
+    with pytest.raises(ValueError, match="mode must be one of 'auto', 'collect', 'project'"):
+        layer.mode = "train"
+
+
+def test_statistics_collect_under_inference_mode_and_projection_still_trains():
+    layer = LinearPCALayer(4)
+    layer.mode = "collect"
+    with torch.inference_mode():
+        layer(torch.randn(50, 4))
+    layer.compute_eigenspace()
+    layer.mode = "project"
+    x = torch.randn(3, 4, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and not layer.projection_weight.is_inference()
+
+
+def test_uncalibrated_layer_passes_through_but_refuses_an_explicit_projection():
+    layer = LinearPCALayer(4)
+    layer.eval()
+    x = torch.randn(2, 4)
+    assert torch.equal(layer(x), x)
+    with pytest.raises(NotCalibratedError, match=layer.name):
+        layer.project(x)
+    with pytest.raises(NotCalibratedError, match="no statistics"):
+        _ = layer.in_dim
+
+
+def test_bad_inputs_name_the_layer_and_the_value():
+    layer = LinearPCALayer(4)
+    layer.name = "fc1"
+    with pytest.raises(ValueError, match=r"'fc1' has width 4 .* shape \(2, 5\)"):
+        layer(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="'fc1' received NaN or infinite"):
+        layer(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\] .*got 1.5"):
+        LinearPCALayer(4, threshold=1.5)
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\] .*got 0.0"):
+        layer.threshold = 0.0
+    with pytest.raises(TypeError, match="in_features must be a positive integer"):
+        LinearPCALayer(4.0)
+    with pytest.raises(ValueError, match=r"expects \(batch, 3, h, w\)"):
+        Conv2DPCALayer(3, verbose=False)(torch.randn(2, 3))
+
+
+def test_threshold_one_reproduces_the_input():
+    x = decaying_data(500, 6)
+    layer = fitted_linear(x, threshold=1.0)
+    assert layer.in_dim == 6
+    torch.testing.assert_close(
+        layer(torch.from_numpy(x)), torch.from_numpy(x), atol=1e-4, rtol=1e-5
+    )
