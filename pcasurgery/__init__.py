@@ -7,6 +7,7 @@ smaller layers.
 
 from . import metrics, pca_layers, torch_utils
 from ._validation import NotCalibratedError
+from .analysis import plot_saturation, report
 from .core.covariance_matrix import TorchCovarianceMatrix
 from .layers import (
     Conv2DPCALayer,
@@ -17,6 +18,7 @@ from .layers import (
     set_centering,
     set_threshold,
 )
+from .surgery import all_reduce_statistics, calibrate, pca_wrap
 
 __version__ = "0.1.0"
 
@@ -27,10 +29,15 @@ __all__ = [
     "PCALayer",
     "TorchCovarianceMatrix",
     "__version__",
+    "all_reduce_statistics",
+    "calibrate",
     "inject_random_directions",
     "metrics",
     "pca_layers",
     "pca_layers_of",
+    "pca_wrap",
+    "plot_saturation",
+    "report",
     "set_centering",
     "set_threshold",
     "torch_utils",

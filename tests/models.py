@@ -1,0 +1,119 @@
+"""Small models used across the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + x)  # residual add
+
+
+class ResNet(nn.Module):
+    """A residual CNN with BatchNorm, functional calls and flatten."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.layer1 = nn.Sequential(ResBlock(8), ResBlock(8))
+        self.head = nn.Linear(8 * 4 * 4, 24)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(24, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.layer1(x)
+        x = F.adaptive_avg_pool2d(x, 4)
+        x = torch.flatten(x, 1)
+        return self.fc(self.drop(F.relu(self.head(x))))
+
+
+RESNET_TARGETS = [
+    "stem",
+    "layer1.0.conv1",
+    "layer1.0.conv2",
+    "layer1.1.conv1",
+    "layer1.1.conv2",
+    "head",
+    "fc",
+]
+
+
+def warmed_resnet(seed: int = 0) -> ResNet:
+    """A ResNet whose BatchNorm running statistics are not the defaults."""
+    torch.manual_seed(seed)
+    net = ResNet()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 3, 8, 8))
+    return net.eval()
+
+
+class SharedLinear(nn.Module):
+    """One Linear called twice (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 6)
+        self.shared = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.shared(torch.tanh(self.shared(self.inp(x))))
+
+
+class Tokens(nn.Module):
+    """A Linear on (batch, tokens, features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(5, 7)
+        self.out = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.proj(x))).mean(1)
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > -1e9:  # always true on test data
+            h = torch.relu(h)
+        return self.b(h)
+
+
+class Straight(Branchy):
+    """Branchy with its branch taken unconditionally (traceable, same function)."""
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class KeywordModel(nn.Module):
+    """Takes keyword arguments, as a dict batch provides them."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 6)
+
+    def forward(self, features, scale):
+        return self.enc(features) * scale

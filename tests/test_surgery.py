@@ -1,0 +1,200 @@
+"""pca_wrap: where layers go, what stays untouched, and the fallback for untraceable models."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from models import (
+    RESNET_TARGETS,
+    Branchy,
+    SharedLinear,
+    Straight,
+    Tokens,
+    warmed_resnet,
+)
+from sklearn.decomposition import PCA
+from torch import fx, nn
+
+import pcasurgery as ps
+
+
+def images(n=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g)
+
+
+def test_layers_follow_every_conv_and_linear_in_forward_order():
+    net = warmed_resnet()
+    wrapped = ps.pca_wrap(net)
+    assert isinstance(wrapped, fx.GraphModule)
+    layers = ps.pca_layers_of(wrapped)
+    assert list(layers) == RESNET_TARGETS
+    assert [type(m).__name__ for m in layers.values()] == ["Conv2DPCALayer"] * 5 + [
+        "LinearPCALayer"
+    ] * 2
+    assert wrapped.get_submodule("layer1.0.conv1.pca") is layers["layer1.0.conv1"]
+    assert layers["head"].width == 24 and layers["stem"].width == 8
+    assert all(m.centering for m in layers.values())
+
+
+def test_original_model_is_untouched():
+    net = warmed_resnet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    wrapped = ps.pca_wrap(net)
+    assert not any(isinstance(m, ps.PCALayer) for m in net.modules())
+    with torch.no_grad():
+        wrapped.get_submodule("stem").weight.add_(1.0)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_wrapped_model_computes_the_original_function_before_calibration(training):
+    net = warmed_resnet()
+    wrapped = ps.pca_wrap(net)
+    x = images(8)
+    net.train(training)
+    wrapped.train(training)
+    torch.manual_seed(0)
+    expected = net(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(wrapped(x), expected)
+
+
+def capture_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Outputs of named modules of the original model, as sample rows (channelwise for convs)."""
+    captured = {}
+
+    def hook(name):
+        def fn(module, args, out):
+            rows = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]) if out.dim() == 4 else out
+            captured.setdefault(name, []).append(rows.detach().double().numpy())
+
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    return {k: np.concatenate(v) for k, v in captured.items()}
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.95, 0.99])
+def test_idim_per_layer_equals_sklearn_on_captured_activations(threshold):
+    """Layers are calibrated one at a time so that each sees the original model's activations."""
+    net = warmed_resnet()
+    x = images(96)
+    acts = capture_outputs(net, RESNET_TARGETS, x)
+    for name in RESNET_TARGETS:
+        wrapped = ps.pca_wrap(net, threshold, include=name)
+        ps.calibrate(wrapped, x.split(32), progress=False)
+        layer = ps.pca_layers_of(wrapped)[name]
+        expected = PCA(n_components=threshold, svd_solver="full").fit(acts[name]).n_components_
+        assert layer.in_dim == expected, name
+        np.testing.assert_allclose(layer.mean.numpy(), acts[name].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_threshold_one_reproduces_the_original_outputs():
+    net = warmed_resnet()
+    wrapped = ps.pca_wrap(net, 1.0)
+    ps.calibrate(wrapped, images(64).split(16), progress=False)
+    x = images(8, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), net(x), atol=1e-4, rtol=1e-4)
+    assert all(layer.in_dim == layer.fs_dim for layer in ps.pca_layers_of(wrapped).values())
+
+
+def test_projection_changes_outputs_below_threshold_one():
+    net = warmed_resnet()
+    wrapped = ps.pca_wrap(net, 0.6)
+    ps.calibrate(wrapped, images(64).split(16), progress=False)
+    x = images(8, seed=5)
+    with torch.no_grad():
+        assert (wrapped(x) - net(x)).abs().max() > 1e-3
+
+
+def test_targets_include_exclude_priority():
+    net = warmed_resnet()
+    only_linear = ps.pca_wrap(net, targets=nn.Linear)
+    assert list(ps.pca_layers_of(only_linear)) == ["head", "fc"]
+    blocks = ps.pca_wrap(net, include="layer1.*")
+    assert list(ps.pca_layers_of(blocks)) == RESNET_TARGETS[1:5]
+    # exclude wins over include
+    some = ps.pca_wrap(net, include=["layer1.*", "fc"], exclude="*.conv2")
+    assert list(ps.pca_layers_of(some)) == ["layer1.0.conv1", "layer1.1.conv1", "fc"]
+
+
+def test_a_shared_module_gets_one_layer_fed_by_every_call():
+    torch.manual_seed(0)
+    net = SharedLinear().eval()
+    wrapped = ps.pca_wrap(net, include="shared")
+    x = torch.randn(50, 6)
+    torch.testing.assert_close(wrapped(x), net(x))
+    ps.calibrate(wrapped, [x], progress=False)
+    (layer,) = ps.pca_layers_of(wrapped).values()
+    assert int(layer.sample_count) == 100  # two calls per example
+    assert sum(1 for n in wrapped.graph.nodes if n.target == "shared.pca") == 2
+
+
+def test_linear_on_tokens():
+    torch.manual_seed(0)
+    net = Tokens().eval()
+    wrapped = ps.pca_wrap(net, 1.0)
+    x = torch.randn(20, 9, 5)
+    ps.calibrate(wrapped, [x], progress=False)
+    layer = ps.pca_layers_of(wrapped)["proj"]
+    assert layer.samples == 20 and int(layer.sample_count) == 180
+    torch.testing.assert_close(wrapped(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_untraceable_model_falls_back_to_hooks_and_behaves_the_same():
+    torch.manual_seed(0)
+    branchy = Branchy().eval()
+    straight = Straight().eval()
+    straight.load_state_dict(branchy.state_dict())
+    with pytest.warns(UserWarning, match="torch.fx cannot trace Branchy .* forward hooks"):
+        hooked = ps.pca_wrap(branchy, 0.9)
+    traced = ps.pca_wrap(straight, 0.9)
+    assert not isinstance(hooked, fx.GraphModule)
+    assert list(ps.pca_layers_of(hooked)) == list(ps.pca_layers_of(traced)) == ["a", "b"]
+    x = torch.randn(40, 4)
+    torch.testing.assert_close(hooked(x), branchy(x))  # uncalibrated: the original function
+    for model in (hooked, traced):
+        ps.calibrate(model, x.split(10), progress=False)
+    torch.testing.assert_close(hooked(x), traced(x))
+    assert [m.in_dim for m in ps.pca_layers_of(hooked).values()] == [
+        m.in_dim for m in ps.pca_layers_of(traced).values()
+    ]
+    clone = pickle.loads(pickle.dumps(hooked))
+    torch.testing.assert_close(clone(x), hooked(x))
+
+
+def test_wrapped_state_dict_round_trips_into_a_fresh_wrap():
+    net = warmed_resnet()
+    wrapped = ps.pca_wrap(net, 0.9)
+    ps.calibrate(wrapped, images(64).split(16), progress=False)
+    fresh = ps.pca_wrap(net, 0.5)
+    fresh.load_state_dict(wrapped.state_dict())
+    x = images(4, seed=9)
+    torch.testing.assert_close(fresh(x), wrapped(x))
+    assert ps.report(fresh).equals(ps.report(wrapped))
+
+
+def test_bad_arguments_are_named():
+    net = warmed_resnet()
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+        ps.pca_wrap(net, 2.0)
+    with pytest.raises(TypeError, match="targets must be nn.Linear and/or nn.Conv2d"):
+        ps.pca_wrap(net, targets=nn.ReLU)
+    with pytest.raises(ValueError, match="no module of model matches"):
+        ps.pca_wrap(net, include="nothing.*")
+    with pytest.raises(TypeError, match="include must be a glob string"):
+        ps.pca_wrap(net, include=[3])
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        ps.pca_wrap("resnet")
+    with pytest.raises(ValueError, match="already contains PCA layers"):
+        ps.pca_wrap(ps.pca_wrap(net))
