@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pcasurgery-installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
+
+# Benchmarks print ratios measured in one run; the seed library (delve) is
+# installed apart from the project, for the comparison only.
+.bench-deps: $(STAMP)
+	$(PY) -m pip install -q --no-deps --target .bench-deps delve==0.1.50
+
+bench: .bench-deps
+	PYTHONPATH=.bench-deps $(PY) benchmarks/bench_calibration.py

@@ -1,0 +1,172 @@
+"""Calibration and projection cost relative to a plain forward, ours vs the seed library.
+
+A VGG-style CNN (five 3x3 conv blocks of 64-256 channels with BatchNorm and
+ReLU, 32x32 inputs, batch 64, two CPU threads) with a PCA layer after every
+conv and linear. Measured in one run, interleaved, median of repeats:
+
+* calibrate: 4 batches, eigendecompositions included / plain inference forward
+  over the same 4 batches;
+* projecting forward / plain forward, over the same batches.
+
+Each timing is paired with a plain forward measured just before it; the
+reported ratio is the median of those paired ratios (the ratio of the fastest
+times is printed beside it).
+
+The seed library (delve 0.1.50) is measured the same way when importable:
+install it apart from the project, e.g. ``make bench`` does
+``pip install --no-deps --target .bench-deps delve==0.1.50``.
+
+Usage: python benchmarks/bench_calibration.py [--repeats 7] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import pcasurgery as ps
+
+
+def vgg(channels=(64, 128, 128, 256, 256), classes=10) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c_in = 3
+    for i, c in enumerate(channels):
+        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        if i > 0:
+            layers.append(nn.MaxPool2d(2))
+        c_in = c
+    layers += [
+        nn.Flatten(),
+        nn.Linear(c_in * 2 * 2, 256),
+        nn.ReLU(inplace=True),
+        nn.Linear(256, classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+def seed_wrapped(model: nn.Sequential):
+    """The seed's way: its PCA layers inserted after every conv and linear."""
+    from delve.pca_layers import Conv2DPCALayer, LinearPCALayer
+
+    layers: list[nn.Module] = []
+    pcas = []
+    for m in model:
+        layers.append(m)
+        if isinstance(m, nn.Conv2d):
+            pcas.append(Conv2DPCALayer(m.out_channels, 0.99, verbose=False, centering=True))
+            layers.append(pcas[-1])
+        elif isinstance(m, nn.Linear):
+            pcas.append(LinearPCALayer(m.out_features, 0.99))
+            layers.append(pcas[-1])
+    return nn.Sequential(*layers), pcas
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = vgg().eval()
+    batches = [torch.randn(args.batch, 3, 32, 32) for _ in range(4)]
+
+    def plain():
+        with torch.inference_mode():
+            for b in batches:
+                model(b)
+
+    wrapped = ps.pca_wrap(model, 0.99).eval()
+
+    def ours_calibrate():
+        ps.calibrate(wrapped, batches, progress=False)
+
+    def ours_project():
+        with torch.inference_mode():
+            for b in batches:
+                wrapped(b)
+
+    runs = {"plain": plain, "ours calibrate": ours_calibrate, "ours project": ours_project}
+
+    try:
+        seed_model, seed_layers = seed_wrapped(model)
+    except ImportError:
+        seed_model = None
+        print("delve is not importable: the seed's ratios are skipped (see the module docstring)")
+    if seed_model is not None:
+        seed_model.eval()
+
+        def seed_calibrate():
+            with torch.no_grad():
+                for layer in seed_layers:
+                    layer.train()
+                for b in batches:
+                    seed_model(b)
+                for layer in seed_layers:  # what its first eval call does
+                    layer._compute_autorcorrelation()
+                    layer._compute_eigenspace()
+                    layer._compute_pca_matrix()
+                    layer.pca_computed = True
+                    layer._reset_autorcorrelation()
+                    layer.eval()
+
+        def seed_project():
+            with torch.no_grad():
+                for b in batches:
+                    seed_model(b)
+
+        runs["seed calibrate"] = seed_calibrate
+        runs["seed project"] = seed_project
+
+    for fn in runs.values():  # warm-up (and the first calibration)
+        fn()
+    # Each repeat times every variant right after a plain forward; the ratio of
+    # the two cancels the machine's slow drifts. Report the median of those
+    # paired ratios, and the ratio of the fastest times as a cross-check.
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    paired: dict[str, list[float]] = {name: [] for name in runs if name != "plain"}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            if name == "plain":
+                continue
+            base = timed(plain)
+            t = timed(fn)
+            times["plain"].append(base)
+            times[name].append(t)
+            paired[name].append(t / base)
+    ratios = {name: statistics.median(r) for name, r in paired.items()}
+    fastest = {name: min(ts) for name, ts in times.items()}
+
+    print(
+        f"VGG-style CNN, batch {args.batch}, 32x32, {args.threads} threads, 4 batches, "
+        f"{args.repeats} paired repeats"
+    )
+    print(
+        f"{'':16s} {'median s':>9s} {'x plain (median of paired)':>27s} {'x plain (fastest)':>18s}"
+    )
+    print(f"{'plain':16s} {statistics.median(times['plain']):9.3f} {1.0:27.2f} {1.0:18.2f}")
+    for name, r in ratios.items():
+        print(
+            f"{name:16s} {statistics.median(times[name]):9.3f} {r:27.2f} "
+            f"{fastest[name] / fastest['plain']:18.2f}"
+        )
+    goals = {"ours calibrate": 1.3, "ours project": 1.25}
+    for name, goal in goals.items():
+        verdict = "meets" if ratios[name] <= goal else "MISSES"
+        print(f"{name}: {ratios[name]:.2f}x plain, {verdict} the goal of <= {goal}x")
+    return ratios
+
+
+if __name__ == "__main__":
+    main()
