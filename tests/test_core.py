@@ -194,7 +194,7 @@ def test_non_square_or_non_finite_matrices_are_rejected():
         m.covariance(m.empty_moments(3))
 
 
-@pytest.mark.parametrize("sigmas", [0.0, 3.9, 4.1, 50.0])
+@pytest.mark.parametrize("sigmas", [0.0, 3.0, 5.0, 50.0])
 def test_shift_is_skipped_only_where_raw_products_stay_accurate(sigmas):
     rng = np.random.default_rng(2)
     scales = 0.7 ** np.arange(10)
