@@ -7,7 +7,8 @@ smaller layers.
 
 from . import metrics, pca_layers, torch_utils
 from ._validation import NotCalibratedError
-from .analysis import plot_saturation, report
+from .analysis import allocate, plot_saturation, report, sweep
+from .compression import OnnxCheckError, compress, count_macs, count_params, export_onnx
 from .core.covariance_matrix import TorchCovarianceMatrix
 from .layers import (
     Conv2DPCALayer,
@@ -26,11 +27,17 @@ __all__ = [
     "Conv2DPCALayer",
     "LinearPCALayer",
     "NotCalibratedError",
+    "OnnxCheckError",
     "PCALayer",
     "TorchCovarianceMatrix",
     "__version__",
     "all_reduce_statistics",
+    "allocate",
     "calibrate",
+    "compress",
+    "count_macs",
+    "count_params",
+    "export_onnx",
     "inject_random_directions",
     "metrics",
     "pca_layers",
@@ -40,5 +47,6 @@ __all__ = [
     "report",
     "set_centering",
     "set_threshold",
+    "sweep",
     "torch_utils",
 ]

@@ -117,3 +117,45 @@ class KeywordModel(nn.Module):
 
     def forward(self, features, scale):
         return self.enc(features) * scale
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=12, hidden=32, classes=4, rank=3):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, classes)
+        with torch.no_grad():  # fc2's outputs live in a rank-`rank` subspace
+            u = torch.randn(hidden, rank)
+            self.fc2.weight.copy_(u @ torch.randn(rank, hidden) / hidden)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class GroupedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+class TwoBranches(nn.Module):
+    """Branch `keep` needs all its width; branch `cut` only feeds 2 high-variance channels onward."""
+
+    def __init__(self):
+        super().__init__()
+        self.keep = nn.Linear(16, 16)
+        self.cut = nn.Linear(16, 16)
+        with torch.no_grad():
+            q, _ = torch.linalg.qr(torch.randn(16, 16))
+            self.keep.weight.copy_(q)
+            self.cut.weight.copy_(torch.diag(torch.tensor([10.0, 10.0] + [1.0] * 14)))
+            self.keep.bias.zero_()
+            self.cut.bias.zero_()
+
+    def forward(self, x):
+        return torch.cat([self.keep(x), self.cut(x)[:, :2]], dim=1)

@@ -65,9 +65,10 @@ _FLOAT64_BUFFERS = (
     "eigenvalues",
     "eigenvectors",
     "mean",
+    "basis",
 )
-# Buffers whose shape depends on k (keepdim=False).
-_PROJECTION_BUFFERS = ("projection_weight", "projection_bias")
+# Buffers whose shape depends on k.
+_PROJECTION_BUFFERS = ("projection_weight", "projection_bias", "basis")
 
 
 def _exporting() -> bool:
@@ -137,6 +138,9 @@ class PCALayer(nn.Module):
         out = width if keepdim else 0
         self.register_buffer("projection_weight", torch.zeros(out, width))
         self.register_buffer("projection_bias", torch.zeros(out))
+        # orthonormal (width, k) basis of the kept subspace (random after injection)
+        self.register_buffer("basis", torch.zeros(width, 0, **f64))
+        self.positions = 1  # samples per input example (h*w for convs, tokens...)
 
         # Host-side flags, derived from the buffers, so that forward() never
         # branches on tensor values (it stays traceable and exportable).
@@ -362,13 +366,16 @@ class PCALayer(nn.Module):
         with torch.inference_mode(False):
             k = _s.intrinsic_dimensionality(self.eigenvalues, self.threshold)
             self.rank.fill_(k)
-            self._set_projection(
-                *_s.projection_affine(self.eigenvectors[:, :k], self._center(), self.keepdim)
-            )
+            self._set_projection(self.eigenvectors[:, :k])
             self.random_directions.fill_(False)
 
-    def _set_projection(self, weight: Tensor, bias: Tensor) -> None:
-        for name, value in zip(_PROJECTION_BUFFERS, (weight, bias), strict=True):
+    def center(self) -> Tensor:
+        """The point the projection is taken around: the mean, or zero when not centring."""
+        return self._center()
+
+    def _set_projection(self, basis: Tensor) -> None:
+        weight, bias = _s.projection_affine(basis, self._center(), self.keepdim)
+        for name, value in zip(_PROJECTION_BUFFERS, (weight, bias, basis), strict=True):
             current = self._buffers[name]
             value = value.to(dtype=current.dtype, device=current.device)
             if value.shape == current.shape:
@@ -389,9 +396,7 @@ class PCALayer(nn.Module):
         k = int(self.rank)
         q = torch.from_numpy(_s.random_orthogonal(self.width, random_state)[:, :k])
         with torch.inference_mode(False):
-            self._set_projection(
-                *_s.projection_affine(q.to(self.mean.device), self._center(), self.keepdim)
-            )
+            self._set_projection(q.to(self.mean.device))
             self.random_directions.fill_(True)
 
     # ---------------------------------------------------------------- forward
@@ -417,6 +422,8 @@ class PCALayer(nn.Module):
         self._check_input(x)
         if self._reset_pending:
             self.reset_statistics()
+        if x.dim() > 1:
+            self.positions = x[0].numel() // self.width
         x = self._samples_of(x.detach())
         if self._empty:
             self.shift.copy_(_m.reference_shift(x, self.channel_dim))

@@ -1,0 +1,236 @@
+"""Threshold sweeps and per-layer threshold allocation, on the cached spectra.
+
+Neither function recomputes an eigendecomposition: changing a threshold only
+re-reads the stored spectrum of each PCA layer.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from .._validation import NotCalibratedError, check_threshold
+from ..compression.compress import compress, plan_layer
+from ..compression.counting import count_macs, count_params
+from ..core.spectrum import intrinsic_dimensionality
+from ..layers.network import pca_layers_of
+from ..layers.pca import PCALayer
+
+__all__ = ["DEFAULT_LADDER", "allocate", "sweep"]
+
+DEFAULT_LADDER = (
+    1.0, 0.9999, 0.999, 0.998, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5,
+)  # fmt: skip
+
+
+def _calibrated_layers(model: nn.Module) -> dict[str, PCALayer]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = pca_layers_of(model)
+    if not layers:
+        raise ValueError("model has no PCA layer; wrap it first with pcasurgery.pca_wrap")
+    missing = [n for n, layer in layers.items() if not layer.is_calibrated]
+    if missing:
+        raise NotCalibratedError(
+            f"PCA layers without statistics: {', '.join(missing)}; calibrate first"
+        )
+    return layers
+
+
+class _Restore:
+    """Put thresholds and train/eval flags back as they were, whatever happens."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, PCALayer]):
+        self.model, self.layers = model, layers
+
+    def __enter__(self):
+        self.thresholds = {n: layer.threshold for n, layer in self.layers.items()}
+        self.flags = {m: m.training for m in self.model.modules()}
+        return self
+
+    def __exit__(self, *exc):
+        for name, layer in self.layers.items():
+            if layer.threshold != self.thresholds[name]:
+                layer.threshold = self.thresholds[name]
+        for m, flag in self.flags.items():
+            m.training = flag
+        return False
+
+
+def _metrics(value: Any) -> dict[str, float]:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, dict)):
+        raise TypeError(f"evaluate(model) must return a number or a dict of numbers, got {value!r}")
+    if isinstance(value, dict):
+        return {str(k): float(v) for k, v in value.items()}
+    return {"metric": float(value)}
+
+
+def sweep(
+    model: nn.Module,
+    thresholds: Iterable[float],
+    evaluate: Callable[[nn.Module], Any] | None = None,
+    *,
+    example_inputs: Any = None,
+) -> pd.DataFrame:
+    """One row per threshold: saturation, size of the compressed model, and your metric.
+
+    For each threshold, every PCA layer is set to it (from the cached spectra),
+    the model is compressed to count parameters (and, given ``example_inputs``,
+    multiply-accumulates per example), and ``evaluate(model)`` is called with
+    the projecting model in eval mode. The model's thresholds and train/eval
+    flags are restored afterwards.
+
+    Args:
+        model: a calibrated model with PCA layers.
+        thresholds: fractions of variance in (0, 1].
+        evaluate: ``evaluate(model) -> float | dict[str, float]``; a dict gives
+            one column per key, a number the column ``metric``.
+        example_inputs: a batch to count MACs on.
+
+    Returns:
+        A DataFrame with columns ``threshold, mean_saturation, total_k, params,
+        macs`` (``macs`` is None without ``example_inputs``) and the metrics.
+
+    Example:
+        >>> table = sweep(model, [0.9, 0.99], evaluate=accuracy)  # doctest: +SKIP
+    """
+    layers = _calibrated_layers(model)
+    values = [check_threshold(t, "thresholds[i]") for t in thresholds]
+    if not values:
+        raise ValueError("thresholds must hold at least one value in (0, 1]")
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"evaluate must be callable as evaluate(model), got {evaluate!r}")
+    rows = []
+    with _Restore(model, layers):
+        for t in values:
+            for layer in layers.values():
+                layer.threshold = t
+            small = compress(model)
+            row: dict[str, Any] = {
+                "threshold": t,
+                "mean_saturation": sum(layer.saturation for layer in layers.values()) / len(layers),
+                "total_k": sum(layer.in_dim for layer in layers.values()),
+                "params": count_params(small),
+                "macs": None if example_inputs is None else count_macs(small, example_inputs),
+            }
+            if evaluate is not None:
+                model.eval()
+                row.update(_metrics(evaluate(model)))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _follows(model: nn.Module, layer: PCALayer) -> nn.Module | None:
+    """The Linear/Conv2d whose output ``layer`` projects directly (pca_wrap's layout), if any."""
+    target = getattr(layer, "target", None)
+    follows = model.get_submodule(target) if target else None
+    if not isinstance(follows, (nn.Linear, nn.Conv2d)) or getattr(follows, "groups", 1) != 1:
+        return None
+    return follows
+
+
+def _layer_macs(model: nn.Module, layer: PCALayer, k: int | None = None) -> int:
+    """Planned MACs per example of ``layer``'s compressed form at rank ``k``."""
+    return layer.positions * plan_layer(layer, _follows(model, layer), k).macs_per_position
+
+
+def _estimated_macs(model: nn.Module, layers: dict[str, PCALayer]) -> int:
+    """MACs per example of the layers compression produces, from calibration shapes."""
+    return sum(_layer_macs(model, layer) for layer in layers.values())
+
+
+def allocate(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    max_drop: float,
+    *,
+    example_inputs: Any = None,
+    ladder: Sequence[float] = DEFAULT_LADDER,
+) -> pd.DataFrame:
+    """Search per-layer thresholds that save the most MACs within ``max_drop`` of the metric.
+
+    Greedy: start with every layer at threshold 1 (the unprojected function) and
+    its metric ``m0``; at each step, for every layer, try its next threshold on
+    ``ladder`` that lowers its ``k``, and take the step that saves the most MACs
+    per unit of metric lost, among those keeping the metric at or above
+    ``m0 - max_drop``. Stop when no step qualifies. The model is left at the
+    final (smallest) allocation.
+
+    Args:
+        model: a calibrated model with PCA layers.
+        evaluate: ``evaluate(model) -> float``, higher is better (accuracy, say),
+            called with the projecting model in eval mode.
+        max_drop: how far below ``m0`` the metric may fall (>= 0).
+        example_inputs: a batch to count the compressed model's MACs per example
+            with; without it, MACs are estimated from the shapes seen during
+            calibration, for the layers that compression rewrites.
+        ladder: the thresholds each layer steps through, descending.
+
+    Returns:
+        A DataFrame of the steps taken: ``step, layer, threshold, k, metric,
+        macs, params`` (step 0 is the unprojected start).
+    """
+    layers = _calibrated_layers(model)
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be callable as evaluate(model), got {evaluate!r}")
+    if isinstance(max_drop, bool) or not isinstance(max_drop, numbers.Real) or not max_drop >= 0:
+        raise ValueError(f"max_drop must be a number >= 0, got {max_drop!r}")
+    steps = sorted({check_threshold(t, "ladder[i]") for t in ladder} | {1.0}, reverse=True)
+
+    def measure() -> tuple[float, int]:
+        model.eval()
+        value = evaluate(model)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"evaluate(model) must return a number, got {value!r}")
+        if example_inputs is None:
+            return float(value), _estimated_macs(model, layers)
+        return float(value), count_macs(compress(model), example_inputs)
+
+    flags = {m: m.training for m in model.modules()}
+    try:
+        for layer in layers.values():
+            layer.threshold = 1.0
+        position = dict.fromkeys(layers, 0)
+        metric, macs = measure()
+        floor = metric - float(max_drop)
+        table = [{"step": 0, "layer": None, "threshold": 1.0, "k": None, "metric": metric, "macs": macs,
+                  "params": count_params(compress(model))}]  # fmt: skip
+        while True:
+            best = None
+            for name, layer in layers.items():
+                # the next threshold that makes this layer's compressed form cheaper
+                i, cost_now = position[name], _layer_macs(model, layer)
+                j = i + 1
+                while j < len(steps):
+                    k = intrinsic_dimensionality(layer.eigenvalues, steps[j])
+                    if _layer_macs(model, layer, k) < cost_now:
+                        break
+                    j += 1
+                if j == len(steps):
+                    continue
+                layer.threshold = steps[j]
+                try:
+                    candidate_metric, candidate_macs = measure()
+                finally:
+                    layer.threshold = steps[i]
+                saved = macs - candidate_macs
+                if candidate_metric < floor or saved <= 0:
+                    continue
+                score = saved / max(metric - candidate_metric, 1e-12)
+                if best is None or score > best[0]:
+                    best = (score, name, j, candidate_metric, candidate_macs)
+            if best is None:
+                break
+            _, name, j, metric, macs = best
+            layers[name].threshold = steps[j]
+            position[name] = j
+            table.append({"step": len(table), "layer": name, "threshold": steps[j], "k": layers[name].in_dim,
+                          "metric": metric, "macs": macs, "params": count_params(compress(model))})  # fmt: skip
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    return pd.DataFrame(table)

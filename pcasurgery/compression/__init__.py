@@ -1,0 +1,16 @@
+"""Compression (PCA layers folded into plain layers), counting, and ONNX export."""
+
+from .compress import compress, plan_layer
+from .counting import count_macs, count_params, macs_per_position
+from .export import OnnxCheckError, export_onnx, run_onnx
+
+__all__ = [
+    "OnnxCheckError",
+    "compress",
+    "count_macs",
+    "count_params",
+    "export_onnx",
+    "macs_per_position",
+    "plan_layer",
+    "run_onnx",
+]

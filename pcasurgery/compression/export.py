@@ -1,0 +1,173 @@
+"""``export_onnx``: write a model as ONNX and check it in onnxruntime."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_bool, check_positive_int
+
+__all__ = ["OnnxCheckError", "export_onnx", "run_onnx"]
+
+
+class OnnxCheckError(AssertionError):
+    """The exported model's outputs in onnxruntime differ from PyTorch's."""
+
+
+def _as_args(example_inputs: Any) -> tuple[Tensor, ...]:
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not args or not all(isinstance(a, Tensor) for a in args):
+        raise TypeError(
+            "example_inputs must be a tensor or a tuple of tensors, got "
+            f"{type(example_inputs).__name__}"
+        )
+    if any(a.dim() == 0 for a in args):
+        raise ValueError("example_inputs must have a leading batch dimension")
+    return args
+
+
+def _outputs(result: Any) -> list[Tensor]:
+    if isinstance(result, Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in _outputs(r)]
+    if isinstance(result, dict):
+        return [t for r in result.values() for t in _outputs(r)]
+    raise TypeError(f"the model returned {type(result).__name__}; export needs tensors")
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """Silence the exporter's progress lines and warnings unless ``verbose``."""
+    if verbose:
+        yield
+        return
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def run_onnx(path: str | Path, *inputs: Tensor) -> list:
+    """Run an ONNX file in onnxruntime (CPU) on ``inputs``; returns its outputs as arrays."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
+    return session.run(None, feeds)
+
+
+def _other_batch(args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The example inputs at another batch size (repeated and cut), for the dynamic-batch check."""
+    n = args[0].shape[0]
+    m = n + 3 if n > 1 else 3
+    reps = -(-m // n)
+    return tuple(torch.cat([a] * reps)[:m] for a in args)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    dynamic_batch: bool = True,
+    check: bool = True,
+    opset: int | None = None,
+    verbose: bool = False,
+) -> Path:
+    """Write ``model`` to ``path`` as ONNX, and check it against PyTorch in onnxruntime.
+
+    Works for compressed models and for projecting (wrapped, calibrated) ones.
+    The model is exported in eval mode (its flags are restored).
+
+    Args:
+        model: the network.
+        example_inputs: a tensor or tuple of tensors, batch first.
+        path: the ``.onnx`` file to write; its folder must exist.
+        dynamic_batch: make the batch dimension of every input dynamic.
+        check: run the file in onnxruntime on the example and on another batch
+            size, and raise unless every output is within
+            ``1e-4 * max(1, max |output|)`` of PyTorch's.
+        opset: ONNX opset version (the exporter's default when None).
+        verbose: let the exporter print its progress.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: a missing folder, or inputs the model cannot run.
+        OnnxCheckError: onnxruntime disagrees with PyTorch (max error and batch sizes said).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args = _as_args(example_inputs)
+    check_bool(dynamic_batch, "dynamic_batch")
+    check_bool(check, "check")
+    check_bool(verbose, "verbose")
+    if opset is not None:
+        opset = check_positive_int(opset, "opset")
+    path = Path(path)
+    if not path.parent.exists():
+        raise ValueError(f"path {str(path)!r}: folder {str(path.parent)!r} does not exist")
+
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                expected = _outputs(model(*args))
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                shapes = [tuple(a.shape) for a in args]
+                raise ValueError(
+                    f"the model cannot run on example_inputs of shapes {shapes}: {err}"
+                ) from err
+        kwargs: dict[str, Any] = {"dynamo": True, "verbose": verbose}
+        if opset is not None:
+            kwargs["opset_version"] = opset
+        if dynamic_batch:
+            batch = torch.export.Dim("batch", min=1)
+            kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
+        with _quiet(verbose):
+            torch.onnx.export(model, args, str(path), **kwargs)
+        if check:
+            batches = [args] + ([_other_batch(args)] if dynamic_batch else [])
+            for inputs in batches:
+                with torch.no_grad():
+                    reference = expected if inputs is args else _outputs(model(*inputs))
+                got = run_onnx(path, *inputs)
+                for i, (ref, out) in enumerate(zip(reference, got, strict=True)):
+                    ref = ref.detach().cpu().to(torch.float64)
+                    out = torch.from_numpy(out).to(torch.float64)
+                    if out.shape != ref.shape:
+                        raise OnnxCheckError(
+                            f"onnxruntime output {i} has shape {tuple(out.shape)}, PyTorch's "
+                            f"{tuple(ref.shape)} (batch size {inputs[0].shape[0]})"
+                        )
+                    error = float((out - ref).abs().max()) if ref.numel() else 0.0
+                    tolerance = 1e-4 * max(1.0, float(ref.abs().max()) if ref.numel() else 0.0)
+                    if not error <= tolerance:
+                        raise OnnxCheckError(
+                            f"onnxruntime output {i} differs from PyTorch by up to {error:.3g} "
+                            f"(tolerance {tolerance:.3g}) at batch size {inputs[0].shape[0]}; "
+                            f"checked batch sizes {[b[0].shape[0] for b in batches]}"
+                        )
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    return path

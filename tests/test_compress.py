@@ -1,0 +1,121 @@
+"""compress: compressed == projected, smaller, no PCA layer left; counting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import MLP, Branchy, GroupedConv, SharedLinear, Tokens, warmed_resnet
+from test_seed_api import SeedNet
+from torch import nn
+
+import pcasurgery as ps
+from pcasurgery.compression import macs_per_position
+
+
+def calibrated(model, data, threshold=0.9, **kwargs):
+    wrapped = ps.pca_wrap(model, threshold, **kwargs)
+    return ps.calibrate(wrapped, data, progress=False)
+
+
+def assert_compressed_equals_projected(wrapped, x, atol=1e-5):
+    small, table = ps.compress(wrapped, report=True)
+    assert not any(isinstance(m, ps.PCALayer) for m in small.modules())
+    wrapped.eval()
+    small.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), wrapped(x), atol=atol, rtol=1e-4)
+    return small, table
+
+
+def test_residual_cnn_with_batchnorm_fusion():
+    net = warmed_resnet()
+    wrapped = calibrated(net, torch.randn(96, 3, 8, 8).split(32), 0.9)
+    small, table = assert_compressed_equals_projected(wrapped, torch.randn(7, 3, 8, 8))
+    assert table["layer"].tolist() == list(ps.pca_layers_of(wrapped))
+    assert set(table["action"]) <= {"factorised", "folded"}
+    assert table.set_index("layer").loc["layer1.0.conv1", "batchnorm_fused"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in small.layer1.modules())
+    assert small.compression_report.equals(table)
+    # the input model is untouched and still projecting
+    assert len(ps.pca_layers_of(wrapped)) == 7
+
+
+def test_low_rank_mlp_gets_strictly_fewer_parameters():
+    torch.manual_seed(0)
+    net = MLP().eval()
+    wrapped = calibrated(net, torch.randn(512, 12).split(128), 0.999)
+    small, table = assert_compressed_equals_projected(wrapped, torch.randn(33, 12))
+    row = table.set_index("layer").loc["fc2"]
+    assert row["action"] == "factorised" and row["k"] <= 3
+    assert row["params_after"] < row["params_before"]
+    assert ps.count_params(small) < ps.count_params(net)
+
+
+@pytest.mark.parametrize(
+    "factory, shape",
+    [(Tokens, (6, 9, 5)), (SharedLinear, (20, 6)), (GroupedConv, (5, 4, 6, 6))],
+)
+def test_compressed_equals_projected_on_other_shapes(factory, shape):
+    torch.manual_seed(0)
+    net = factory().eval()
+    data = [torch.randn(*shape) for _ in range(6)]
+    wrapped = calibrated(net, data, 0.8)
+    small, table = assert_compressed_equals_projected(wrapped, torch.randn(*shape))
+    if factory is GroupedConv:
+        assert table.set_index("layer").loc["conv", "action"].startswith("standalone")
+    if factory is SharedLinear:
+        assert table.set_index("layer").loc["shared", "action"] in {"factorised", "folded"}
+
+
+def test_hook_wrapped_and_hand_placed_layers_compress_too():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="forward hooks"):
+        hooked = ps.pca_wrap(Branchy().eval(), 0.8)
+    ps.calibrate(hooked, torch.randn(200, 4).split(50), progress=False)
+    _, table = assert_compressed_equals_projected(hooked, torch.randn(9, 4))
+    assert table["layer"].tolist() == ["a", "b"]
+
+    seed = SeedNet()
+    with torch.no_grad():
+        for _ in range(3):
+            seed(torch.randn(32, 3, 4, 4))  # training mode collects
+    seed.eval()(torch.randn(2, 3, 4, 4))
+    _, table = assert_compressed_equals_projected(seed, torch.randn(5, 3, 4, 4))
+    assert set(table["action"]) <= {"standalone", "standalone-factorised"}
+
+
+def test_keepdim_false_becomes_the_down_projection_only():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 8)).eval()
+    wrapped = calibrated(net, torch.randn(300, 10).split(100), 0.9, include="2", keepdim=False)
+    k = ps.pca_layers_of(wrapped)["2"].in_dim
+    small, table = assert_compressed_equals_projected(wrapped, torch.randn(4, 10))
+    assert table["action"].tolist() == ["down-projection"]
+    assert small.get_submodule("2").out_features == k
+
+
+def test_random_directions_compress_exactly():
+    net = warmed_resnet()
+    wrapped = calibrated(net, torch.randn(64, 3, 8, 8).split(32), 0.9)
+    ps.inject_random_directions(wrapped, seed=1)
+    assert_compressed_equals_projected(wrapped, torch.randn(3, 3, 8, 8))
+
+
+def test_compress_refuses_uncalibrated_models():
+    wrapped = ps.pca_wrap(warmed_resnet())
+    with pytest.raises(
+        ps.NotCalibratedError, match="cannot compress: PCA layers without statistics: stem"
+    ):
+        ps.compress(wrapped)
+    with pytest.raises(ValueError, match="has no PCA layer"):
+        ps.compress(nn.Linear(2, 2))
+
+
+def test_counts_match_hand_arithmetic():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 5 * 5, 6))
+    assert ps.count_params(net) == 3 * 4 * 9 + 4 + 100 * 6 + 6
+    x = torch.randn(2, 3, 5, 5)
+    assert ps.count_macs(net, x) == 3 * 9 * 4 * 25 + 100 * 6
+    assert macs_per_position(net[0]) == 3 * 9 * 4
+    wrapped = calibrated(net, [torch.randn(8, 3, 5, 5)], 1.0)
+    assert ps.count_macs(wrapped, x) == ps.count_macs(net, x) + 4 * 4 * 25 + 6 * 6

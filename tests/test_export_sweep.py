@@ -1,0 +1,130 @@
+"""ONNX export checked in onnxruntime; threshold sweeps; per-layer allocation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from models import MLP, TwoBranches, warmed_resnet
+
+import pcasurgery as ps
+from pcasurgery.compression import export as export_module
+from pcasurgery.core import spectrum
+
+
+@pytest.fixture(scope="module")
+def wrapped_resnet():
+    net = warmed_resnet()
+    return ps.calibrate(ps.pca_wrap(net, 0.9), torch.randn(96, 3, 8, 8).split(32), progress=False)
+
+
+def test_onnx_parity_for_compressed_and_projected_models(tmp_path, wrapped_resnet):
+    x = torch.randn(4, 3, 8, 8)
+    small = ps.compress(wrapped_resnet)
+    for name, model in (("small", small), ("projected", wrapped_resnet)):
+        path = ps.export_onnx(model, x, tmp_path / f"{name}.onnx")
+        assert path.exists()
+        for batch in (1, 9):
+            inputs = torch.randn(batch, 3, 8, 8)
+            (out,) = ps.compression.run_onnx(path, inputs)
+            np.testing.assert_allclose(out, model(inputs).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_export_is_quiet_and_restores_flags(tmp_path, capfd):
+    torch.manual_seed(0)
+    net = MLP().train()
+    ps.export_onnx(net, torch.randn(3, 12), tmp_path / "mlp.onnx")
+    captured = capfd.readouterr()
+    assert "torch.onnx" not in captured.out
+    assert net.training
+
+
+def test_export_errors(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    net = MLP().eval()
+    with pytest.raises(ValueError, match="folder .* does not exist"):
+        ps.export_onnx(net, torch.randn(2, 12), tmp_path / "missing" / "m.onnx")
+    with pytest.raises(ValueError, match=r"cannot run on example_inputs of shapes \[\(2, 7\)\]"):
+        ps.export_onnx(net, torch.randn(2, 7), tmp_path / "m.onnx")
+    with pytest.raises(TypeError, match="example_inputs must be a tensor"):
+        ps.export_onnx(net, [1, 2], tmp_path / "m.onnx")
+    real = export_module.run_onnx
+    monkeypatch.setattr(export_module, "run_onnx", lambda p, *i: [o + 0.5 for o in real(p, *i)])
+    with pytest.raises(
+        ps.OnnxCheckError,
+        match=r"differs from PyTorch by up to 0.5.*batch size 2; checked batch sizes \[2, 5\]",
+    ):
+        ps.export_onnx(net, torch.randn(2, 12), tmp_path / "m.onnx")
+
+
+def test_sweep_rows_restoration_and_monotonic_k(monkeypatch, wrapped_resnet):
+    ps.set_threshold(wrapped_resnet, {"*": 0.9, "fc": 0.95})
+    before = ps.report(wrapped_resnet)[["layer", "threshold", "idim"]]
+    calls = []
+    original = spectrum.eigh_descending
+    monkeypatch.setattr(spectrum, "eigh_descending", lambda m: calls.append(1) or original(m))
+    x = torch.randn(16, 3, 8, 8)
+    reference = wrapped_resnet(x).detach()
+
+    def evaluate(model):
+        assert not model.training
+        return {"mse": float((model(x) - reference).detach().pow(2).mean()), "one": 1.0}
+
+    table = ps.sweep(wrapped_resnet, [0.5, 0.8, 0.95, 0.999], evaluate, example_inputs=x[:2])
+    assert calls == []
+    assert table["threshold"].tolist() == [0.5, 0.8, 0.95, 0.999]
+    assert list(table.columns) == [
+        "threshold",
+        "mean_saturation",
+        "total_k",
+        "params",
+        "macs",
+        "mse",
+        "one",
+    ]
+    assert table["total_k"].is_monotonic_increasing and table["params"].is_monotonic_increasing
+    assert table["macs"].is_monotonic_increasing
+    assert table["mse"].iloc[0] > table["mse"].iloc[-1]
+    assert ps.report(wrapped_resnet)[["layer", "threshold", "idim"]].equals(before)
+    scalar = ps.sweep(wrapped_resnet, [0.9], evaluate=lambda m: 0.5)
+    assert scalar["metric"].tolist() == [0.5] and scalar["macs"].isna().all()
+    with pytest.raises(ValueError, match=r"thresholds\[i\] must be in \(0, 1\]"):
+        ps.sweep(wrapped_resnet, [0.9, 1.5])
+
+
+def test_allocate_stays_within_max_drop_and_beats_the_best_global_threshold():
+    torch.manual_seed(0)
+    net = TwoBranches().eval()
+    data = torch.randn(2000, 16)
+    wrapped = ps.calibrate(ps.pca_wrap(net, 1.0), data.split(500), progress=False)
+    x = torch.randn(500, 16)
+    reference = net(x).detach()
+
+    def fidelity(model):  # higher is better
+        return -float((model(x) - reference).detach().pow(2).mean())
+
+    max_drop = 1e-3
+    steps = ps.allocate(wrapped, fidelity, max_drop, example_inputs=x[:4])
+    assert list(steps.columns) == ["step", "layer", "threshold", "k", "metric", "macs", "params"]
+    assert (steps["metric"] >= steps["metric"].iloc[0] - max_drop).all()
+    assert fidelity(wrapped.eval()) >= steps["metric"].iloc[0] - max_drop
+    assert steps["macs"].is_monotonic_decreasing
+    final = ps.report(wrapped).set_index("layer")
+    assert final.loc["cut", "idim"] == 2 and final.loc["keep", "idim"] == 16
+
+    glob = ps.sweep(wrapped, ps.analysis.DEFAULT_LADDER, fidelity, example_inputs=x[:4])
+    feasible = glob[glob["metric"] >= steps["metric"].iloc[0] - max_drop]
+    assert steps["macs"].iloc[-1] < feasible["macs"].min()
+
+    # without example inputs, the estimate from calibration shapes drives the same choice
+    estimated = ps.allocate(wrapped, fidelity, max_drop)
+    assert estimated["layer"].iloc[1:].tolist() == steps["layer"].iloc[1:].tolist()
+    with pytest.raises(ValueError, match="max_drop must be a number >= 0"):
+        ps.allocate(wrapped, fidelity, -1)
+
+
+def test_set_threshold_mapping_drives_compression(wrapped_resnet):
+    ps.set_threshold(wrapped_resnet, {"*": 0.99, "head": 0.5})
+    table = ps.compress(wrapped_resnet, report=True)[1].set_index("layer")
+    assert table.loc["head", "k"] == ps.pca_layers_of(wrapped_resnet)["head"].in_dim
+    assert table.loc["head", "k"] < table.loc["head", "width"]
