@@ -35,3 +35,4 @@ clean:
 
 bench: .bench-deps
 	PYTHONPATH=.bench-deps $(PY) benchmarks/bench_calibration.py
+	$(PY) benchmarks/bench_compression.py
