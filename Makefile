@@ -35,4 +35,5 @@ clean:
 
 bench: .bench-deps
 	PYTHONPATH=.bench-deps $(PY) benchmarks/bench_calibration.py
+	PYTHONPATH=.bench-deps $(PY) benchmarks/bench_tracking.py
 	$(PY) benchmarks/bench_compression.py

@@ -5,7 +5,7 @@ each layer's width the network uses, and fold the kept eigendirections into
 smaller layers.
 """
 
-from . import metrics, pca_layers, torch_utils
+from . import metrics, pca_layers, torch_utils, writers
 from ._validation import NotCalibratedError
 from .analysis import allocate, plot_saturation, report, sweep
 from .compression import OnnxCheckError, compress, count_macs, count_params, export_onnx
@@ -20,15 +20,18 @@ from .layers import (
     set_threshold,
 )
 from .surgery import all_reduce_statistics, calibrate, pca_wrap
+from .tracking import CheckLayerSat, SaturationTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckLayerSat",
     "Conv2DPCALayer",
     "LinearPCALayer",
     "NotCalibratedError",
     "OnnxCheckError",
     "PCALayer",
+    "SaturationTracker",
     "TorchCovarianceMatrix",
     "__version__",
     "all_reduce_statistics",
@@ -49,4 +52,5 @@ __all__ = [
     "set_threshold",
     "sweep",
     "torch_utils",
+    "writers",
 ]

@@ -60,43 +60,55 @@ class TorchCovarianceMatrix:
         self.save_data = bool(save_data)
         self.saved_samples: Tensor | None = None
         self.moments: _m.Moments | None = None
+        self._subtract = True
 
     @property
     def _tlen(self) -> int:
         """Number of samples seen (the seed's attribute name)."""
         return 0 if self.moments is None else int(self.moments.count)
 
-    def update(self, x: Tensor, vae: bool = False) -> None:
+    def update(self, x: Tensor, vae: bool = False, *, channel_dim: int | None = None) -> None:
         """Add a batch ``(n, features)`` (or one sample ``(features,)``).
 
         ``vae=True`` takes the seed library's transposed layout ``(features, n)``.
+        ``channel_dim`` (an extension) names the feature dimension of a larger
+        tensor, every other position being a sample: ``channel_dim=1`` takes
+        ``(batch, channels, h, w)`` maps channelwise, without a permuted copy.
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if vae:
-            x = x.squeeze().t() if x.dim() == 3 else (x.t() if x.dim() == 2 else x.unsqueeze(0).t())
-        if x.dim() == 1:
-            x = x.unsqueeze(0)
-        if x.dim() != 2:
-            raise ValueError(
-                f"x must have shape (n, features) or (features,), got {tuple(x.shape)}"
-            )
+        if channel_dim is None:
+            if vae:
+                x = (
+                    x.squeeze().t()
+                    if x.dim() == 3
+                    else (x.t() if x.dim() == 2 else x.unsqueeze(0).t())
+                )
+            if x.dim() == 1:
+                x = x.unsqueeze(0)
+            if x.dim() != 2:
+                raise ValueError(
+                    f"x must have shape (n, features) or (features,), got {tuple(x.shape)}"
+                )
+            channel_dim = -1
+        width = x.shape[channel_dim]
         x = x.detach().to(self.device)
         if self.moments is None:
-            self.moments = _m.empty_moments(x.shape[1], self.device)
-            self.moments.shift.copy_(_m.reference_shift(x))
-        elif x.shape[1] != self.moments.shift.shape[0]:
+            self.moments = _m.empty_moments(width, self.device)
+            self.moments.shift.copy_(_m.reference_shift(x, channel_dim))
+            self._subtract = bool(self.moments.shift.any())
+        elif width != self.moments.shift.shape[0]:
             raise ValueError(
-                f"x has {x.shape[1]} features but earlier batches had {self.moments.shift.shape[0]}"
+                f"x has {width} features but earlier batches had {self.moments.shift.shape[0]}"
             )
-        batch = _m.batch_moments(x, self.moments.shift)
-        if not torch.isfinite(batch.total).all():
+        batch = _m.batch_moments(x, self.moments.shift, channel_dim, self._subtract)
+        if x.device.type == "cpu" and not torch.isfinite(batch.total_sq).all():
             raise ValueError("x contains NaN or infinite values")
         _m.accumulate_(self.moments, batch)
         if self.save_data:
-            x64 = x.to(torch.float64)
+            rows = x.movedim(channel_dim, -1).reshape(-1, width).to(torch.float64)
             self.saved_samples = (
-                x64 if self.saved_samples is None else torch.cat([self.saved_samples, x64])
+                rows if self.saved_samples is None else torch.cat([self.saved_samples, rows])
             )
 
     def merge(self, other: TorchCovarianceMatrix) -> TorchCovarianceMatrix:
@@ -105,6 +117,7 @@ class TorchCovarianceMatrix:
             return self
         theirs = _m.Moments(*(t.to(self.device) for t in other.moments))
         self.moments = theirs if self.moments is None else _m.merge_moments(self.moments, theirs)
+        self._subtract = bool(self.moments.shift.any())
         return self
 
     def fix(self, center: bool = True) -> Tensor:
