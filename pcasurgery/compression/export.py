@@ -137,7 +137,15 @@ def export_onnx(
                 raise ValueError(
                     f"the model cannot run on example_inputs of shapes {shapes}: {err}"
                 ) from err
-        kwargs: dict[str, Any] = {"dynamo": True, "verbose": verbose}
+        # one self-contained file unless the weights approach protobuf's 2 GB limit
+        weight_bytes = sum(
+            t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+        )
+        kwargs: dict[str, Any] = {
+            "dynamo": True,
+            "verbose": verbose,
+            "external_data": weight_bytes > 2**30,
+        }
         if opset is not None:
             kwargs["opset_version"] = opset
         if dynamic_batch:
