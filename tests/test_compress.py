@@ -119,3 +119,30 @@ def test_counts_match_hand_arithmetic():
     assert macs_per_position(net[0]) == 3 * 9 * 4
     wrapped = calibrated(net, [torch.randn(8, 3, 5, 5)], 1.0)
     assert ps.count_macs(wrapped, x) == ps.count_macs(net, x) + 4 * 4 * 25 + 6 * 6
+
+
+class BranchyGrouped(nn.Module):
+    """Untraceable (data-dependent branch) with a grouped conv: hooks + standalone projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if h.mean() > -1e9:
+            h = torch.relu(h)
+        return self.head(h)
+
+
+def test_hooked_grouped_conv_becomes_module_plus_standalone_projection():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="forward hooks"):
+        wrapped = ps.pca_wrap(BranchyGrouped().eval(), 0.8)
+    ps.calibrate(wrapped, [torch.randn(8, 4, 6, 6) for _ in range(4)], progress=False)
+    small, table = assert_compressed_equals_projected(wrapped, torch.randn(3, 4, 6, 6))
+    rows = table.set_index("layer")
+    assert rows.loc["conv", "action"].startswith("standalone")
+    assert rows.loc["head", "action"] in {"factorised", "folded"}
+    assert isinstance(small.conv, nn.Sequential) and small.conv[0].groups == 2

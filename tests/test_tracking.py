@@ -272,3 +272,28 @@ def test_tensorboard_writer_or_a_clear_error(tmp_path):
     tracker.add_saturations()
     tracker.close()
     assert any((tmp_path / "tb").iterdir())
+
+
+def test_interpolation_shrinks_large_maps_before_recording(tmp_path):
+    conv = nn.Conv2d(3, 4, 1)
+    tracker = CheckLayerSat(str(tmp_path / "i"), "csv", nn.Sequential(conv), device="cpu",
+                            interpolation_strategy="nearest", interpolation_downsampling=2)  # fmt: skip
+    with torch.no_grad():
+        out = conv(torch.randn(5, 3, 8, 8))
+    assert tracker.logs["train"]["0"]._tlen == 5 * 2 * 2
+    rows = (
+        torch.nn.functional.interpolate(out, size=(2, 2), mode="nearest")
+        .permute(0, 2, 3, 1)
+        .reshape(-1, 4)
+    )
+    np.testing.assert_allclose(tracker.logs["train"]["0"].fix().numpy(),
+                               np.cov(rows.double().numpy(), rowvar=False, bias=True), rtol=1e-5, atol=1e-8)  # fmt: skip
+    with pytest.raises(ValueError, match="interpolation_strategy must be one of 'nearest'"):
+        CheckLayerSat(
+            str(tmp_path / "j"),
+            "csv",
+            nn.Sequential(conv),
+            device="cpu",
+            interpolation_strategy="cubic",
+        )
+    tracker.close()
