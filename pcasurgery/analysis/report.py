@@ -7,8 +7,7 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
-from .._validation import NotCalibratedError
-from ..layers.network import pca_layers_of
+from ..layers.network import calibrated_layers
 
 __all__ = ["REPORT_COLUMNS", "plot_saturation", "report"]
 
@@ -39,14 +38,7 @@ def report(model: nn.Module) -> pd.DataFrame:
         ValueError: the model has no PCA layer.
         NotCalibratedError: some layers have no statistics (they are named).
     """
-    layers = pca_layers_of(model)
-    if not layers:
-        raise ValueError("model has no PCA layer; wrap it first with pcasurgery.pca_wrap")
-    missing = [name for name, layer in layers.items() if not layer.is_calibrated]
-    if missing:
-        raise NotCalibratedError(
-            f"PCA layers without statistics: {', '.join(missing)}; run pcasurgery.calibrate first"
-        )
+    layers = calibrated_layers(model, "report")
     rows = []
     for name, layer in layers.items():
         rows.append(

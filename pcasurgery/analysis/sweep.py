@@ -13,11 +13,11 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from .._validation import NotCalibratedError, check_threshold
+from .._validation import check_threshold
 from ..compression.compress import compress, plan_layer
 from ..compression.counting import count_macs, count_params
 from ..core.spectrum import intrinsic_dimensionality
-from ..layers.network import pca_layers_of
+from ..layers.network import calibrated_layers
 from ..layers.pca import PCALayer
 
 __all__ = ["DEFAULT_LADDER", "allocate", "sweep"]
@@ -25,20 +25,6 @@ __all__ = ["DEFAULT_LADDER", "allocate", "sweep"]
 DEFAULT_LADDER = (
     1.0, 0.9999, 0.999, 0.998, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5,
 )  # fmt: skip
-
-
-def _calibrated_layers(model: nn.Module) -> dict[str, PCALayer]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers = pca_layers_of(model)
-    if not layers:
-        raise ValueError("model has no PCA layer; wrap it first with pcasurgery.pca_wrap")
-    missing = [n for n, layer in layers.items() if not layer.is_calibrated]
-    if missing:
-        raise NotCalibratedError(
-            f"PCA layers without statistics: {', '.join(missing)}; calibrate first"
-        )
-    return layers
 
 
 class _Restore:
@@ -98,7 +84,7 @@ def sweep(
     Example:
         >>> table = sweep(model, [0.9, 0.99], evaluate=accuracy)  # doctest: +SKIP
     """
-    layers = _calibrated_layers(model)
+    layers = calibrated_layers(model, "sweep")
     values = [check_threshold(t, "thresholds[i]") for t in thresholds]
     if not values:
         raise ValueError("thresholds must hold at least one value in (0, 1]")
@@ -174,7 +160,7 @@ def allocate(
         A DataFrame of the steps taken: ``step, layer, threshold, k, metric,
         macs, params`` (step 0 is the unprojected start).
     """
-    layers = _calibrated_layers(model)
+    layers = calibrated_layers(model, "allocate")
     if not callable(evaluate):
         raise TypeError(f"evaluate must be callable as evaluate(model), got {evaluate!r}")
     if isinstance(max_drop, bool) or not isinstance(max_drop, numbers.Real) or not max_drop >= 0:

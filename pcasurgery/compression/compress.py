@@ -33,8 +33,8 @@ import pandas as pd
 import torch
 from torch import Tensor, fx, nn
 
-from .._validation import NotCalibratedError, check_bool
-from ..layers.network import pca_layers_of
+from .._validation import check_bool
+from ..layers.network import calibrated_layers
 from ..layers.pca import Conv2DPCALayer, PCALayer
 from ..surgery.wrap import ProjectOutput
 from .counting import count_params
@@ -218,18 +218,8 @@ def compress(model: nn.Module, *, report: bool = False):
         ValueError: the model has no PCA layer.
         NotCalibratedError: some PCA layers have no statistics (named).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_bool(report, "report")
-    layers = pca_layers_of(model)
-    if not layers:
-        raise ValueError("model has no PCA layer; wrap it first with pcasurgery.pca_wrap")
-    missing = [name for name, layer in layers.items() if not layer.is_calibrated]
-    if missing:
-        raise NotCalibratedError(
-            f"cannot compress: PCA layers without statistics: {', '.join(missing)}; "
-            "run pcasurgery.calibrate first"
-        )
+    layers = calibrated_layers(model, "compress")
     for layer in layers.values():
         layer._ensure_current()
 

@@ -21,15 +21,17 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from torch import fx, nn
 
-from .._validation import check_bool, check_threshold
+from .._validation import NotCalibratedError, check_bool, check_threshold
 from .pca import Conv2DPCALayer, LinearPCALayer, PCALayer  # noqa: F401  (doctests)
 
 __all__ = [
+    "calibrated_layers",
     "change_all_pca_layer_centering",
     "change_all_pca_layer_thresholds",
     "change_all_pca_layer_thresholds_and_inject_random_directions",
     "inject_random_directions",
     "pca_layers_of",
+    "require_layers",
     "select_layers",
     "set_centering",
     "set_threshold",
@@ -90,9 +92,29 @@ def select_layers(
     return chosen
 
 
-def _require_layers(layers: Mapping[str, PCALayer]) -> None:
+def require_layers(layers: Mapping[str, PCALayer]) -> None:
+    """Raise ``ValueError`` unless ``layers`` (from :func:`pca_layers_of`) holds a PCA layer."""
     if not layers:
-        raise ValueError("the model has no PCA layer; wrap it first with pcasurgery.pca_wrap")
+        raise ValueError("model has no PCA layer; wrap it first with pcasurgery.pca_wrap")
+
+
+def calibrated_layers(model: nn.Module, action: str = "continue") -> OrderedDict[str, PCALayer]:
+    """The PCA layers of ``model``, in forward order, all of which have statistics.
+
+    Raises:
+        TypeError: ``model`` is not a module.
+        ValueError: it has no PCA layer.
+        NotCalibratedError: some layers have no statistics; ``action`` and their names are said.
+    """
+    layers = pca_layers_of(_check_model(model))
+    require_layers(layers)
+    missing = [name for name, layer in layers.items() if not layer.is_calibrated]
+    if missing:
+        raise NotCalibratedError(
+            f"cannot {action}: PCA layers without statistics: {', '.join(missing)}; "
+            "run pcasurgery.calibrate first"
+        )
+    return layers
 
 
 def set_threshold(
@@ -117,7 +139,7 @@ def set_threshold(
         >>> set_threshold(model, {"*": 0.99, "features.*": 0.9})    # doctest: +SKIP
     """
     layers = select_layers(_check_model(model), include)
-    _require_layers(layers)
+    require_layers(layers)
     if isinstance(threshold, Mapping):
         per_layer = {}
         for pattern, value in threshold.items():
@@ -145,7 +167,7 @@ def set_centering(
     """Switch every PCA layer between centred PCA (True) and uncentred (False); returns ``model``."""
     check_bool(centering, "centering")
     layers = select_layers(_check_model(model), include)
-    _require_layers(layers)
+    require_layers(layers)
     for layer in layers.values():
         layer.centering = centering
     return model
@@ -169,7 +191,7 @@ def inject_random_directions(
     if seed is not None and not isinstance(seed, (numbers.Integral, np.random.Generator)):
         raise TypeError(f"seed must be an int, a numpy Generator or None, got {seed!r}")
     layers = select_layers(_check_model(model), include)
-    _require_layers(layers)
+    require_layers(layers)
     rng = np.random.default_rng(seed) if seed is not None else None
     for layer in layers.values():
         layer.inject_random_directions(rng)

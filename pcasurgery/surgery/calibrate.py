@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .._validation import check_bool, check_positive_int
 from ..core import moments as _m
-from ..layers.network import pca_layers_of
+from ..layers.network import pca_layers_of, require_layers
 
 __all__ = ["all_reduce_statistics", "calibrate", "examples_in"]
 
@@ -199,8 +199,7 @@ def calibrate(
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable as forward(model, batch), got {forward!r}")
     layers = pca_layers_of(model)
-    if not layers:
-        raise ValueError("model has no PCA layer; wrap it first with pcasurgery.pca_wrap")
+    require_layers(layers)
 
     if device is not None:
         try:
