@@ -31,12 +31,15 @@ __all__ = [
     "DEFAULT_METRIC",
     "DEFAULT_MODEL",
     "add_common_arguments",
+    "calibrated",
     "digits_batches",
     "digits_test_accuracy",
+    "example_input",
     "load_data",
     "load_metric",
     "load_model",
     "load_object",
+    "recipe_parser",
 ]
 
 DEFAULT_MODEL = "pcasurgery.digits:DigitsCNN"
@@ -78,6 +81,40 @@ def digits_test_accuracy(model: nn.Module) -> float:
     """Accuracy on the digits test split."""
     split = _split()
     return digits.accuracy(model, split.x_test, split.y_test)
+
+
+def recipe_parser(doc: str, *, metric: bool = False) -> argparse.ArgumentParser:
+    """A recipe's parser: its docstring as help, and the common options."""
+    parser = argparse.ArgumentParser(
+        description=doc.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc,
+    )
+    add_common_arguments(parser, metric=metric)
+    return parser
+
+
+def calibrated(args: argparse.Namespace, threshold: float) -> tuple[nn.Module, Any, nn.Module]:
+    """The user's model, its calibration batches, and the wrapped, calibrated model."""
+    from .surgery import calibrate, pca_wrap
+
+    model = load_model(args)
+    batches = load_data(args)
+    wrapped = calibrate(
+        pca_wrap(model, threshold), batches, device=args.device, max_batches=args.max_batches
+    )
+    return model, batches, wrapped
+
+
+def example_input(batches: Any, size: int = 1) -> torch.Tensor:
+    """The first ``size`` inputs of the first batch (on the CPU), for counting and export."""
+    first = next(iter(batches))
+    x = first[0] if isinstance(first, (tuple, list)) else first
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"the first item of a batch must be the input tensor, got {type(x).__name__}"
+        )
+    return x[:size].cpu()
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, metric: bool = False) -> None:

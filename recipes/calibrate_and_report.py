@@ -6,26 +6,18 @@ Examples:
         --checkpoint ckpt.pt --data mypkg.data:calibration_loader --threshold 0.99 --out report
 """
 
-import argparse
 from pathlib import Path
 
 import pcasurgery as ps
-from pcasurgery.recipe_support import add_common_arguments, load_data, load_model
+from pcasurgery.recipe_support import calibrated, recipe_parser
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
-    add_common_arguments(parser)
+    parser = recipe_parser(__doc__)
     parser.add_argument("--threshold", type=float, default=0.99, help="variance kept per layer")
     parser.add_argument("--out", default="report", help="folder for report.csv and saturation.png")
     args = parser.parse_args(argv)
-    model = load_model(args)
-    wrapped = ps.calibrate(ps.pca_wrap(model, args.threshold), load_data(args), device=args.device,
-                           max_batches=args.max_batches)  # fmt: skip
+    _, _, wrapped = calibrated(args, args.threshold)
     table = ps.report(wrapped)
     print(table.to_string(index=False))
     out = Path(args.out)

@@ -52,6 +52,12 @@ RESNET_TARGETS = [
 ]
 
 
+def images(n: int = 64, seed: int = 1) -> torch.Tensor:
+    """Seeded random 8x8 RGB images."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g)
+
+
 def warmed_resnet(seed: int = 0) -> ResNet:
     """A ResNet whose BatchNorm running statistics are not the defaults."""
     torch.manual_seed(seed)

@@ -9,14 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from models import KeywordModel, warmed_resnet
+from models import KeywordModel, images, warmed_resnet
 
 import pcasurgery as ps
-
-
-def images(n=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 8, 8, generator=g)
 
 
 def test_calibration_leaves_batchnorm_and_flags_alone():

@@ -13,17 +13,13 @@ from models import (
     SharedLinear,
     Straight,
     Tokens,
+    images,
     warmed_resnet,
 )
 from sklearn.decomposition import PCA
 from torch import fx, nn
 
 import pcasurgery as ps
-
-
-def images(n=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 8, 8, generator=g)
 
 
 def test_layers_follow_every_conv_and_linear_in_forward_order():
