@@ -128,3 +128,18 @@ def test_set_threshold_mapping_drives_compression(wrapped_resnet):
     table = ps.compress(wrapped_resnet, report=True)[1].set_index("layer")
     assert table.loc["head", "k"] == ps.pca_layers_of(wrapped_resnet)["head"].in_dim
     assert table.loc["head", "k"] < table.loc["head", "width"]
+
+
+def test_missing_export_packages_are_named(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime" else real(name, *a),
+    )
+    with pytest.raises(
+        ImportError, match=r"need the onnxruntime package: pip install 'pcasurgery\[export\]'"
+    ):
+        ps.export_onnx(MLP().eval(), torch.randn(2, 12), tmp_path / "m.onnx")

@@ -63,8 +63,19 @@ def _quiet(verbose: bool):
         logger.setLevel(level)
 
 
+def _require(module: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"ONNX export and checking need the {module} package: "
+            "pip install 'pcasurgery[export]' (onnx, onnxscript, onnxruntime)"
+        )
+
+
 def run_onnx(path: str | Path, *inputs: Tensor) -> list:
     """Run an ONNX file in onnxruntime (CPU) on ``inputs``; returns its outputs as arrays."""
+    _require("onnxruntime")
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -125,6 +136,8 @@ def export_onnx(
     path = Path(path)
     if not path.parent.exists():
         raise ValueError(f"path {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    for module in ("onnx", "onnxscript") + (("onnxruntime",) if check else ()):
+        _require(module)
 
     flags = {m: m.training for m in model.modules()}
     model.eval()
