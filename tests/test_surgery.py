@@ -194,3 +194,30 @@ def test_bad_arguments_are_named():
         ps.pca_wrap("resnet")
     with pytest.raises(ValueError, match="already contains PCA layers"):
         ps.pca_wrap(ps.pca_wrap(net))
+
+
+def test_modules_used_only_through_their_weights_get_no_layer():
+    from models import Attention
+
+    torch.manual_seed(0)
+    net = Attention().eval()
+    with pytest.warns(UserWarning, match=r"modules att.out_proj are not called as modules"):
+        wrapped = ps.pca_wrap(net, 1.0)
+    assert list(ps.pca_layers_of(wrapped)) == ["inp", "out"]
+    x = torch.randn(6, 5, 8)
+    ps.calibrate(wrapped, [x], progress=False)
+    torch.testing.assert_close(wrapped(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+class RareBranch(Branchy):
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h) if h.sum() > 1e9 else h[:, :3]  # b never runs on these data
+
+
+def test_calibration_names_layers_that_saw_no_data():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="forward hooks"):
+        hooked = ps.pca_wrap(RareBranch().eval(), 0.9)
+    with pytest.raises(ValueError, match=r"PCA layers b saw no data: .* exclude"):
+        ps.calibrate(hooked, [torch.randn(8, 4)], progress=False)

@@ -245,6 +245,12 @@ def calibrate(
             raise ValueError("data yielded no batch: nothing to calibrate on")
         if dist.is_available() and dist.is_initialized():
             all_reduce_statistics(model)
+        unreached = [name for name, layer in layers.items() if int(layer.sample_count) == 0]
+        if unreached:
+            raise ValueError(
+                f"PCA layers {', '.join(unreached)} saw no data: their modules were never called "
+                "on these batches (wrap without them, e.g. pca_wrap(model, exclude=[...]))"
+            )
         for layer in layers.values():
             layer.compute_eigenspace()
     finally:

@@ -201,6 +201,19 @@ def pca_wrap(
             module.register_forward_hook(ProjectOutput(_attach(module, layers[name])))
         return wrapped
 
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    unreached = [name for name in layers if name not in called]
+    if unreached:
+        warnings.warn(
+            f"modules {', '.join(unreached)} are not called as modules in the traced graph (their "
+            "weights are used by a parent, as nn.MultiheadAttention does with out_proj); they get "
+            "no PCA layer",
+            UserWarning,
+            stacklevel=2,
+        )
+        layers = {name: layer for name, layer in layers.items() if name in called}
+        if not layers:
+            raise ValueError("none of the chosen modules is called as a module in the traced graph")
     gm = fx.GraphModule(wrapped, graph, class_name=type(model).__name__)
     paths = {name: f"{name}.{_attach(gm.get_submodule(name), layers[name])}" for name in layers}
     for node in list(gm.graph.nodes):
