@@ -146,3 +146,28 @@ def test_hooked_grouped_conv_becomes_module_plus_standalone_projection():
     assert rows.loc["conv", "action"].startswith("standalone")
     assert rows.loc["head", "action"] in {"factorised", "folded"}
     assert isinstance(small.conv, nn.Sequential) and small.conv[0].groups == 2
+
+
+def test_low_rank_layers_read_like_the_layer_they_replace():
+    from pcasurgery.compression import LowRank
+
+    torch.manual_seed(0)
+    net = MLP().eval()
+    wrapped = calibrated(net, torch.randn(512, 12).split(128), 0.999)
+    small = ps.compress(wrapped)
+    fc2 = small.get_submodule("fc2")
+    assert isinstance(fc2, LowRank) and fc2.rank <= 3
+    assert (fc2.in_features, fc2.out_features) == (32, 32)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(
+        fc2(x), torch.nn.functional.linear(x, fc2.weight, fc2.bias), atol=1e-5, rtol=1e-5
+    )
+    conv = ps.compress(
+        calibrated(warmed_resnet(), torch.randn(64, 3, 8, 8).split(32), 0.8)
+    ).get_submodule("layer1.0.conv1")
+    if isinstance(conv, LowRank):
+        assert (
+            conv.kernel_size == (3, 3)
+            and conv.out_channels == 8
+            and conv.weight.shape == (8, 8, 3, 3)
+        )

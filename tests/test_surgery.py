@@ -221,3 +221,17 @@ def test_calibration_names_layers_that_saw_no_data():
         hooked = ps.pca_wrap(RareBranch().eval(), 0.9)
     with pytest.raises(ValueError, match=r"PCA layers b saw no data: .* exclude"):
         ps.calibrate(hooked, [torch.randn(8, 4)], progress=False)
+
+
+def test_a_transformer_layer_wraps_calibrates_and_compresses():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0).eval()
+    with pytest.warns(UserWarning) as caught:
+        wrapped = ps.pca_wrap(layer, 0.95)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "self_attn.out_proj are not called" in messages
+    assert list(ps.pca_layers_of(wrapped)) == ["linear1", "linear2"]
+    x = torch.randn(4, 7, 16)
+    ps.calibrate(wrapped, [x], progress=False)
+    small = ps.compress(wrapped)
+    torch.testing.assert_close(small(x), wrapped(x), atol=1e-4, rtol=1e-4)

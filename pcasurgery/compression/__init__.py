@@ -1,10 +1,11 @@
 """Compression (PCA layers folded into plain layers), counting, and ONNX export."""
 
-from .compress import compress, plan_layer
+from .compress import LowRank, compress, plan_layer
 from .counting import count_macs, count_params, macs_per_position
 from .export import OnnxCheckError, export_onnx, run_onnx
 
 __all__ = [
+    "LowRank",
     "OnnxCheckError",
     "compress",
     "count_macs",

@@ -39,7 +39,7 @@ from ..layers.pca import Conv2DPCALayer, PCALayer
 from ..surgery.wrap import ProjectOutput
 from .counting import count_params
 
-__all__ = ["compress", "plan_layer"]
+__all__ = ["LowRank", "compress", "plan_layer"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,47 @@ def plan_layer(layer: PCALayer, follows: nn.Module | None, k: int | None = None)
     if 0 < k and factorised < single:
         return LayerPlan("standalone-factorised", factorised, 2 * k * width)
     return LayerPlan("standalone", single, width * width)
+
+
+class LowRank(nn.Sequential):
+    """A factorised layer: ``down`` (``k`` outputs) then ``up`` (``k -> width``).
+
+    It runs as the two small layers, and reads like the layer it replaces:
+    ``weight`` and ``bias`` give the dense equivalent (for code that inspects
+    its children, as ``nn.TransformerEncoderLayer`` does), and the geometry
+    attributes (``in_features``/``out_features``, ``in_channels``,
+    ``kernel_size``, ...) are those of the whole map.
+    """
+
+    def __init__(self, down: nn.Module, up: nn.Module):
+        super().__init__(down, up)
+
+    @property
+    def rank(self) -> int:
+        """``k``, the width between the two layers."""
+        return self[0].weight.shape[0]
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight of the composed map (computed, not a parameter)."""
+        down, up = self[0].weight, self[1].weight
+        dense = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+        return dense.reshape(up.shape[0], *down.shape[1:])
+
+    @property
+    def bias(self) -> Tensor:
+        """The bias of the composed map."""
+        up = self[1].weight.reshape(self[1].weight.shape[0], -1)
+        down_bias = self[0].bias if self[0].bias is not None else torch.zeros_like(up[0])
+        return up @ down_bias + self[1].bias
+
+    def __getattr__(self, name: str):
+        if name in ("out_features", "out_channels"):
+            return getattr(self[1], name)
+        if name in ("in_features", "in_channels", "kernel_size", "stride", "padding", "dilation",
+                    "groups", "padding_mode"):  # fmt: skip
+            return getattr(self[0], name)
+        return super().__getattr__(name)
 
 
 # ----------------------------------------------------------------- builders
@@ -148,7 +189,7 @@ def _compress_pair(layer: PCALayer, module: nn.Module, plan: LayerPlan) -> nn.Mo
     if plan.action == "down-projection":
         return down
     up = _pointwise(isinstance(module, nn.Conv2d), k, layer.width, v, c, module.weight)
-    return nn.Sequential(down, up)
+    return LowRank(down, up)
 
 
 def _standalone(layer: PCALayer, plan: LayerPlan) -> nn.Module:
@@ -159,7 +200,7 @@ def _standalone(layer: PCALayer, plan: LayerPlan) -> nn.Module:
         return _pointwise(conv, width, k, v.T, -(v.T @ c), like)
     if plan.action == "standalone-factorised":
         down = _pointwise(conv, width, k, v.T, -(v.T @ c), like)
-        return nn.Sequential(down, _pointwise(conv, k, width, v, c, like))
+        return LowRank(down, _pointwise(conv, k, width, v, c, like))
     p = v @ v.T
     return _pointwise(conv, width, width, p, c - p @ c, like)
 

@@ -119,6 +119,16 @@ def _attach(module: nn.Module, layer: PCALayer) -> str:
     return child
 
 
+def _warn_unreached(names: list[str]) -> None:
+    if names:
+        warnings.warn(
+            f"modules {', '.join(names)} are not called as modules (their weights are used by a "
+            "parent, as nn.MultiheadAttention does with out_proj); they get no PCA layer",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 class ProjectOutput:
     """Forward hook that sends a module's output through its PCA child (picklable)."""
 
@@ -186,11 +196,18 @@ def pca_wrap(
             f"no module of model matches targets={tuple(t.__name__ for t in types)}, "
             f"include={include!r}, exclude={exclude!r}"
         )
+    # nn.MultiheadAttention uses out_proj's weight without calling the module
+    attention = {n for n, m in wrapped.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    unreached = [name for name, _ in chosen if name.rpartition(".")[0] in attention]
+    chosen = [(name, m) for name, m in chosen if name not in unreached]
     layers = {name: _make_layer(name, m, threshold, centering, keepdim) for name, m in chosen}
 
     try:
         graph = PCATracer(m for _, m in chosen).trace(wrapped)
     except Exception as err:  # noqa: BLE001 - any tracing failure means: use hooks
+        _warn_unreached(unreached)
+        if not layers:
+            raise ValueError("none of the chosen modules is called as a module") from err
         warnings.warn(
             f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {err}); "
             "PCA layers are attached with forward hooks on the chosen modules instead",
@@ -202,18 +219,11 @@ def pca_wrap(
         return wrapped
 
     called = {node.target for node in graph.nodes if node.op == "call_module"}
-    unreached = [name for name in layers if name not in called]
-    if unreached:
-        warnings.warn(
-            f"modules {', '.join(unreached)} are not called as modules in the traced graph (their "
-            "weights are used by a parent, as nn.MultiheadAttention does with out_proj); they get "
-            "no PCA layer",
-            UserWarning,
-            stacklevel=2,
-        )
-        layers = {name: layer for name, layer in layers.items() if name in called}
-        if not layers:
-            raise ValueError("none of the chosen modules is called as a module in the traced graph")
+    unreached += [name for name in layers if name not in called]
+    _warn_unreached(unreached)
+    layers = {name: layer for name, layer in layers.items() if name in called}
+    if not layers:
+        raise ValueError("none of the chosen modules is called as a module in the traced graph")
     gm = fx.GraphModule(wrapped, graph, class_name=type(model).__name__)
     paths = {name: f"{name}.{_attach(gm.get_submodule(name), layers[name])}" for name in layers}
     for node in list(gm.graph.nodes):
