@@ -171,3 +171,13 @@ def test_low_rank_layers_read_like_the_layer_they_replace():
             and conv.out_channels == 8
             and conv.weight.shape == (8, 8, 3, 3)
         )
+
+
+def test_positions_per_example_survive_a_state_dict_round_trip():
+    net = warmed_resnet()
+    wrapped = calibrated(net, torch.randn(32, 3, 8, 8).split(16), 0.9)
+    assert ps.pca_layers_of(wrapped)["stem"].positions == 64
+    assert ps.pca_layers_of(wrapped)["fc"].positions == 1
+    fresh = ps.pca_wrap(net)
+    fresh.load_state_dict(wrapped.state_dict())
+    assert ps.pca_layers_of(fresh)["stem"].positions == 64

@@ -140,7 +140,8 @@ class PCALayer(nn.Module):
         self.register_buffer("projection_bias", torch.zeros(out))
         # orthonormal (width, k) basis of the kept subspace (random after injection)
         self.register_buffer("basis", torch.zeros(width, 0, **f64))
-        self.positions = 1  # samples per input example (h*w for convs, tokens...)
+        # samples per input example in the last batch (h*w for convs, tokens for Linear)
+        self.register_buffer("sample_positions", torch.ones((), dtype=torch.int64))
 
         # Host-side flags, derived from the buffers, so that forward() never
         # branches on tensor values (it stays traceable and exportable).
@@ -286,6 +287,11 @@ class PCALayer(nn.Module):
         return _s.explained_fraction(self.eigenvalues, int(self.rank))
 
     @property
+    def positions(self) -> int:
+        """Samples per input example seen last (``h*w`` for convs, tokens for Linear)."""
+        return int(self.sample_positions)
+
+    @property
     def samples(self) -> int:
         """Input examples (batch rows) seen since the statistics were last reset."""
         return int(self.example_count)
@@ -423,7 +429,7 @@ class PCALayer(nn.Module):
         if self._reset_pending:
             self.reset_statistics()
         if x.dim() > 1:
-            self.positions = x[0].numel() // self.width
+            self.sample_positions.fill_(x[0].numel() // self.width)
         x = self._samples_of(x.detach())
         if self._empty:
             self.shift.copy_(_m.reference_shift(x, self.channel_dim))
