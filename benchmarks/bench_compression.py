@@ -81,28 +81,30 @@ class Latency:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     @staticmethod
-    def seconds(session, x: np.ndarray, runs: int) -> float:
+    def seconds(session, x: np.ndarray, budget: float = 0.25) -> float:
+        """Median seconds per run over about ``budget`` seconds of runs (at least 5)."""
         name = session.get_inputs()[0].name
         session.run(None, {name: x})
-        times = []
-        for _ in range(runs):
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < 5 or time.perf_counter() - start < budget:
             t = time.perf_counter()
             session.run(None, {name: x})
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
     def speedups(
-        self, original, candidate, example, batches=(1, 256), runs=(300, 30)
+        self, original, candidate, example, batches=(1, 256), rounds: int = 5
     ) -> list[float]:
-        """Original latency / candidate latency at each batch size, measured alternately."""
+        """Original latency / candidate latency at each batch size, timed in alternating rounds."""
         a, b = self.session(original, example), self.session(candidate, example)
         out = []
-        for batch, n in zip(batches, runs, strict=True):
+        for batch in batches:
             x = np.random.default_rng(0).random((batch, *example.shape[1:]), dtype=np.float32)
             ta, tb = [], []
-            for _ in range(3):
-                ta.append(self.seconds(a, x, n))
-                tb.append(self.seconds(b, x, n))
+            for _ in range(rounds):
+                ta.append(self.seconds(a, x))
+                tb.append(self.seconds(b, x))
             out.append(statistics.median(ta) / statistics.median(tb))
         return out
 
