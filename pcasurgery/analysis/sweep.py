@@ -82,7 +82,12 @@ def sweep(
         macs`` (``macs`` is None without ``example_inputs``) and the metrics.
 
     Example:
-        >>> table = sweep(model, [0.9, 0.99], evaluate=accuracy)  # doctest: +SKIP
+        >>> import torch
+        >>> from pcasurgery import calibrate, pca_wrap
+        >>> net = calibrate(pca_wrap(nn.Sequential(nn.Linear(4, 8))), [torch.randn(64, 4)], progress=False)
+        >>> table = sweep(net, [0.5, 1.0], evaluate=lambda model: 1.0)
+        >>> table[["threshold", "metric"]].values.tolist()
+        [[0.5, 1.0], [1.0, 1.0]]
     """
     layers = calibrated_layers(model, "sweep")
     values = [check_threshold(t, "thresholds[i]") for t in thresholds]

@@ -135,8 +135,12 @@ def set_threshold(
         ``model``.
 
     Example:
-        >>> set_threshold(model, 0.95)                               # doctest: +SKIP
-        >>> set_threshold(model, {"*": 0.99, "features.*": 0.9})    # doctest: +SKIP
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(4, 8), LinearPCALayer(8), nn.Linear(8, 3), LinearPCALayer(3))
+        >>> _ = net(torch.randn(64, 4))  # training mode: the PCA layers collect
+        >>> _ = set_threshold(net, {"*": 0.99, "3": 0.5})
+        >>> [layer.threshold for layer in pca_layers_of(net).values()]
+        [0.99, 0.5]
     """
     layers = select_layers(_check_model(model), include)
     require_layers(layers)
