@@ -1,25 +1,4 @@
 """The seed library's ``writers`` module."""
 
-from .tracking.writers import (
-    STATMAP,
-    WRITERS,
-    AbstractWriter,
-    CompositWriter,
-    CSVandPlottingWriter,
-    CSVWriter,
-    NPYWriter,
-    PrintWriter,
-    TensorBoardWriter,
-)
-
-__all__ = [
-    "STATMAP",
-    "WRITERS",
-    "AbstractWriter",
-    "CSVWriter",
-    "CSVandPlottingWriter",
-    "CompositWriter",
-    "NPYWriter",
-    "PrintWriter",
-    "TensorBoardWriter",
-]
+from .tracking.writers import *  # noqa: F403 - the same names, under the seed's path
+from .tracking.writers import __all__  # noqa: F401
