@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 import pcasurgery as ps
-from pcasurgery.compression.compress import plan_layer
 from pcasurgery.digits import DigitsCNN, DigitsMLP, accuracy, load_digits_split, train
 
 THRESHOLDS = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
@@ -35,15 +34,15 @@ THRESHOLDS = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 def svd_baseline(original: nn.Module, wrapped: nn.Module) -> nn.Module:
     """Truncated SVD of each wrapped layer's weights at the PCA layer's rank (data-free)."""
     model = copy.deepcopy(original)
+    actions = ps.compression_plan(wrapped).set_index("layer")["action"]
     for name, layer in ps.pca_layers_of(wrapped).items():
         module = model.get_submodule(name)
         k = layer.in_dim
         w = module.weight.detach().double().reshape(module.weight.shape[0], -1)
         u, s, vt = torch.linalg.svd(w, full_matrices=False)
         low = (u[:, :k] * s[:k]) @ vt[:k]
-        plan = plan_layer(layer, module)
         with torch.no_grad():
-            if plan.action != "factorised":
+            if actions[name] != "factorised":
                 module.weight.copy_(low.reshape(module.weight.shape))
                 continue
             conv = isinstance(module, nn.Conv2d)

@@ -6,9 +6,9 @@ smaller layers.
 """
 
 from . import metrics, pca_layers, torch_utils, writers
-from ._validation import NotCalibratedError
+from ._errors import NonFiniteError, NotCalibratedError, OnnxCheckError, PCASurgeryError
 from .analysis import allocate, plot_saturation, report, sweep
-from .compression import OnnxCheckError, compress, count_macs, count_params, export_onnx
+from .compression import compress, compression_plan, count_macs, count_params, export_onnx
 from .core.covariance_matrix import TorchCovarianceMatrix
 from .layers import (
     Conv2DPCALayer,
@@ -28,8 +28,10 @@ __all__ = [
     "CheckLayerSat",
     "Conv2DPCALayer",
     "LinearPCALayer",
+    "NonFiniteError",
     "NotCalibratedError",
     "OnnxCheckError",
+    "PCASurgeryError",
     "PCALayer",
     "SaturationTracker",
     "TorchCovarianceMatrix",
@@ -38,6 +40,7 @@ __all__ = [
     "allocate",
     "calibrate",
     "compress",
+    "compression_plan",
     "count_macs",
     "count_params",
     "export_onnx",

@@ -154,7 +154,8 @@ def run_demo(
         f"[4/6] compressing at threshold {chosen:g}: folding the kept eigendirections into the layers"
     )
     set_threshold(wrapped, chosen)
-    small, folded = compress(wrapped, report=True)
+    small = compress(wrapped)
+    folded = small.compression_report
     print(folded.to_string(index=False))
     folded.to_csv(out / "compression.csv", index=False)
 

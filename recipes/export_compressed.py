@@ -21,7 +21,8 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     model, batches, wrapped = calibrated(args, args.threshold)
-    small, table = ps.compress(wrapped.cpu(), report=True)
+    small = ps.compress(wrapped.cpu())
+    table = small.compression_report
     print(table.to_string(index=False))
     path = ps.export_onnx(small, example_input(batches, 2), args.out)
     print(f"{ps.count_params(model):,} -> {ps.count_params(small):,} parameters; "

@@ -14,11 +14,9 @@ from pcasurgery.core import spectrum as s
 
 def stream(x: np.ndarray, batch: int, channel_dim: int = -1) -> m.Moments:
     t = torch.from_numpy(x)
-    width = t.shape[channel_dim]
-    state = m.empty_moments(width)
-    state.shift.copy_(m.reference_shift(t[:batch], channel_dim))
+    state = m.empty_moments(t.shape[channel_dim])
     for i in range(0, t.shape[0], batch):
-        m.accumulate_(state, m.batch_moments(t[i : i + batch], state.shift, channel_dim))
+        m.accumulate_(state, t[i : i + batch], channel_dim)
     return state
 
 
@@ -195,12 +193,97 @@ def test_non_square_or_non_finite_matrices_are_rejected():
 
 
 @pytest.mark.parametrize("sigmas", [0.0, 3.0, 5.0, 50.0])
-def test_shift_is_skipped_only_where_raw_products_stay_accurate(sigmas):
+def test_shift_is_adopted_only_where_raw_products_lose_accuracy(sigmas):
     rng = np.random.default_rng(2)
     scales = 0.7 ** np.arange(10)
     x = (rng.normal(size=(4000, 10)) * scales + sigmas * scales).astype(np.float32)
-    shift = m.reference_shift(torch.from_numpy(x[:500]))
-    assert bool(shift.any()) == (sigmas > 4.0)
     state = stream(x, batch=500)
+    assert bool(state.shift.any()) == (sigmas > 4.0)
     reference = np.cov(x.astype(np.float64), rowvar=False, bias=True)
     assert relative_error(m.covariance(state).numpy(), reference) <= 1e-5
+
+
+def drifting(first_offset: float, later_offset: float) -> np.ndarray:
+    """A first batch near one mean, then batches far from it (std about 1)."""
+    x = decaying_data(4000, 12, decay=0.8).astype(np.float64)
+    x[:500] += first_offset
+    x[500:] += later_offset
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("first, later", [(0.0, 1e6), (1e6, 0.0), (0.0, -3e5), (5e5, 1e6)])
+def test_contract_holds_in_any_order_of_batches(first, later):
+    """A first batch near zero must not fix the shift for later batches at 1e6 (and back)."""
+    x = drifting(first, later)
+    reference = np.cov(x.astype(np.float64), rowvar=False, bias=True)
+    for order in (x, x[::-1].copy()):
+        state = stream(order, batch=500)
+        assert relative_error(m.covariance(state).numpy(), reference) <= 1e-5
+        later_part = stream(order[500:], batch=250) if order is x else None
+        if later_part is not None:  # the small eigenvalues of the far part stay exact
+            ref = np.linalg.eigvalsh(np.cov(x[500:].astype(np.float64), rowvar=False, bias=True))
+            got = np.linalg.eigvalsh(m.covariance(later_part).numpy())
+            np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_channelwise_drift_is_handled_like_rows():
+    x = torch.from_numpy(decaying_data(6 * 49, 5)).reshape(6, 7, 7, 5).permute(0, 3, 1, 2)
+    x = x.contiguous()
+    x[3:] += 1e6
+    state = m.empty_moments(5)
+    for chunk in x.split(2):
+        m.accumulate_(state, chunk, channel_dim=1)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 5).double().numpy()
+    reference = np.cov(rows, rowvar=False, bias=True)
+    assert relative_error(m.covariance(state).numpy(), reference) <= 1e-5
+
+
+def test_empty_batches_are_skipped_and_non_finite_batches_leave_the_state_alone():
+    state = m.empty_moments(3)
+    assert m.accumulate_(state, torch.empty(0, 3)) == (0, False)
+    assert int(state.count) == 0 and not state.shift.any()
+    good = torch.randn(10, 3)
+    m.accumulate_(state, good)
+    before = [t.clone() for t in state]
+    bad = good.clone()
+    bad[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        m.accumulate_(state, bad)
+    for t, b in zip(state, before, strict=True):
+        assert torch.equal(t, b)
+
+
+def test_all_reduce_moments_equals_one_pass_over_the_union():
+    """Three simulated ranks (one with no sample) and a fake reduce that sums their tensors."""
+    import threading
+
+    x = decaying_data(3000, 6, offset=1e5)
+    shards = [x[:1000], x[1000:1000], x[1000:] - 0.0]
+    states = [stream(s, batch=200) if len(s) else m.empty_moments(6) for s in shards]
+    world = len(states)
+    barrier = threading.Barrier(world)
+    slots: list = [None] * world
+    results: list = [None] * world
+
+    def run(rank: int) -> None:
+        def reduce(t: torch.Tensor) -> None:
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            t.copy_(total)
+
+        extra = torch.tensor([float(rank)], dtype=torch.float64)
+        results[rank] = m.all_reduce_moments([states[rank]], reduce, extra)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reference = np.cov(x.astype(np.float64), rowvar=False, bias=True)
+    for merged, extra in results:
+        assert int(merged[0].count) == 3000 and float(extra[0]) == 3.0
+        assert relative_error(m.covariance(merged[0]).numpy(), reference) <= 1e-5
+        np.testing.assert_allclose(m.mean(merged[0]).numpy(), x.astype(np.float64).mean(0),
+                                   rtol=1e-9, atol=1e-3)  # fmt: skip

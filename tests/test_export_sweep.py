@@ -125,7 +125,7 @@ def test_allocate_stays_within_max_drop_and_beats_the_best_global_threshold():
 
 def test_set_threshold_mapping_drives_compression(wrapped_resnet):
     ps.set_threshold(wrapped_resnet, {"*": 0.99, "head": 0.5})
-    table = ps.compress(wrapped_resnet, report=True)[1].set_index("layer")
+    table = ps.compress(wrapped_resnet).compression_report.set_index("layer")
     assert table.loc["head", "k"] == ps.pca_layers_of(wrapped_resnet)["head"].in_dim
     assert table.loc["head", "k"] < table.loc["head", "width"]
 

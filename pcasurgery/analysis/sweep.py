@@ -6,19 +6,22 @@ re-reads the stored spectrum of each PCA layer.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
 from torch import nn
 
-from .._validation import check_threshold
-from ..compression.compress import compress, plan_layer
+from .._validation import check_threshold, kept_modes
+from ..compression.compress import _plan_site, compress
 from ..compression.counting import count_macs, count_params
 from ..core.spectrum import intrinsic_dimensionality
-from ..layers.network import calibrated_layers
+from ..layers.network import _calibrated_layers
 from ..layers.pca import PCALayer
+from ..layers.sites import Site, sites_of
 
 __all__ = ["DEFAULT_LADDER", "allocate", "sweep"]
 
@@ -27,32 +30,32 @@ DEFAULT_LADDER = (
 )  # fmt: skip
 
 
-class _Restore:
-    """Put thresholds and train/eval flags back as they were, whatever happens."""
-
-    def __init__(self, model: nn.Module, layers: dict[str, PCALayer]):
-        self.model, self.layers = model, layers
-
-    def __enter__(self):
-        self.thresholds = {n: layer.threshold for n, layer in self.layers.items()}
-        self.flags = {m: m.training for m in self.model.modules()}
-        return self
-
-    def __exit__(self, *exc):
-        for name, layer in self.layers.items():
-            if layer.threshold != self.thresholds[name]:
-                layer.threshold = self.thresholds[name]
-        for m, flag in self.flags.items():
-            m.training = flag
-        return False
+@contextlib.contextmanager
+def _kept_thresholds(layers: dict[str, PCALayer], restore: bool = True) -> Iterator[None]:
+    """Put every layer's threshold back on exit (only on failure when ``restore`` is False)."""
+    saved = {name: layer.threshold for name, layer in layers.items()}
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        if restore or not done:
+            for name, layer in layers.items():
+                if layer.threshold != saved[name]:
+                    layer.threshold = saved[name]
 
 
-def _metrics(value: Any) -> dict[str, float]:
+def _metrics(value: Any, where: str) -> dict[str, float]:
+    """``evaluate``'s result as ``{name: finite float}``; ``where`` names the thresholds used."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, dict)):
         raise TypeError(f"evaluate(model) must return a number or a dict of numbers, got {value!r}")
-    if isinstance(value, dict):
-        return {str(k): float(v) for k, v in value.items()}
-    return {"metric": float(value)}
+    values = {str(k): v for k, v in value.items()} if isinstance(value, dict) else {"metric": value}
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"evaluate(model)[{name!r}] must be a number, got {v!r}")
+        if not math.isfinite(float(v)):
+            raise ValueError(f"evaluate(model) returned {name} = {v!r} at {where}; it must be finite")
+    return {k: float(v) for k, v in values.items()}
 
 
 def sweep(
@@ -89,14 +92,14 @@ def sweep(
         >>> table[["threshold", "metric"]].values.tolist()
         [[0.5, 1.0], [1.0, 1.0]]
     """
-    layers = calibrated_layers(model, "sweep")
+    layers = _calibrated_layers(model, "sweep")
     values = [check_threshold(t, "thresholds[i]") for t in thresholds]
     if not values:
         raise ValueError("thresholds must hold at least one value in (0, 1]")
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"evaluate must be callable as evaluate(model), got {evaluate!r}")
     rows = []
-    with _Restore(model, layers):
+    with kept_modes(model), _kept_thresholds(layers):
         for t in values:
             for layer in layers.values():
                 layer.threshold = t
@@ -110,28 +113,14 @@ def sweep(
             }
             if evaluate is not None:
                 model.eval()
-                row.update(_metrics(evaluate(model)))
+                row.update(_metrics(evaluate(model), f"threshold {t}"))
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _follows(model: nn.Module, layer: PCALayer) -> nn.Module | None:
-    """The Linear/Conv2d whose output ``layer`` projects directly (pca_wrap's layout), if any."""
-    target = getattr(layer, "target", None)
-    follows = model.get_submodule(target) if target else None
-    if not isinstance(follows, (nn.Linear, nn.Conv2d)) or getattr(follows, "groups", 1) != 1:
-        return None
-    return follows
-
-
-def _layer_macs(model: nn.Module, layer: PCALayer, k: int | None = None) -> int:
+def _layer_macs(model: nn.Module, site: Site, layer: PCALayer, k: int | None = None) -> int:
     """Planned MACs per example of ``layer``'s compressed form at rank ``k``."""
-    return layer.positions * plan_layer(layer, _follows(model, layer), k).macs_per_position
-
-
-def _estimated_macs(model: nn.Module, layers: dict[str, PCALayer]) -> int:
-    """MACs per example of the layers compression produces, from calibration shapes."""
-    return sum(_layer_macs(model, layer) for layer in layers.values())
+    return layer.positions * _plan_site(model, site, k).macs_per_position
 
 
 def allocate(
@@ -149,12 +138,14 @@ def allocate(
     ``ladder`` that lowers its ``k``, and take the step that saves the most MACs
     per unit of metric lost, among those keeping the metric at or above
     ``m0 - max_drop``. Stop when no step qualifies. The model is left at the
-    final (smallest) allocation.
+    final (smallest) allocation; if anything raises (``evaluate`` included),
+    every threshold and train/eval flag is put back as it was.
 
     Args:
         model: a calibrated model with PCA layers.
         evaluate: ``evaluate(model) -> float``, higher is better (accuracy, say),
-            called with the projecting model in eval mode.
+            called with the projecting model in eval mode. A NaN or infinite
+            value is a ``ValueError`` naming the thresholds that produced it.
         max_drop: how far below ``m0`` the metric may fall (>= 0).
         example_inputs: a batch to count the compressed model's MACs per example
             with; without it, MACs are estimated from the shapes seen during
@@ -165,63 +156,77 @@ def allocate(
         A DataFrame of the steps taken: ``step, layer, threshold, k, metric,
         macs, params`` (step 0 is the unprojected start).
     """
-    layers = calibrated_layers(model, "allocate")
+    layers = _calibrated_layers(model, "allocate")
     if not callable(evaluate):
         raise TypeError(f"evaluate must be callable as evaluate(model), got {evaluate!r}")
     if isinstance(max_drop, bool) or not isinstance(max_drop, numbers.Real) or not max_drop >= 0:
         raise ValueError(f"max_drop must be a number >= 0, got {max_drop!r}")
     steps = sorted({check_threshold(t, "ladder[i]") for t in ladder} | {1.0}, reverse=True)
+    sites = {site.name: site for site in sites_of(model)}
 
     def measure() -> tuple[float, int]:
         model.eval()
-        value = evaluate(model)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"evaluate(model) must return a number, got {value!r}")
+        where = "thresholds " + ", ".join(f"{n}={layer.threshold:g}" for n, layer in layers.items())
+        value = _metrics(evaluate(model), where)
+        if len(value) != 1:
+            raise TypeError(f"evaluate(model) must return one number for allocate, got {value!r}")
+        (metric,) = value.values()
         if example_inputs is None:
-            return float(value), _estimated_macs(model, layers)
-        return float(value), count_macs(compress(model), example_inputs)
+            estimate = sum(_layer_macs(model, sites[n], layer) for n, layer in layers.items())
+            return metric, estimate
+        return metric, count_macs(compress(model), example_inputs)
 
-    flags = {m: m.training for m in model.modules()}
-    try:
+    with kept_modes(model), _kept_thresholds(layers, restore=False):
         for layer in layers.values():
             layer.threshold = 1.0
-        position = dict.fromkeys(layers, 0)
         metric, macs = measure()
-        floor = metric - float(max_drop)
         table = [{"step": 0, "layer": None, "threshold": 1.0, "k": None, "metric": metric, "macs": macs,
                   "params": count_params(compress(model))}]  # fmt: skip
-        while True:
-            best = None
-            for name, layer in layers.items():
-                # the next threshold that makes this layer's compressed form cheaper
-                i, cost_now = position[name], _layer_macs(model, layer)
-                j = i + 1
-                while j < len(steps):
-                    k = intrinsic_dimensionality(layer.eigenvalues, steps[j])
-                    if _layer_macs(model, layer, k) < cost_now:
-                        break
-                    j += 1
-                if j == len(steps):
-                    continue
-                layer.threshold = steps[j]
-                try:
-                    candidate_metric, candidate_macs = measure()
-                finally:
-                    layer.threshold = steps[i]
-                saved = macs - candidate_macs
-                if candidate_metric < floor or saved <= 0:
-                    continue
-                score = saved / max(metric - candidate_metric, 1e-12)
-                if best is None or score > best[0]:
-                    best = (score, name, j, candidate_metric, candidate_macs)
-            if best is None:
-                break
-            _, name, j, metric, macs = best
+        position = dict.fromkeys(layers, 0)
+        floor = metric - float(max_drop)
+        while (best := _best_step(model, layers, sites, steps, position, measure, metric, macs,
+                                  floor)) is not None:  # fmt: skip
+            name, j, metric, macs = best
             layers[name].threshold = steps[j]
             position[name] = j
             table.append({"step": len(table), "layer": name, "threshold": steps[j], "k": layers[name].in_dim,
                           "metric": metric, "macs": macs, "params": count_params(compress(model))})  # fmt: skip
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
     return pd.DataFrame(table)
+
+
+def _best_step(
+    model: nn.Module,
+    layers: dict[str, PCALayer],
+    sites: dict[str, Site],
+    steps: list[float],
+    position: dict[str, int],
+    measure: Callable[[], tuple[float, int]],
+    metric: float,
+    macs: int,
+    floor: float,
+) -> tuple[str, int, float, int] | None:
+    """The one-layer step that saves the most MACs per unit of metric lost, above ``floor``."""
+    best = None
+    for name, layer in layers.items():
+        # the next threshold that makes this layer's compressed form cheaper
+        i, cost_now = position[name], _layer_macs(model, sites[name], layer)
+        j = i + 1
+        while j < len(steps):
+            k = intrinsic_dimensionality(layer.eigenvalues, steps[j])
+            if _layer_macs(model, sites[name], layer, k) < cost_now:
+                break
+            j += 1
+        if j == len(steps):
+            continue
+        layer.threshold = steps[j]
+        try:
+            candidate_metric, candidate_macs = measure()
+        finally:
+            layer.threshold = steps[i]
+        saved = macs - candidate_macs
+        if candidate_metric < floor or saved <= 0:
+            continue
+        score = saved / max(metric - candidate_metric, 1e-12)
+        if best is None or score > best[0]:
+            best = (score, name, j, candidate_metric, candidate_macs)
+    return None if best is None else best[1:]

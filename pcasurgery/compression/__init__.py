@@ -1,17 +1,16 @@
 """Compression (PCA layers folded into plain layers), counting, and ONNX export."""
 
-from .compress import LowRank, compress, plan_layer
+from .compress import LowRank, compress, compression_plan
 from .counting import count_macs, count_params, macs_per_position
-from .export import OnnxCheckError, export_onnx, run_onnx
+from .export import export_onnx, run_onnx
 
 __all__ = [
     "LowRank",
-    "OnnxCheckError",
     "compress",
+    "compression_plan",
     "count_macs",
     "count_params",
     "export_onnx",
     "macs_per_position",
-    "plan_layer",
     "run_onnx",
 ]

@@ -13,13 +13,16 @@ mean, or zero without centring), the layer maps ``z -> V V^T (z - c) + c``
   - *folded*: the same layer with ``W' = V V^T W``, ``b' = V V^T (b - c) + c``;
   - *down-projection* (``keepdim=False``): the ``k``-output layer alone;
 
-  and a BatchNorm2d in eval mode that directly follows a compressed Conv2d is
-  folded into it (the up-projection, or the folded convolution);
+  and, in models rewritten with ``torch.fx``, a BatchNorm2d in eval mode that
+  directly follows a compressed Conv2d is folded into it (the up-projection, or
+  the folded convolution); models wrapped at module level keep their BatchNorm;
 * **anywhere else** (after an activation, an add, a grouped conv, a layer placed
   by hand) the projection becomes a standalone affine map in the PCA layer's
   place: factorised ``width -> k -> width`` when smaller, else one
   ``width -> width`` map (a Linear, or a 1x1 Conv for conv layers).
 
+Where each PCA layer sits and what it follows is read from the record
+``pca_wrap`` left (``pcasurgery.layers.sites``); nothing is inferred again.
 All algebra runs in float64 on the stored statistics; the new layers take the
 dtype and device of the layers they replace.
 """
@@ -33,13 +36,14 @@ import pandas as pd
 import torch
 from torch import Tensor, fx, nn
 
-from .._validation import check_bool
-from ..layers.network import calibrated_layers
+from ..layers.network import _calibrated_layers
 from ..layers.pca import Conv2DPCALayer, PCALayer
-from ..surgery.wrap import ProjectOutput
+from ..layers.sites import Projected, Site, clear_sites, sites_of
 from .counting import count_params
 
-__all__ = ["LowRank", "compress", "plan_layer"]
+__all__ = ["LowRank", "compress", "compression_plan"]
+
+PLAN_COLUMNS = ("layer", "action", "k", "width", "params_before", "params_after", "batchnorm_fused")
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def _fan_in(module: nn.Module) -> int:
     return module.in_channels * kh * kw
 
 
-def plan_layer(layer: PCALayer, follows: nn.Module | None, k: int | None = None) -> LayerPlan:
+def _plan_layer(layer: PCALayer, follows: nn.Module | None, k: int | None = None) -> LayerPlan:
     """Choose how ``layer`` (at rank ``k``, its current one by default) is compressed.
 
     ``follows`` is the Linear/Conv2d whose output the layer projects directly,
@@ -219,181 +223,182 @@ def _fuse_batchnorm(layer: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
     return layer
 
 
-def _fusable_batchnorm(module: nn.Module, new: nn.Module) -> bool:
+def _fusable_batchnorm(module: nn.Module) -> bool:
+    """An eval-mode BatchNorm2d with running statistics: an affine map that can be folded."""
     return (
         isinstance(module, nn.BatchNorm2d)
         and not module.training
         and module.track_running_stats
         and module.running_mean is not None
-        and isinstance(new[-1] if isinstance(new, nn.Sequential) else new, nn.Conv2d)
+        and module.running_var is not None
     )
 
 
-def _swap(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+def _swap(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is registered in ``root``."""
+    for _, parent in list(root.named_modules(remove_duplicate=False)):
+        for child, m in list(parent._modules.items()):
+            if m is old:
+                setattr(parent, child, new)
 
 
-def _can_pair(module: nn.Module) -> bool:
+def _can_pair(module: nn.Module | None) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
 
+def _followed(model: nn.Module, site: Site) -> nn.Module | None:
+    """The Linear/Conv2d whose output the site's layer projects directly, if it can be paired."""
+    module = model.get_submodule(site.follows) if site.follows is not None else None
+    return module if _can_pair(module) else None
+
+
+def _plan_site(model: nn.Module, site: Site, k: int | None = None) -> LayerPlan:
+    """How the PCA layer at ``site`` is compressed at rank ``k`` (its current one by default)."""
+    layer = model.get_submodule(site.layer_path)
+    assert isinstance(layer, PCALayer)
+    return _plan_layer(layer, _followed(model, site), k)
+
+
 # ------------------------------------------------------------------- driver
-def compress(model: nn.Module, *, report: bool = False):
-    """Return a copy of ``model`` with every PCA layer turned into plain torch layers.
+def compression_plan(model: nn.Module) -> pd.DataFrame:
+    """What ``compress(model)`` will do, one row per PCA layer, without changing anything.
 
-    The copy computes what the projecting model computes (to float32 rounding)
-    and contains no PCA layer. See the module docstring for the rules.
-
-    Args:
-        model: a calibrated model with PCA layers (``pca_wrap`` + ``calibrate``).
-        report: also return a DataFrame saying what was done per layer.
-
-    Returns:
-        The compressed model, or ``(model, table)`` with ``report=True``; the
-        table has columns ``layer, action, k, width, params_before,
-        params_after, batchnorm_fused``. The same table is the model's
-        ``compression_report`` attribute.
+    Columns: ``layer``, ``action`` (``factorised``, ``folded``,
+    ``down-projection``, ``standalone``, ``standalone-factorised``), ``k``,
+    ``width``, ``params_before`` (of the layer it rewrites; 0 for a standalone
+    projection), ``params_after``, ``batchnorm_fused`` (a BatchNorm2d that
+    ``compress`` will fold in).
 
     Raises:
         ValueError: the model has no PCA layer.
         NotCalibratedError: some PCA layers have no statistics (named).
     """
-    check_bool(report, "report")
-    layers = calibrated_layers(model, "compress")
+    layers = _calibrated_layers(model, "plan compression")
+    rows = []
+    bns = _fusable_batchnorms(model) if isinstance(model, fx.GraphModule) else {}
+    for site in sites_of(model):
+        layer = layers[site.name]
+        module = _followed(model, site)
+        plan = _plan_layer(layer, module)
+        before = count_params(module) if module is not None else 0
+        bn = bns.get(site.name)
+        before += count_params(bn) if bn is not None else 0
+        rows.append({"layer": site.name, "action": plan.action, "k": layer.in_dim,
+                     "width": layer.width, "params_before": before, "params_after": plan.params,
+                     "batchnorm_fused": bn is not None})  # fmt: skip
+    return pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
+
+
+def compress(model: nn.Module) -> nn.Module:
+    """Return a copy of ``model`` with every PCA layer turned into plain torch layers.
+
+    The copy computes what the projecting model computes (to float32 rounding)
+    and contains no PCA layer. See the module docstring for the rules;
+    :func:`compression_plan` says what will be done before anything changes,
+    and the copy's ``compression_report`` attribute says what was done (the
+    same columns).
+
+    Args:
+        model: a calibrated model with PCA layers (``pca_wrap`` + ``calibrate``).
+
+    Returns:
+        The compressed model.
+
+    Raises:
+        ValueError: the model has no PCA layer.
+        NotCalibratedError: some PCA layers have no statistics (named).
+    """
+    layers = _calibrated_layers(model, "compress")
     for layer in layers.values():
         layer._ensure_current()
-
     out = copy.deepcopy(model)
-    rows: list[dict] = []
+    sites = sites_of(out)
+    rows = [_compress_site(out, site) for site in sites]
     if isinstance(out, fx.GraphModule):
-        _compress_graph(out, rows)
-    _compress_hooked(out, rows)
-    _compress_remaining(out, rows)
+        out.graph.lint()
+        out.delete_all_unused_submodules()
+        out.recompile()
+    clear_sites(out)
     assert not any(isinstance(m, PCALayer) for m in out.modules())
-    order = list(layers)
-    rows.sort(key=lambda r: order.index(r["layer"]) if r["layer"] in order else len(order))
-    table = pd.DataFrame(
-        rows,
-        columns=[
-            "layer",
-            "action",
-            "k",
-            "width",
-            "params_before",
-            "params_after",
-            "batchnorm_fused",
-        ],
-    )
-    out.compression_report = table
-    return (out, table) if report else out
+    out.compression_report = pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
+    return out
 
 
-def _row(
-    name: str, layer: PCALayer, action: str, before: int, after: nn.Module, fused: bool
-) -> dict:
-    return {
-        "layer": name,
-        "action": action,
-        "k": layer.in_dim,
-        "width": layer.width,
-        "params_before": before,
-        "params_after": count_params(after),
-        "batchnorm_fused": fused,
-    }
+def _row(site: Site, layer: PCALayer, action: str, before: int, after: nn.Module, fused: bool):
+    return {"layer": site.name, "action": action, "k": layer.in_dim, "width": layer.width,
+            "params_before": before, "params_after": count_params(after),
+            "batchnorm_fused": fused}  # fmt: skip
 
 
-def _compress_graph(gm: fx.GraphModule, rows: list[dict]) -> None:
+def _compress_site(root: nn.Module, site: Site) -> dict:
+    """Rewrite one site of ``root`` (a copy) into plain layers; returns its report row."""
+    layer = root.get_submodule(site.layer_path)
+    assert isinstance(layer, PCALayer)
+    module = _followed(root, site)
+    if site.attachment == "graph":
+        assert isinstance(root, fx.GraphModule)
+        if module is not None:
+            return _compress_graph_pair(root, site, layer, module)
+        new = _standalone(layer, _plan_layer(layer, None))
+        _swap(root, layer, new)  # the call node's target path now holds the plain map
+        return _row(site, layer, _plan_layer(layer, None).action, 0, new, False)
+    if site.attachment == "wrapper":
+        wrapper = root.get_submodule(site.name)
+        assert isinstance(wrapper, Projected)
+        if module is not None:
+            plan = _plan_layer(layer, module)
+            new = _compress_pair(layer, module, plan)
+            _swap(root, wrapper, new)
+            return _row(site, layer, plan.action, count_params(module), new, False)
+        plan = _plan_layer(layer, None)
+        standalone = _standalone(layer, plan)
+        _swap(root, wrapper, nn.Sequential(wrapper.module, standalone))
+        return _row(site, layer, plan.action, 0, standalone, False)
+    plan = _plan_layer(layer, None)
+    new = _standalone(layer, plan)
+    _swap(root, layer, new)
+    return _row(site, layer, plan.action, 0, new, False)
+
+
+def _fusable_batchnorms(gm: fx.GraphModule) -> dict[str, nn.BatchNorm2d]:
+    """``{site name: BatchNorm2d}`` for graph sites whose projection feeds only an eval BatchNorm2d."""
     modules = dict(gm.named_modules())
-    groups: dict[int, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(modules.get(node.target), PCALayer):
-            groups.setdefault(id(modules[node.target]), []).append(node)
-    for nodes in groups.values():
-        layer: PCALayer = modules[nodes[0].target]
-        target = getattr(layer, "target", None)
-        sources = [n.args[0] for n in nodes]
-        module = modules.get(target) if target else None
-        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
-        direct = (
-            module is not None
-            and _can_pair(module)
-            and all(
-                isinstance(s, fx.Node) and s.op == "call_module" and s.target == target
-                for s in sources
-            )
-            and all(len(s.users) == 1 for s in sources)
-            and len(calls) == len(sources)
-        )
-        if not direct:
-            continue  # a standalone projection, handled in place later
-        plan = plan_layer(layer, module)
-        new = _compress_pair(layer, module, plan)
-        before = count_params(module)
-        for node, source in zip(nodes, sources, strict=True):
-            node.replace_all_uses_with(source)
-            gm.graph.erase_node(node)
-        fused = False
-        if len(sources) == 1 and len(sources[0].users) == 1:
-            user = next(iter(sources[0].users))
-            bn = modules.get(user.target) if user.op == "call_module" else None
-            bn_calls = [
-                n for n in gm.graph.nodes if n.op == "call_module" and n.target == user.target
-            ]
-            if bn is not None and len(bn_calls) == 1 and _fusable_batchnorm(bn, new):
-                _fuse_batchnorm(new, bn)
-                before += count_params(bn)
-                user.replace_all_uses_with(sources[0])
-                gm.graph.erase_node(user)
-                fused = True
-        _swap(gm, target, new)
-        rows.append(_row(target, layer, plan.action, before, new, fused))
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-
-
-def _compress_hooked(root: nn.Module, rows: list[dict]) -> None:
-    """Models wrapped through forward hooks: each hooked module is followed directly."""
-    for name, module in list(root.named_modules()):
-        hooks = [h for h in module._forward_hooks.values() if isinstance(h, ProjectOutput)]
-        if not hooks or not name:
+    found = {}
+    for site in sites_of(gm):
+        if site.attachment != "graph" or not isinstance(_followed(gm, site), nn.Conv2d):
             continue
-        layer = getattr(module, hooks[0].child)
-        if not _can_pair(module):
+        nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == site.layer_path]
+        if len(nodes) != 1 or len(nodes[0].users) != 1:
             continue
-        plan = plan_layer(layer, module)
-        new = _compress_pair(layer, module, plan)
-        rows.append(
-            _row(layer.target or name, layer, plan.action, count_params(module), new, False)
-        )
-        _swap(root, name, new)
+        user = next(iter(nodes[0].users))
+        bn = modules.get(str(user.target)) if user.op == "call_module" else None
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == user.target]
+        if isinstance(bn, nn.BatchNorm2d) and len(calls) == 1 and _fusable_batchnorm(bn):
+            found[site.name] = bn
+    return found
 
 
-def _compress_remaining(root: nn.Module, rows: list[dict]) -> None:
-    """Every PCA layer still present becomes a standalone affine map in its place."""
-    hooked = {
-        id(getattr(m, h.child))
-        for m in root.modules()
-        for h in m._forward_hooks.values()
-        if isinstance(h, ProjectOutput)
-    }
-    for name, layer in list(root.named_modules()):
-        if not isinstance(layer, PCALayer):
-            continue
-        if id(layer) in hooked:
-            # a hooked grouped conv: replace the hook's target by module + projection
-            parent_name = name.rpartition(".")[0]
-            parent = root.get_submodule(parent_name)
-            for key, h in list(parent._forward_hooks.items()):
-                if isinstance(h, ProjectOutput) and getattr(parent, h.child) is layer:
-                    del parent._forward_hooks[key]
-            plan = plan_layer(layer, None)
-            new = _standalone(layer, plan)
-            delattr(parent, name.rpartition(".")[2])
-            _swap(root, parent_name, nn.Sequential(parent, new))
-        else:
-            plan = plan_layer(layer, None)
-            new = _standalone(layer, plan)
-            _swap(root, name, new)
-        rows.append(_row(getattr(layer, "target", None) or name, layer, plan.action, 0, new, False))
+def _compress_graph_pair(
+    gm: fx.GraphModule, site: Site, layer: PCALayer, module: nn.Module
+) -> dict:
+    """Fold a graph site's projection into the module it follows (and a BatchNorm after it)."""
+    bn = _fusable_batchnorms(gm).get(site.name)
+    plan = _plan_layer(layer, module)
+    new = _compress_pair(layer, module, plan)
+    before = count_params(module)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == site.layer_path]
+    fused = bn is not None
+    for node in nodes:
+        source = node.args[0]
+        if fused:
+            user = next(iter(node.users))
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+    if fused:
+        assert bn is not None
+        _fuse_batchnorm(new, bn)
+        before += count_params(bn)
+    _swap(gm, module, new)
+    return _row(site, layer, plan.action, before, new, fused)

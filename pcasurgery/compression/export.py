@@ -12,13 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._errors import OnnxCheckError
 from .._validation import check_bool, check_positive_int
 
-__all__ = ["OnnxCheckError", "export_onnx", "run_onnx"]
-
-
-class OnnxCheckError(AssertionError):
-    """The exported model's outputs in onnxruntime differ from PyTorch's."""
+__all__ = ["export_onnx", "run_onnx"]
 
 
 def _as_args(example_inputs: Any) -> tuple[Tensor, ...]:

@@ -7,12 +7,13 @@ import warnings
 import torch
 from torch import Tensor
 
+from .._errors import NonFiniteError
 from . import moments as _m
 
-__all__ = ["TorchCovarianceMatrix", "resolve_device"]
+__all__ = ["TorchCovarianceMatrix"]
 
 
-def resolve_device(device: torch.device | str | None, name: str = "device") -> torch.device:
+def _resolve_device(device: torch.device | str | None, name: str = "device") -> torch.device:
     """Turn ``device`` into a ``torch.device``; a CUDA device on a machine without
     one falls back to the CPU with a warning (the seed's default is ``"cuda:0"``)."""
     if device is None:
@@ -56,11 +57,11 @@ class TorchCovarianceMatrix:
 
     def __init__(self, bias: bool = False, device: str = "cuda:0", save_data: bool = False):
         self.bias = bias
-        self.device = resolve_device(device)
+        self.device = _resolve_device(device)
         self.save_data = bool(save_data)
         self.saved_samples: Tensor | None = None
         self.moments: _m.Moments | None = None
-        self._subtract = True
+        self._subtract = False
 
     @property
     def _tlen(self) -> int:
@@ -95,16 +96,14 @@ class TorchCovarianceMatrix:
         x = x.detach().to(self.device)
         if self.moments is None:
             self.moments = _m.empty_moments(width, self.device)
-            self.moments.shift.copy_(_m.reference_shift(x, channel_dim))
-            self._subtract = bool(self.moments.shift.any())
         elif width != self.moments.shift.shape[0]:
             raise ValueError(
                 f"x has {width} features but earlier batches had {self.moments.shift.shape[0]}"
             )
-        batch = _m.batch_moments(x, self.moments.shift, channel_dim, self._subtract)
-        if x.device.type == "cpu" and not torch.isfinite(batch.total_sq).all():
-            raise ValueError("x contains NaN or infinite values")
-        _m.accumulate_(self.moments, batch)
+        try:
+            _, self._subtract = _m.accumulate_(self.moments, x, channel_dim, self._subtract)
+        except NonFiniteError as err:
+            raise NonFiniteError("x contains NaN or infinite values") from err
         if self.save_data:
             rows = x.movedim(channel_dim, -1).reshape(-1, width).to(torch.float64)
             self.saved_samples = (

@@ -1,40 +1,53 @@
 """Streaming first and second moments of activations, exact to float64.
 
 The state of an accumulator is four tensors (:class:`Moments`): the number of
-samples ``count``, a reference ``shift`` (the first batch's mean, rounded to the
-batch's dtype), and the float64 sums of the shifted samples ``x - shift`` and of
-their outer products. Summing shifted data keeps the covariance accurate when
-the mean is huge compared with the spread (|mean| = 1e6 x std in float32): the
-textbook ``E[xx^T] - mu mu^T`` cancels catastrophically there, even in float64.
+samples ``count``, a reference point ``shift``, and the float64 sums of the
+shifted samples ``x - shift`` and of their outer products. Summing shifted data
+keeps the covariance accurate when the mean is huge compared with the spread
+(|mean| = 1e6 x std in float32): the textbook ``E[xx^T] - mu mu^T`` cancels
+catastrophically there, even in float64.
 
-The per-batch sums of shifted samples and of their products run in the
-batch's own precision (float32 for float32,
-float16 and bfloat16 activations; float64 for float64), which keeps calibration
-fast; only its result is added to the float64 sums. Two accumulators merge
-exactly (:func:`merge_moments`), which is what sharded calibration all-reduces.
+The shift follows the data. An empty accumulator has shift zero. Each batch's
+products are taken around the current shift in the batch's own precision
+(float32 for float32, float16 and bfloat16 activations; float64 for float64);
+when the batch's mean lies more than ``SHIFT_RATIO`` standard deviations from
+the shift in some feature (read off the batch's own sums, at no extra pass),
+the batch is measured again around its own mean, and the accumulated sums are
+re-expressed around that new shift (exact algebra in float64). So the contract
+(1e-5 relative for |mean| up to 1e6 x std) holds in any order of batches, and
+data whose mean is within a few standard deviations of zero (most activations)
+is never shifted at all.
+
+Two accumulators merge exactly (:func:`merge_moments`), and
+:func:`all_reduce_moments` sums many accumulators across processes with any
+sum-reduction (``torch.distributed.all_reduce`` in practice).
 
 Everything here is a pure function of tensors except :func:`accumulate_`, the
-one in-place helper that adds a batch into buffers owned by a module.
+one in-place helper that adds a batch into tensors owned by a module.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .._errors import NonFiniteError
+
 __all__ = [
+    "SHIFT_RATIO",
     "Moments",
     "accumulate_",
+    "all_reduce_moments",
     "batch_moments",
     "compute_dtype",
     "covariance",
     "empty_moments",
     "mean",
     "merge_moments",
-    "reference_shift",
     "reshift",
     "second_moment",
 ]
@@ -69,6 +82,12 @@ def empty_moments(width: int, device: torch.device | str | None = None) -> Momen
 
 _PRODUCT_BYTES = 64 * 2**20  # memory for per-position products of one chunk
 
+# Products of samples taken around a shift within SHIFT_RATIO standard deviations
+# of their mean keep the covariance's relative error below ~17 float32 epsilons
+# (2e-6); a batch farther away is measured again around its own mean.
+SHIFT_RATIO = 4.0
+_FAR = SHIFT_RATIO**2 / (1.0 + SHIFT_RATIO**2)
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype in which a batch of ``dtype`` is shifted and multiplied."""
@@ -80,34 +99,6 @@ def _width(x: Tensor, channel_dim: int) -> int:
     if x.dim() == 0:
         raise ValueError("activations must have at least one dimension, got a scalar")
     return x.shape[channel_dim]
-
-
-# Shifting matters only when a feature's mean is large against its spread: with
-# |mean| <= 4 std, products of raw float32 samples keep the covariance's relative
-# error below ~17 float32 epsilons (2e-6), so the shifted copy is skipped.
-SHIFT_RATIO = 4.0
-
-
-def reference_shift(x: Tensor, channel_dim: int = -1) -> Tensor:
-    """The shift for an accumulator whose first batch is ``x`` (features on ``channel_dim``).
-
-    It is the batch's mean in the batch's compute dtype (so that subtracting it
-    there is exact where it matters), stored as float64; or zero
-    when every feature's mean lies within ``SHIFT_RATIO`` standard deviations of
-    zero, where no shift is needed and :func:`batch_moments` skips the subtraction.
-    """
-    _width(x, channel_dim)
-    cd = channel_dim % x.dim()
-    dims = [d for d in range(x.dim()) if d != cd]
-    # The compute dtype is precise enough: any point near the mean is a good shift.
-    xc = x.to(compute_dtype(x.dtype))
-    if dims:
-        var, m = torch.var_mean(xc, dim=dims, correction=0)
-    else:
-        var, m = torch.zeros_like(xc), xc
-    if bool((m.abs() <= SHIFT_RATIO * var.sqrt()).all()):
-        return torch.zeros(m.shape, dtype=torch.float64, device=m.device)
-    return m.to(torch.float64)
 
 
 def batch_moments(
@@ -165,11 +156,70 @@ def batch_moments(
     )
 
 
-def accumulate_(state: Moments, batch: Moments) -> None:
-    """Add ``batch`` into ``state`` in place; both must share the same shift."""
-    state.count.add_(batch.count.to(state.count.device))
+def _check(batch: Moments, count: int) -> tuple[bool, bool]:
+    """``(finite, far)`` for a batch's moments, read in one device sync.
+
+    A sum is non-finite iff some sample is (or the batch overflows its compute
+    dtype), so the check costs ``width`` operations, not one per element. ``far``:
+    some feature's mean lies more than ``SHIFT_RATIO`` standard deviations from
+    the shift, i.e. ``d^2 > R^2 / (1 + R^2) * E[(x - shift)^2]`` with ``d`` the
+    mean of ``x - shift``; both sides are sums of squares, free of cancellation.
+    """
+    d = batch.total / count
+    finite = torch.isfinite(batch.total).all()
+    far = (d * d > _FAR * (batch.total_sq.diagonal() / count)).any()
+    flags = torch.stack([finite, far]).tolist()
+    return bool(flags[0]), bool(flags[1])
+
+
+def accumulate_(
+    state: Moments, x: Tensor, channel_dim: int = -1, subtract: bool | None = None
+) -> tuple[int, bool]:
+    """Add the samples of ``x`` (features on ``channel_dim``) into ``state``, in place.
+
+    A batch with no sample leaves ``state`` unchanged. A batch whose mean is far
+    from ``state.shift`` (see the module docstring) moves the shift to the
+    batch's mean and re-expresses the sums already accumulated around it.
+
+    Args:
+        state: tensors to update in place (a module's buffers, say).
+        x: the batch.
+        channel_dim: the feature dimension of ``x``.
+        subtract: whether ``state.shift`` is non-zero, if the caller knows
+            (saves a device sync); computed when None.
+
+    Returns:
+        ``(samples added, whether the shift is non-zero now)``.
+
+    Raises:
+        NonFiniteError: ``x`` holds NaN or infinite values (``state`` unchanged).
+    """
+    width = _width(x, channel_dim)
+    count = x.numel() // width if width else 0
+    if subtract is None:
+        subtract = bool(state.shift.any())
+    if count == 0:
+        return 0, subtract
+    batch = batch_moments(x, state.shift, channel_dim, subtract)
+    for _ in range(3):
+        finite, far = _check(batch, count)
+        if not finite:
+            raise NonFiniteError("activations contain NaN or infinite values")
+        if not far:
+            break
+        # the batch's own mean, rounded to its compute dtype so that the subtraction is exact
+        center = batch.shift + batch.total / count
+        center = center.to(compute_dtype(x.dtype)).to(torch.float64)
+        batch = batch_moments(x, center, channel_dim, subtract=True)
+    if not torch.equal(batch.shift, state.shift.to(batch.shift.device)):
+        moved = reshift(state, batch.shift)
+        for buf, value in zip(state[1:], moved[1:], strict=True):
+            buf.copy_(value)
+        subtract = bool(batch.shift.any())
+    state.count.add_(count)
     state.total.add_(batch.total.to(state.total.device))
     state.total_sq.add_(batch.total_sq.to(state.total_sq.device))
+    return count, subtract
 
 
 def reshift(m: Moments, shift: Tensor) -> Moments:
@@ -195,6 +245,65 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
         return Moments(*(t.clone() for t in a))
     b = reshift(b, a.shift)
     return Moments(a.count + b.count, a.shift.clone(), a.total + b.total, a.total_sq + b.total_sq)
+
+
+def all_reduce_moments(
+    states: Sequence[Moments],
+    reduce: Callable[[Tensor], None],
+    extra: Tensor | None = None,
+) -> tuple[list[Moments], Tensor | None]:
+    """Sum accumulators over processes: each process passes its own, all get the union.
+
+    Each process first re-expresses its moments around a shift common to all
+    (the mean of the shifts of the processes that hold samples), then all sums
+    travel in one packed float64 tensor. Counts travel as float64, exact up to
+    2**53 samples. A process with no sample takes part like any other.
+
+    Args:
+        states: this process's accumulators (the same widths, in the same order,
+            on every process).
+        reduce: sums a float64 tensor in place over all processes, e.g.
+            ``lambda t: torch.distributed.all_reduce(t, group=group)``.
+        extra: a float64 1-D tensor summed alongside (example counts, say).
+
+    Returns:
+        ``(moments of the union per accumulator, the summed extra)``.
+    """
+    if not states:
+        return [], extra
+    f64 = torch.float64
+    device = states[0].shift.device
+    widths = [m.shift.shape[0] for m in states]
+    # 1. a shift common to all processes
+    has = torch.tensor([float(int(m.count) > 0) for m in states], dtype=f64, device=device)
+    packed = torch.cat([m.shift.to(device) * h for m, h in zip(states, has, strict=True)] + [has])
+    reduce(packed)
+    holders = packed[-len(states) :].clamp_min(1.0)
+    commons = [c / n for c, n in zip(packed[: -len(states)].split(widths), holders, strict=True)]
+    # 2. every accumulator around it, then one sum
+    local = [reshift(m, c.to(m.shift.device)) for m, c in zip(states, commons, strict=True)]
+    parts = [
+        torch.cat([m.count.to(device, f64).reshape(1), m.total.to(device), m.total_sq.to(device).reshape(-1)])
+        for m in local
+    ]
+    if extra is not None:
+        parts.append(extra.to(device, f64).reshape(-1))
+    packed = torch.cat(parts)
+    reduce(packed)
+    sizes = [1 + w + w * w for w in widths]
+    chunks = packed.split(sizes + ([packed.numel() - sum(sizes)] if extra is not None else []))
+    merged = []
+    for m, common, chunk, w in zip(states, commons, chunks, widths, strict=False):
+        target = m.shift.device
+        merged.append(
+            Moments(
+                chunk[0].round().to(torch.int64).to(target),
+                common.to(target),
+                chunk[1 : 1 + w].to(target),
+                chunk[1 + w :].reshape(w, w).to(target),
+            )
+        )
+    return merged, (chunks[-1] if extra is not None else None)
 
 
 def _require_samples(m: Moments) -> float:

@@ -14,25 +14,23 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import numbers
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from torch import fx, nn
+from torch import nn
 
-from .._validation import NotCalibratedError, check_bool, check_threshold
+from .._errors import NotCalibratedError
+from .._validation import check_bool, check_module, check_patterns, check_seed, check_threshold
 from .pca import Conv2DPCALayer, LinearPCALayer, PCALayer  # noqa: F401  (doctests)
+from .sites import sites_of
 
 __all__ = [
-    "calibrated_layers",
     "change_all_pca_layer_centering",
     "change_all_pca_layer_thresholds",
     "change_all_pca_layer_thresholds_and_inject_random_directions",
     "inject_random_directions",
     "pca_layers_of",
-    "require_layers",
-    "select_layers",
     "set_centering",
     "set_threshold",
 ]
@@ -40,46 +38,35 @@ __all__ = [
 log = logging.getLogger("pcasurgery")
 
 
-def _check_model(model: object) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return model
-
-
 def pca_layers_of(model: nn.Module) -> OrderedDict[str, PCALayer]:
     """The PCA layers of ``model`` in forward order, keyed by name.
 
-    Forward order is the graph's order for models rewritten by ``pca_wrap``
-    (``torch.fx``), and module-registration order otherwise.
+    The names and the order are those of the record ``pca_wrap`` left
+    (``sites_of``): forward order for models it rewrote with ``torch.fx``,
+    module-registration order otherwise.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), LinearPCALayer(3))
         >>> list(pca_layers_of(net))
         ['1']
     """
-    _check_model(model)
-    found: list[tuple[str, PCALayer]] = [
-        (qualified, m) for qualified, m in model.named_modules() if isinstance(m, PCALayer)
-    ]
-    if isinstance(model, fx.GraphModule):
-        position: dict[str, int] = {}
-        for i, node in enumerate(model.graph.nodes):
-            if node.op == "call_module":
-                position.setdefault(node.target, i)
-        found.sort(key=lambda item: position.get(item[0], len(position) + 1))
-    return OrderedDict((getattr(m, "target", None) or qualified, m) for qualified, m in found)
+    check_module(model)
+    layers: OrderedDict[str, PCALayer] = OrderedDict()
+    for site in sites_of(model):
+        layer = model.get_submodule(site.layer_path)
+        assert isinstance(layer, PCALayer), site
+        layers[site.name] = layer
+    return layers
 
 
-def select_layers(
+def _select_layers(
     model: nn.Module, include: str | Iterable[str] | None = None
 ) -> OrderedDict[str, PCALayer]:
     """The PCA layers of ``model`` whose names match any glob of ``include`` (all when None)."""
     layers = pca_layers_of(model)
-    if include is None:
+    patterns = check_patterns(include, "include")
+    if patterns is None:
         return layers
-    patterns = [include] if isinstance(include, str) else list(include)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"include must be a glob string or a list of them, got {include!r}")
     chosen = OrderedDict(
         (name, layer)
         for name, layer in layers.items()
@@ -92,13 +79,13 @@ def select_layers(
     return chosen
 
 
-def require_layers(layers: Mapping[str, PCALayer]) -> None:
+def _require_layers(layers: Mapping[str, PCALayer]) -> None:
     """Raise ``ValueError`` unless ``layers`` (from :func:`pca_layers_of`) holds a PCA layer."""
     if not layers:
         raise ValueError("model has no PCA layer; wrap it first with pcasurgery.pca_wrap")
 
 
-def calibrated_layers(model: nn.Module, action: str = "continue") -> OrderedDict[str, PCALayer]:
+def _calibrated_layers(model: nn.Module, action: str = "continue") -> OrderedDict[str, PCALayer]:
     """The PCA layers of ``model``, in forward order, all of which have statistics.
 
     Raises:
@@ -106,8 +93,8 @@ def calibrated_layers(model: nn.Module, action: str = "continue") -> OrderedDict
         ValueError: it has no PCA layer.
         NotCalibratedError: some layers have no statistics; ``action`` and their names are said.
     """
-    layers = pca_layers_of(_check_model(model))
-    require_layers(layers)
+    layers = pca_layers_of(check_module(model))
+    _require_layers(layers)
     missing = [name for name, layer in layers.items() if not layer.is_calibrated]
     if missing:
         raise NotCalibratedError(
@@ -142,8 +129,8 @@ def set_threshold(
         >>> [layer.threshold for layer in pca_layers_of(net).values()]
         [0.99, 0.5]
     """
-    layers = select_layers(_check_model(model), include)
-    require_layers(layers)
+    layers = _select_layers(check_module(model), include)
+    _require_layers(layers)
     if isinstance(threshold, Mapping):
         per_layer = {}
         for pattern, value in threshold.items():
@@ -170,8 +157,8 @@ def set_centering(
 ) -> nn.Module:
     """Switch every PCA layer between centred PCA (True) and uncentred (False); returns ``model``."""
     check_bool(centering, "centering")
-    layers = select_layers(_check_model(model), include)
-    require_layers(layers)
+    layers = _select_layers(check_module(model), include)
+    _require_layers(layers)
     for layer in layers.values():
         layer.centering = centering
     return model
@@ -192,10 +179,9 @@ def inject_random_directions(
     Returns:
         ``model``. Setting a threshold or the centering restores the PCA projections.
     """
-    if seed is not None and not isinstance(seed, (numbers.Integral, np.random.Generator)):
-        raise TypeError(f"seed must be an int, a numpy Generator or None, got {seed!r}")
-    layers = select_layers(_check_model(model), include)
-    require_layers(layers)
+    seed = check_seed(seed)
+    layers = _select_layers(check_module(model), include)
+    _require_layers(layers)
     rng = np.random.default_rng(seed) if seed is not None else None
     for layer in layers.values():
         layer.inject_random_directions(rng)
@@ -231,7 +217,7 @@ def change_all_pca_layer_thresholds(threshold: float, network: nn.Module, verbos
         ``(sat, in_dims, fs_dims, names)``: saturation in percent, ``k``, width and
         a name (``"Lin-0"``, ``"Conv-0"``, ...) per layer, in module order.
     """
-    layers = [m for m in _check_model(network).modules() if isinstance(m, PCALayer)]
+    layers = [m for m in check_module(network, "network").modules() if isinstance(m, PCALayer)]
     value = check_threshold(threshold)
     for layer in layers:
         layer.threshold = value
@@ -256,7 +242,7 @@ def change_all_pca_layer_thresholds_and_inject_random_directions(
         ``(sat, in_dims, fs_dims)``, plus ``names`` (``"Linear-0"``, ``"Conv-0"``)
         when ``include_names``.
     """
-    layers = [m for m in _check_model(network).modules() if isinstance(m, PCALayer)]
+    layers = [m for m in check_module(network, "network").modules() if isinstance(m, PCALayer)]
     value = check_threshold(threshold)
     for layer in layers:
         layer.threshold = value
@@ -276,7 +262,7 @@ def change_all_pca_layer_centering(
         ``(sat, in_dims, fs_dims)``.
     """
     check_bool(centering, "centering")
-    layers = [m for m in _check_model(network).modules() if isinstance(m, PCALayer)]
+    layers = [m for m in check_module(network, "network").modules() if isinstance(m, PCALayer)]
     for layer in layers:
         layer.centering = centering
         if isinstance(layer, Conv2DPCALayer):

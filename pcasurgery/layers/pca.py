@@ -34,14 +34,16 @@ the rest of the model stays in eval mode), ``"project"`` (always project) or
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._errors import NonFiniteError, NotCalibratedError
 from .._validation import (
-    NotCalibratedError,
     check_bool,
     check_choice,
     check_positive_int,
@@ -50,25 +52,78 @@ from .._validation import (
 from ..core import moments as _m
 from ..core import spectrum as _s
 
-__all__ = ["Conv2DPCALayer", "LinearPCALayer", "PCALayer"]
+__all__ = ["STATE", "Conv2DPCALayer", "LinearPCALayer", "PCALayer", "StateSpec"]
 
 log = logging.getLogger("pcasurgery")
 
 MODES = ("auto", "collect", "project")
 
-# Buffers that stay float64 whatever dtype the module is cast to.
-_FLOAT64_BUFFERS = (
-    "shift",
-    "shifted_sum",
-    "shifted_sum_sq",
-    "_threshold",
-    "eigenvalues",
-    "eigenvectors",
-    "mean",
-    "basis",
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One buffer of a PCA layer, declared once.
+
+    Attributes:
+        name: the buffer's name (its ``state_dict`` key).
+        shape: ``shape(width, keepdim)``, its shape when the layer is built.
+        dtype: its dtype, which casts such as ``.half()`` never change; None for
+            the projection, which follows the module's floating dtype.
+        statistic: part of the collected statistics: cleared by
+            ``reset_statistics``, collected afresh by each calibration, summed
+            across processes (the moments and ``example_count``).
+        resizable: its shape depends on ``k``; a checkpoint's shape is taken on load.
+        initial: the value it starts from (and returns to on reset).
+    """
+
+    name: str
+    shape: Callable[[int, bool], tuple[int, ...]]
+    dtype: torch.dtype | None
+    statistic: bool = False
+    resizable: bool = False
+    initial: float = 0
+
+
+def _scalar(width: int, keepdim: bool) -> tuple[int, ...]:
+    return ()
+
+
+def _vector(width: int, keepdim: bool) -> tuple[int, ...]:
+    return (width,)
+
+
+def _square(width: int, keepdim: bool) -> tuple[int, ...]:
+    return (width, width)
+
+
+_F64, _I64 = torch.float64, torch.int64
+STATE: tuple[StateSpec, ...] = (
+    # the moments (core.moments.Moments) and the examples they came from
+    StateSpec("sample_count", _scalar, _I64, statistic=True),
+    StateSpec("shift", _vector, _F64, statistic=True),
+    StateSpec("shifted_sum", _vector, _F64, statistic=True),
+    StateSpec("shifted_sum_sq", _square, _F64, statistic=True),
+    StateSpec("example_count", _scalar, _I64, statistic=True),
+    # samples per input example in the last batch (h*w for convs, tokens for Linear)
+    StateSpec("sample_positions", _scalar, _I64, statistic=True, initial=1),
+    # the statistics are already the union over a process group (a distributed calibration)
+    StateSpec("statistics_shared", _scalar, torch.bool, statistic=True),
+    # sample_count when the spectrum was computed: 0 = never, -1 = from other statistics
+    StateSpec("computed_count", _scalar, _I64),
+    StateSpec("_threshold", _scalar, _F64),
+    StateSpec("_centering", _scalar, torch.bool),
+    StateSpec("_keepdim", _scalar, torch.bool),
+    StateSpec("eigenvalues", _vector, _F64),
+    StateSpec("eigenvectors", _square, _F64),
+    StateSpec("mean", _vector, _F64),
+    StateSpec("rank", _scalar, _I64),
+    StateSpec("random_directions", _scalar, torch.bool),
+    # the fused affine map of the projection, and the (width, k) basis it keeps
+    StateSpec("projection_weight", lambda w, keep: (w if keep else 0, w), None, resizable=True),
+    StateSpec("projection_bias", lambda w, keep: (w if keep else 0,), None, resizable=True),
+    StateSpec("basis", lambda w, keep: (w, 0), _F64, resizable=True),
 )
-# Buffers whose shape depends on k.
-_PROJECTION_BUFFERS = ("projection_weight", "projection_bias", "basis")
+_SPEC = {spec.name: spec for spec in STATE}
+_MOMENTS = ("sample_count", "shift", "shifted_sum", "shifted_sum_sq")  # Moments' field order
 
 
 def _exporting() -> bool:
@@ -87,7 +142,14 @@ class PCALayer(nn.Module):
     """Common machinery of the PCA layers; use :class:`LinearPCALayer` or :class:`Conv2DPCALayer`.
 
     The feature dimension is ``channel_dim``; every other position of the input
-    is one sample of the statistics.
+    is one sample of the statistics. The layer's whole state is the buffers
+    declared in :data:`STATE`; host-side mirrors of the sample counts keep the
+    forward free of device syncs and are derived from the buffers in one place
+    (:meth:`_sync_flags`).
+
+    Buffers are replaced, never changed in place, except the statistics while a
+    batch is added: a shallow copy of ``_buffers`` is then a complete snapshot,
+    which is how calibration restores a layer when it fails.
     """
 
     channel_dim: int = -1
@@ -111,66 +173,71 @@ class PCALayer(nn.Module):
         check_bool(keepdim, "keepdim")
         check_bool(centering, "centering")
         self.width: int = width
-        self.keepdim: bool = keepdim
         self.verbose = bool(verbose)
         self.gradient_epoch = gradient_epoch_start
         self.epoch = 0
         self.name = f"pca{PCALayer.num}"
         PCALayer.num += 1
         self._mode = "auto"
-
-        f64 = {"dtype": torch.float64}
-        state = _m.empty_moments(width)
-        self.register_buffer("sample_count", state.count)
-        self.register_buffer("example_count", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("shift", state.shift)
-        self.register_buffer("shifted_sum", state.total)
-        self.register_buffer("shifted_sum_sq", state.total_sq)
-        # sample_count when the spectrum was computed: 0 = never, -1 = from discarded statistics
-        self.register_buffer("computed_count", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("_threshold", torch.tensor(threshold, **f64))
-        self.register_buffer("_centering", torch.tensor(centering))
-        self.register_buffer("eigenvalues", torch.zeros(width, **f64))
-        self.register_buffer("eigenvectors", torch.zeros(width, width, **f64))
-        self.register_buffer("mean", torch.zeros(width, **f64))
-        self.register_buffer("rank", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("random_directions", torch.tensor(False))
-        out = width if keepdim else 0
-        self.register_buffer("projection_weight", torch.zeros(out, width))
-        self.register_buffer("projection_bias", torch.zeros(out))
-        # orthonormal (width, k) basis of the kept subspace (random after injection)
-        self.register_buffer("basis", torch.zeros(width, 0, **f64))
-        # samples per input example in the last batch (h*w for convs, tokens for Linear)
-        self.register_buffer("sample_positions", torch.ones((), dtype=torch.int64))
-
-        # Host-side flags, derived from the buffers, so that forward() never
-        # branches on tensor values (it stays traceable and exportable).
+        for spec in STATE:
+            shape = spec.shape(width, keepdim)
+            dtype = spec.dtype or torch.get_default_dtype()
+            self.register_buffer(spec.name, torch.full(shape, spec.initial, dtype=dtype))
+        self._put("_threshold", threshold)
+        self._put("_centering", centering)
+        self._put("_keepdim", keepdim)
         self._sync_flags()
 
     # ------------------------------------------------------------------ state
-    def _sync_flags(self) -> None:
-        n, c = int(self.sample_count), int(self.computed_count)
-        self._empty = n == 0
-        self._has_spectrum = c != 0
-        self._stale = n > 0 and n != c
-        self._reset_pending = False
-        self._subtract = bool(self.shift.any())
+    def _put(self, name: str, value: Tensor | float | bool) -> None:
+        """Install a new tensor as buffer ``name``, in its declared dtype, on the layer's device."""
+        current = self._buffers[name]
+        assert current is not None
+        dtype = _SPEC[name].dtype or current.dtype
+        with torch.inference_mode(False):
+            if not isinstance(value, Tensor):
+                value = torch.tensor(value, dtype=dtype)
+            value = value.to(device=current.device, dtype=dtype)
+            if value.is_inference() or value is current:
+                value = value.clone()
+            self._buffers[name] = value.contiguous()
 
-    def _moments(self) -> _m.Moments:
-        return _m.Moments(self.sample_count, self.shift, self.shifted_sum, self.shifted_sum_sq)
+    def _sync_flags(self) -> None:
+        """Derive the host-side mirrors from the buffers (one device sync)."""
+        counts = torch.stack([self.sample_count, self.computed_count]).tolist()
+        self._n, self._computed = int(counts[0]), int(counts[1])
+        self._subtract = bool(self.shift.any())
+        self._keepdim_host = bool(self._keepdim)
+
+    @property
+    def _empty(self) -> bool:
+        return self._n == 0
+
+    @property
+    def _has_spectrum(self) -> bool:
+        return self._computed != 0
+
+    @property
+    def _stale(self) -> bool:
+        return self._n > 0 and self._n != self._computed
 
     def statistics(self) -> _m.Moments:
-        """The accumulated moments (views of the buffers; modify with care)."""
-        return self._moments()
+        """The accumulated moments (the buffers themselves; modify with care)."""
+        return _m.Moments(*(self._buffers[name] for name in _MOMENTS))  # type: ignore[arg-type]
+
+    def _fresh_statistics(self) -> None:
+        for spec in STATE:
+            if spec.statistic:
+                current = self._buffers[spec.name]
+                assert current is not None
+                self._put(spec.name, torch.full_like(current, spec.initial))
 
     def reset_statistics(self) -> None:
         """Forget the collected statistics; the current projection stays in place."""
-        with torch.no_grad():
-            for t in (self.sample_count, self.example_count, self.shifted_sum, self.shifted_sum_sq):
-                t.zero_()
-            if self._has_spectrum:
-                self.computed_count.fill_(-1)
-        self._empty, self._stale, self._reset_pending = True, False, False
+        self._fresh_statistics()
+        if self._has_spectrum:
+            self._put("computed_count", -1)
+        self._sync_flags()
 
     def load_statistics(self, state: _m.Moments, examples: int | None = None) -> None:
         """Replace the statistics by ``state`` (e.g. the all-reduced moments of all ranks)."""
@@ -178,33 +245,51 @@ class PCALayer(nn.Module):
             raise ValueError(
                 f"{self.name}: statistics of width {state.shift.shape[0]} do not fit width {self.width}"
             )
-        with torch.no_grad():
-            for buf, value in zip(self._moments(), state, strict=True):
-                buf.copy_(value)
-            if examples is not None:
-                self.example_count.fill_(int(examples))
-        self._empty = int(self.sample_count) == 0
-        self._stale = not self._empty
-        self._reset_pending = False
-        self._subtract = bool(self.shift.any())
+        for name, value in zip(_MOMENTS, state, strict=True):
+            self._put(name, value)
+        if examples is not None:
+            self._put("example_count", int(examples))
+        if self._has_spectrum:
+            self._put("computed_count", -1)  # the spectrum no longer matches the statistics
+        self._sync_flags()
 
     def _apply(self, fn, recurse=True):
         # Module.half()/float()/to(dtype) would cast the float64 statistics; keep
-        # them float64 and only follow the device.
-        keep = {name: self._buffers[name] for name in _FLOAT64_BUFFERS}
+        # every buffer in its declared dtype and only follow the device.
+        keep = {s.name: self._buffers[s.name] for s in STATE if s.dtype is not None}
         super()._apply(fn, recurse)
-        device = fn(torch.zeros((), dtype=torch.float64, device=keep["shift"].device)).device
+        device = self._buffers["projection_weight"].device  # type: ignore[union-attr]
         for name, value in keep.items():
-            self._buffers[name] = value.to(device)
+            self._buffers[name] = value.to(device)  # type: ignore[union-attr]
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in _PROJECTION_BUFFERS:
-            incoming = state_dict.get(prefix + name)
-            current = self._buffers[name]
-            if isinstance(incoming, Tensor) and incoming.shape != current.shape:
-                self._buffers[name] = current.new_empty(incoming.shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        incoming_keepdim = state_dict.get(prefix + "_keepdim")
+        weight = state_dict.get(prefix + "projection_weight")
+        if isinstance(incoming_keepdim, Tensor):
+            theirs = bool(incoming_keepdim)
+        elif isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] != self.width:
+            theirs = False  # a checkpoint from before keepdim was stored: read it off the shape
+        else:
+            theirs = self.keepdim
+        if theirs != self.keepdim:
+            error_msgs.append(
+                f"{prefix or 'PCA layer '}: the checkpoint was saved with keepdim={theirs}, this "
+                f"layer has keepdim={self.keepdim} (its outputs would change shape); build the "
+                f"layer with keepdim={theirs} to load it"
+            )
+            return
+        for spec in STATE:
+            incoming = state_dict.get(prefix + spec.name)
+            current = self._buffers[spec.name]
+            if spec.resizable and isinstance(incoming, Tensor) and current is not None:
+                if incoming.shape != current.shape:
+                    self._buffers[spec.name] = current.new_empty(incoming.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+        if incoming_keepdim is None and prefix + "_keepdim" in missing_keys:
+            missing_keys.remove(prefix + "_keepdim")  # checkpoints from before it was stored
         self._sync_flags()
 
     # ------------------------------------------------------------- properties
@@ -224,9 +309,7 @@ class PCALayer(nn.Module):
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        value = check_threshold(value)
-        with torch.no_grad():
-            self._threshold.fill_(value)
+        self._put("_threshold", check_threshold(value))
         self._refresh()
 
     @property
@@ -239,15 +322,18 @@ class PCALayer(nn.Module):
         check_bool(value, "centering")
         if value == self.centering:
             return
-        with torch.no_grad():
-            self._centering.fill_(value)
+        if self._has_spectrum and self._empty:
+            raise NotCalibratedError(
+                f"{self.name}: changing centering needs the statistics, which were reset"
+            )
+        self._put("_centering", value)
         if self._has_spectrum:
-            if self._empty:
-                raise NotCalibratedError(
-                    f"{self.name}: changing centering needs the statistics, which were reset"
-                )
-            self._stale = True
-            self._refresh()
+            self.compute_eigenspace()
+
+    @property
+    def keepdim(self) -> bool:
+        """Whether the output keeps the layer's width (fixed when the layer is built)."""
+        return self._keepdim_host
 
     @property
     def is_calibrated(self) -> bool:
@@ -306,9 +392,9 @@ class PCALayer(nn.Module):
 
     @property
     def reduced_transformation_matrix(self) -> Tensor:
-        """The ``(width, k)`` basis ``V_k`` of the kept directions."""
+        """The ``(width, k)`` basis ``V_k`` the projection keeps (random after injection)."""
         self._ensure_current()
-        return self.eigenvectors[:, : int(self.rank)].to(self.projection_weight.dtype)
+        return self.basis.to(self.projection_weight.dtype)
 
     # ------------------------------------------------------------ computation
     def _ensure_current(self) -> None:
@@ -341,19 +427,19 @@ class PCALayer(nn.Module):
                 "(pcasurgery.calibrate) or forward data in training mode first"
             )
         with torch.inference_mode(False):
-            state = self._moments()
+            state = self.statistics()
             if not (torch.isfinite(state.total).all() and torch.isfinite(state.total_sq).all()):
-                raise ValueError(
+                raise NonFiniteError(
                     f"PCA layer {self.name!r} received NaN or infinite activations; "
                     "its statistics cannot be decomposed"
                 )
             matrix = _m.covariance(state) if self.centering else _m.second_moment(state)
             values, vectors = _s.eigh_descending(matrix)
-            self.eigenvalues.copy_(values)
-            self.eigenvectors.copy_(vectors)
-            self.mean.copy_(_m.mean(state))
-            self.computed_count.copy_(self.sample_count)
-            self._has_spectrum, self._stale = True, False
+            self._put("eigenvalues", values)
+            self._put("eigenvectors", vectors)
+            self._put("mean", _m.mean(state))
+            self._put("computed_count", self.sample_count)
+            self._computed = self._n
             self._update_projection()
         if self.verbose:
             log.info(
@@ -371,9 +457,9 @@ class PCALayer(nn.Module):
     def _update_projection(self) -> None:
         with torch.inference_mode(False):
             k = _s.intrinsic_dimensionality(self.eigenvalues, self.threshold)
-            self.rank.fill_(k)
+            self._put("rank", k)
             self._set_projection(self.eigenvectors[:, :k])
-            self.random_directions.fill_(False)
+            self._put("random_directions", False)
 
     def center(self) -> Tensor:
         """The point the projection is taken around: the mean, or zero when not centring."""
@@ -381,13 +467,8 @@ class PCALayer(nn.Module):
 
     def _set_projection(self, basis: Tensor) -> None:
         weight, bias = _s.projection_affine(basis, self._center(), self.keepdim)
-        for name, value in zip(_PROJECTION_BUFFERS, (weight, bias, basis), strict=True):
-            current = self._buffers[name]
-            value = value.to(dtype=current.dtype, device=current.device)
-            if value.shape == current.shape:
-                current.copy_(value)
-            else:
-                self._buffers[name] = value.contiguous()
+        for name, value in (("projection_weight", weight), ("projection_bias", bias), ("basis", basis)):
+            self._put(name, value)
 
     @torch.no_grad()
     def inject_random_directions(
@@ -403,7 +484,7 @@ class PCALayer(nn.Module):
         q = torch.from_numpy(_s.random_orthogonal(self.width, random_state)[:, :k])
         with torch.inference_mode(False):
             self._set_projection(q.to(self.mean.device))
-            self.random_directions.fill_(True)
+            self._put("random_directions", True)
 
     # ---------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
@@ -424,22 +505,35 @@ class PCALayer(nn.Module):
 
     @torch.no_grad()
     def collect(self, x: Tensor) -> None:
-        """Add a batch to the statistics (what training/collect mode does in forward)."""
+        """Add a batch to the statistics (what training/collect mode does in forward).
+
+        In ``"auto"`` mode, statistics whose eigenspace has been computed belong to
+        a finished phase: the first batch after that starts fresh statistics (the
+        seed library's behaviour, after calibration as after an eval pass). A
+        batch with no sample (zero rows) is skipped.
+
+        Raises:
+            NonFiniteError: the batch holds NaN or infinite values (named by layer);
+                the statistics are unchanged.
+        """
         self._check_input(x)
-        if self._reset_pending:
+        if self._mode == "auto" and self._n > 0 and self._n == self._computed:
             self.reset_statistics()
-        if x.dim() > 1:
-            self.sample_positions.fill_(x[0].numel() // self.width)
+        positions = x[0].numel() // self.width if x.dim() > 1 else 1
         x = self._samples_of(x.detach())
-        if self._empty:
-            self.shift.copy_(_m.reference_shift(x, self.channel_dim))
-            self._subtract = bool(self.shift.any())
-        batch = _m.batch_moments(x, self.shift, self.channel_dim, self._subtract)
-        if x.device.type == "cpu" and not torch.isfinite(batch.total_sq).all():
-            raise ValueError(f"PCA layer {self.name!r} received NaN or infinite activations")
-        _m.accumulate_(self._moments(), batch)
+        try:
+            added, self._subtract = _m.accumulate_(
+                self.statistics(), x, self.channel_dim, self._subtract
+            )
+        except NonFiniteError as err:
+            raise NonFiniteError(
+                f"PCA layer {self.name!r} received NaN or infinite activations"
+            ) from err
+        if added == 0:
+            return
+        self.sample_positions.fill_(positions)
         self.example_count.add_(x.shape[0] if x.dim() > 1 else 1)
-        self._empty, self._stale = False, True
+        self._n += added
 
     def project(self, x: Tensor) -> Tensor:
         """Apply the projection (computing the eigenspace first if the statistics changed)."""
@@ -461,7 +555,6 @@ class PCALayer(nn.Module):
             # The seed's behaviour: the first eval call after new statistics
             # computes the eigenspace; the next training batch starts afresh.
             self.compute_eigenspace()
-            self._reset_pending = self._mode == "auto"
             self.epoch += 1
         if not self._has_spectrum:
             if self._mode == "project":

@@ -1,11 +1,24 @@
 """``calibrate``: stream data through a wrapped model and compute every eigenspace.
 
 Calibration runs under ``torch.inference_mode`` with the model in eval mode
-(BatchNorm statistics untouched, dropout off) while the PCA layers collect;
-afterwards every module's train/eval flag and every PCA layer's mode are
-restored. Under an initialised ``torch.distributed`` process group the
-statistics are all-reduced before the eigendecomposition, so every rank ends
-with the eigenspaces of the union of all ranks' data.
+(BatchNorm statistics untouched, dropout off) while the PCA layers collect into
+fresh statistics; afterwards every module's train/eval flag and every PCA
+layer's mode are restored.
+
+It is a transaction. The layers' previous state is kept aside (by reference:
+PCA layers replace their buffers rather than change them, see
+``PCALayer``) until every eigenspace is computed; if anything fails or is
+interrupted, KeyboardInterrupt included, the model is put back exactly as it
+was (statistics, eigenspaces, thresholds, modes, flags, and its device) and the
+exception propagates with its own type, the batch index added as a note.
+
+Under an initialised ``torch.distributed`` process group the new statistics are
+all-reduced before the eigendecomposition, so every rank ends with the
+eigenspaces of the union of all ranks' data. A rank with no batch takes part
+like any other. With ``reset=False`` the previous statistics are added once:
+statistics that already are a union over the group (from an earlier
+distributed calibration) are merged after the all-reduce, local ones are
+reduced with the new data.
 """
 
 from __future__ import annotations
@@ -17,15 +30,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._validation import check_bool, check_positive_int
+from .._validation import check_bool, check_device, check_module, check_positive_int
 from ..core import moments as _m
-from ..layers.network import pca_layers_of, require_layers
+from ..layers.network import _require_layers, pca_layers_of
+from ..layers.pca import _MOMENTS, PCALayer
 
-__all__ = ["all_reduce_statistics", "calibrate", "examples_in"]
+__all__ = ["all_reduce_statistics", "calibrate"]
 
 
-def examples_in(batch: Any) -> int:
-    """Number of input examples in a batch: the leading size of its first tensor."""
+def _examples_in(batch: Any) -> int | None:
+    """Input examples in a batch: the leading size of its first tensor (None if it has none)."""
     if isinstance(batch, Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
     if isinstance(batch, Mapping):
@@ -33,15 +47,13 @@ def examples_in(batch: Any) -> int:
     elif isinstance(batch, (tuple, list)):
         items = batch
     else:
-        raise TypeError(
-            "a calibration batch must be a tensor, a tuple/list whose first item is the "
-            f"input, or a dict of keyword arguments; got {type(batch).__name__} "
-            "(pass forward=... to handle other batches)"
-        )
+        return None
     for item in items:
-        if isinstance(item, Tensor) or isinstance(item, (Mapping, tuple, list)):
-            return examples_in(item)
-    raise TypeError(f"a calibration batch holds no tensor: {type(batch).__name__}")
+        if isinstance(item, (Tensor, Mapping, tuple, list)):
+            found = _examples_in(item)
+            if found is not None:
+                return found
+    return None
 
 
 def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -76,7 +88,13 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
         return model(batch)
     if isinstance(batch, Mapping):
         return model(**batch)
-    return model(batch[0])
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])
+    raise TypeError(
+        "a calibration batch must be a tensor, a tuple/list whose first item is the input, "
+        f"or a dict of keyword arguments; got {type(batch).__name__} "
+        "(pass forward=lambda model, batch: ... to run other batches)"
+    )
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -87,59 +105,95 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _note(err: BaseException, text: str) -> None:
+    add_note = getattr(err, "add_note", None)  # Python >= 3.11
+    if add_note is not None:
+        add_note(text)
+
+
 @torch.no_grad()
 def all_reduce_statistics(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Sum the PCA layers' statistics over all ranks of ``group``, exactly.
+    """Replace every PCA layer's statistics by their sum over all ranks of ``group``, exactly.
 
-    Each rank first re-expresses its moments around a shift common to all ranks
-    (the mean of the shifts of the ranks that have data), then the moments are
-    summed with one all-reduce. Every rank must call this with the same model
-    structure; afterwards each layer holds the statistics of the union.
+    Every rank must call this with the same model structure; afterwards each
+    layer holds the statistics of the union. ``calibrate`` does this for you.
     """
-    layers = list(pca_layers_of(model).values())
-    if not layers:
-        return
-    f64 = torch.float64
-    device = layers[0].shift.device
-    widths = [layer.width for layer in layers]
-    # 1. a shift common to all ranks
-    has = torch.tensor([float(int(layer.sample_count) > 0) for layer in layers], dtype=f64)
-    packed = torch.cat(
-        [layer.shift.to(device) * float(h) for layer, h in zip(layers, has, strict=True)]
-        + [has.to(device)]
-    )
-    dist.all_reduce(packed, group=group)
-    holders = packed[-len(layers) :].clamp_min(1.0)
-    commons = [c / n for c, n in zip(packed[: -len(layers)].split(widths), holders, strict=True)]
-    # 2. re-shift every rank's moments to it, then sum them
-    local = [
-        _m.reshift(layer.statistics(), c.to(layer.shift.device))
-        for layer, c in zip(layers, commons, strict=True)
-    ]
-    packed = torch.cat(
-        [
-            torch.cat(
-                [
-                    m.count.to(device, f64).reshape(1),
-                    layer.example_count.to(device, f64).reshape(1),
-                    m.total.to(device),
-                    m.total_sq.to(device).reshape(-1),
-                ]
+    layers = list(pca_layers_of(check_module(model)).values())
+    reduced, examples, _ = _reduce([layer.statistics() for layer in layers], layers, group, 0)
+    for layer, state, n in zip(layers, reduced, examples, strict=True):
+        layer.load_statistics(state, examples=n)
+        layer._put("statistics_shared", True)
+
+
+def _reduce(
+    states: list[_m.Moments],
+    layers: list[PCALayer],
+    group: dist.ProcessGroup | None,
+    batches: int,
+) -> tuple[list[_m.Moments], list[int], int]:
+    """All-reduce ``states``, with the layers' example counts and ``batches`` summed alongside."""
+    counts = [float(layer.example_count) for layer in layers] + [float(batches)]
+    device = states[0].shift.device if states else None
+    extra = torch.tensor(counts, dtype=torch.float64, device=device)
+
+    def reduce(t: Tensor) -> None:
+        dist.all_reduce(t, group=group)
+
+    merged, summed = _m.all_reduce_moments(states, reduce, extra)
+    assert summed is not None
+    totals = [int(round(v)) for v in summed.tolist()]
+    return merged, totals[:-1], totals[-1]
+
+
+class _Snapshot:
+    """Everything calibration may change in a model, by reference (nothing is copied).
+
+    Module buffers and parameter data are kept as the tensors they are; PCA
+    layers replace their buffers rather than modify them, and moving the model
+    replaces tensors too, so putting the references back restores the model.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[PCALayer]):
+        self.modules = [
+            (
+                m,
+                dict(m._buffers),
+                dict(m._parameters),
+                {k: p.data for k, p in m._parameters.items() if p is not None},
+                m.training,
             )
-            for layer, m in zip(layers, local, strict=True)
+            for m in model.modules()
         ]
-    )
-    dist.all_reduce(packed, group=group)
-    chunks = packed.split([2 + w + w * w for w in widths])
-    for layer, common, chunk in zip(layers, commons, chunks, strict=True):
-        w, target = layer.width, layer.shift.device
-        state = _m.Moments(
-            chunk[0].round().to(torch.int64).to(target),
-            common.to(target),
-            chunk[2 : 2 + w].to(target),
-            chunk[2 + w :].reshape(w, w).to(target),
-        )
-        layer.load_statistics(state, examples=int(chunk[1].round()))
+        self.layers = [(layer, layer.mode, layer.epoch) for layer in layers]
+
+    def buffers_of(self, layer: PCALayer) -> dict[str, Tensor]:
+        return next(b for m, b, *_ in self.modules if m is layer)
+
+    def restore_modes(self) -> None:
+        for m, *_, training in self.modules:
+            m.training = training
+        for layer, mode, _ in self.layers:
+            layer.mode = mode
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for m, buffers, params, data, _ in self.modules:
+                m._buffers.clear()
+                m._buffers.update(buffers)
+                m._parameters.clear()
+                m._parameters.update(params)
+                for name, tensor in data.items():
+                    param = params[name]
+                    if param is not None and param.data is not tensor:
+                        param.data = tensor
+        for layer, _, epoch in self.layers:
+            layer.epoch = epoch
+            layer._sync_flags()
+        self.restore_modes()
 
 
 def calibrate(
@@ -165,7 +219,9 @@ def calibrate(
         max_samples: stop after this many input examples (batch rows, not conv
             positions); the last batch is cut to fit.
         progress: show a tqdm progress bar with the throughput in samples/s.
-        forward: ``forward(model, batch)`` runs one batch, for other batch layouts.
+        forward: ``forward(model, batch)`` runs one batch, for other batch layouts
+            (batches of any type are then accepted; ``max_samples`` still needs
+            batches holding a tensor).
         reset: start from fresh statistics (True) or add to those collected before.
 
     Returns:
@@ -173,8 +229,13 @@ def calibrate(
         flags restored.
 
     Raises:
-        ValueError: no PCA layer, empty data, non-finite activations (naming the
-            layer), or a batch the model cannot run.
+        TypeError, ValueError: bad arguments; no PCA layer; data with no batch
+            (on every rank, under ``torch.distributed``); layers that saw no data.
+        NonFiniteError: a layer received NaN or infinite activations (a
+            ``ValueError`` naming the layer).
+        Exception: whatever the model or the data raised, with its own type and
+            the batch index added as a note. In every case the model is left
+            exactly as it was before the call.
 
     Example:
         >>> from pcasurgery import pca_wrap
@@ -183,10 +244,7 @@ def calibrate(
         >>> calibrate(net, data, progress=False).get_submodule("0.pca").samples
         128
     """
-    from tqdm.auto import tqdm
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     if isinstance(data, (Tensor, str, bytes)) or not isinstance(data, Iterable):
         raise TypeError(
             "data must be an iterable of batches (a DataLoader, a list of tensors, ...), "
@@ -198,64 +256,115 @@ def calibrate(
     check_bool(reset, "reset")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable as forward(model, batch), got {forward!r}")
+    target = check_device(device)
     layers = pca_layers_of(model)
-    require_layers(layers)
+    _require_layers(layers)
 
-    if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device must name a torch device, got {device!r}") from err
-        model.to(device)
-    target_device = device if device is not None else _model_device(model)
-    run = forward or _default_forward
-
-    flags = {m: m.training for m in model.modules()}
-    modes = {layer: layer.mode for layer in layers.values()}
-    seen = batches = 0
+    snapshot = _Snapshot(model, layers.values())
     try:
-        model.eval()
+        if target is not None:
+            model.to(target)
+        else:
+            target = _model_device(model)
         for layer in layers.values():
-            if reset:
-                layer.reset_statistics()
+            layer._fresh_statistics()
+            layer._sync_flags()
             layer.mode = "collect"
-        bar = tqdm(total=max_samples, unit="samples", disable=not progress, desc="calibrating")
-        with bar, torch.inference_mode():
-            for batch in data:
-                if max_batches is not None and batches >= max_batches:
-                    break
-                size = examples_in(batch)
-                if max_samples is not None and seen + size > max_samples:
-                    batch, size = _truncate(batch, size, max_samples - seen), max_samples - seen
-                batch = _to_device(batch, target_device)
-                try:
-                    run(model, batch)
-                except (RuntimeError, TypeError, IndexError) as err:
-                    shapes = _map_tensors(batch, lambda t: tuple(t.shape))
-                    raise ValueError(
-                        f"the model's forward failed on calibration batch {batches} "
-                        f"(tensor shapes {shapes}): {err}"
-                    ) from err
-                seen += size
-                batches += 1
-                bar.update(size)
-                if max_samples is not None and seen >= max_samples:
-                    break
-        if batches == 0:
-            raise ValueError("data yielded no batch: nothing to calibrate on")
-        if dist.is_available() and dist.is_initialized():
-            all_reduce_statistics(model)
-        unreached = [name for name, layer in layers.items() if int(layer.sample_count) == 0]
-        if unreached:
-            raise ValueError(
-                f"PCA layers {', '.join(unreached)} saw no data: their modules were never called "
-                "on these batches (wrap without them, e.g. pca_wrap(model, exclude=[...]))"
-            )
+        model.eval()
+        batches = _stream(model, data, forward or _default_forward, target, max_batches,
+                          max_samples, progress)  # fmt: skip
+        _combine(layers, snapshot, reset, batches)
         for layer in layers.values():
             layer.compute_eigenspace()
-    finally:
-        for layer, mode in modes.items():
-            layer.mode = mode
-        for module, flag in flags.items():
-            module.training = flag
+    except BaseException:
+        snapshot.restore()
+        raise
+    snapshot.restore_modes()
     return model
+
+
+def _stream(
+    model: nn.Module,
+    data: Iterable[Any],
+    run: Callable[[nn.Module, Any], Any],
+    device: torch.device | None,
+    max_batches: int | None,
+    max_samples: int | None,
+    progress: bool,
+) -> int:
+    """Run the batches through the collecting model; returns how many ran."""
+    from tqdm.auto import tqdm
+
+    seen = batches = 0
+    unit = "samples"
+    bar = tqdm(total=max_samples, unit=unit, disable=not progress, desc="calibrating")
+    iterator = iter(data)
+    with bar, torch.inference_mode():
+        while max_batches is None or batches < max_batches:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            except BaseException as err:
+                _note(err, f"(raised by the calibration data while fetching batch {batches})")
+                raise
+            size = _examples_in(batch)
+            if max_samples is not None:
+                if size is None:
+                    raise TypeError(
+                        "max_samples counts input examples, but calibration batch "
+                        f"{batches} ({type(batch).__name__}) holds no tensor to count them in"
+                    )
+                if seen + size > max_samples:
+                    batch, size = _truncate(batch, size, max_samples - seen), max_samples - seen
+            batch = _to_device(batch, device)
+            try:
+                run(model, batch)
+            except BaseException as err:
+                shapes = _map_tensors(batch, lambda t: tuple(t.shape))
+                _note(err, f"(raised on calibration batch {batches}, tensor shapes {shapes})")
+                raise
+            batches += 1
+            seen += size if size is not None else 0
+            bar.update(size if size is not None else 1)
+            if max_samples is not None and seen >= max_samples:
+                break
+    return batches
+
+
+def _combine(
+    layers: Mapping[str, PCALayer], snapshot: _Snapshot, reset: bool, batches: int
+) -> None:
+    """Put together the new statistics, the previous ones (``reset=False``) and other ranks'."""
+    distributed = _distributed()
+    states, after = [], []
+    for layer in layers.values():
+        state, old = layer.statistics(), None
+        if not reset:
+            previous = snapshot.buffers_of(layer)
+            old = _m.Moments(*(previous[n].to(state.shift.device) for n in _MOMENTS))
+            if int(old.count) > 0 and not (distributed and bool(previous["statistics_shared"])):
+                state = _m.merge_moments(old, state)  # local statistics: reduced with the new
+                layer._put("example_count", layer.example_count + previous["example_count"])
+                old = None
+            if int(layer.sample_count) == 0 and int(previous["sample_count"]) > 0:
+                layer._put("sample_positions", previous["sample_positions"])
+        states.append(state)
+        after.append(old)
+    examples = [int(layer.example_count) for layer in layers.values()]
+    if distributed:
+        states, examples, batches = _reduce(states, list(layers.values()), None, batches)
+    if batches == 0:
+        raise ValueError("data yielded no batch: nothing to calibrate on")
+    for layer, state, n, old in zip(layers.values(), states, examples, after, strict=True):
+        if old is not None and int(old.count) > 0:  # already a union over the group
+            state = _m.merge_moments(old, state)
+            n += int(snapshot.buffers_of(layer)["example_count"])
+        layer.load_statistics(state, examples=n)
+        layer._put("statistics_shared", distributed)
+    unreached = [name for name, layer in layers.items() if layer._empty]
+    if unreached:
+        raise ValueError(
+            f"PCA layers {', '.join(unreached)} saw no data: their modules were never called "
+            "on these batches (wrap without them, e.g. pca_wrap(model, exclude=[...]))"
+        )

@@ -2,13 +2,15 @@
 
 The rewrite uses ``torch.fx``: the model is traced (chosen modules are leaves),
 a ``call_module`` node of a PCA layer is inserted after each call of a chosen
-module, and every user of that output is rewired to read the projection.
-Models that ``torch.fx`` cannot trace (data-dependent control flow, say) get the
-same layers through forward hooks on the chosen modules, with a warning.
+module, and every user of that output is rewired to read the projection; the
+PCA layer is registered as a child named ``pca`` of the module it follows
+(``features.0.pca``). Models that ``torch.fx`` cannot trace (data-dependent
+control flow, say) are wrapped at module level instead: each chosen module is
+replaced, wherever it is registered, by a ``Projected`` wrapper (the module,
+then its PCA layer, again at ``features.0.pca``).
 
-Each PCA layer is registered as a child named ``pca`` of the module it follows
-(``features.0.pca``), in both cases, so that state-dict keys stay readable and
-the original modules keep their names.
+Either way ``pca_wrap`` records each site it creates on the wrapped model
+(``pcasurgery.layers.sites``), and every later step reads that record.
 
 A module called at several places (weight sharing) gets one PCA layer, applied
 after every call; its statistics pool all calls. This keeps the projection a
@@ -19,21 +21,25 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import logging
 import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import fx, nn
 
-from .._validation import check_bool, check_threshold
+from .._validation import check_bool, check_module, check_patterns, check_threshold
 from ..layers.pca import Conv2DPCALayer, LinearPCALayer, PCALayer
+from ..layers.sites import Projected, Site, record_sites
 
-__all__ = ["pca_wrap", "PCATracer"]
+__all__ = ["pca_wrap"]
+
+log = logging.getLogger("pcasurgery")
 
 SUPPORTED_TARGETS = (nn.Linear, nn.Conv2d)
 
 
-class PCATracer(fx.Tracer):
+class _PCATracer(fx.Tracer):
     """An ``fx.Tracer`` that keeps PCA layers (and any extra modules given) as leaves."""
 
     def __init__(self, leaves: Iterable[nn.Module] = ()):
@@ -48,17 +54,16 @@ class PCATracer(fx.Tracer):
         )
 
 
-def _patterns(value: str | Sequence[str] | None, name: str) -> list[str] | None:
-    if value is None:
-        return None
-    patterns = [value] if isinstance(value, str) else list(value)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{name} must be a glob string or a non-empty list of them, got {value!r}")
-    return patterns
-
-
 def _check_targets(targets: object) -> tuple[type, ...]:
-    types = (targets,) if isinstance(targets, type) else tuple(targets)  # type: ignore[arg-type]
+    if isinstance(targets, type):
+        types: tuple = (targets,)
+    elif isinstance(targets, (tuple, list, set, frozenset)):
+        types = tuple(targets)
+    else:
+        raise TypeError(
+            "targets must be a module class or a tuple of them, such as "
+            f"(nn.Linear, nn.Conv2d); got {targets!r}"
+        )
     for t in types:
         if not (isinstance(t, type) and issubclass(t, SUPPORTED_TARGETS)):
             raise TypeError(
@@ -69,7 +74,7 @@ def _check_targets(targets: object) -> tuple[type, ...]:
     return types
 
 
-def select_targets(
+def _select_targets(
     model: nn.Module,
     targets: tuple[type, ...],
     include: list[str] | None,
@@ -105,38 +110,29 @@ def _make_layer(name: str, module: nn.Module, threshold: float, centering: bool,
         layer.to(device=weight.device, dtype=weight.dtype)
     layer.train(module.training)  # a new layer follows its module's train/eval flag
     layer.name = name
-    layer.target = name
     return layer
-
-
-def _attach(module: nn.Module, layer: PCALayer) -> str:
-    """Register ``layer`` as a child of ``module``; returns the child's attribute name."""
-    child, i = "pca", 0
-    while hasattr(module, child):
-        i += 1
-        child = f"pca_{i}"
-    module.add_module(child, layer)
-    return child
 
 
 def _warn_unreached(names: list[str]) -> None:
     if names:
+        listing = "".join(f"\n  - {n}" for n in names)
         warnings.warn(
-            f"modules {', '.join(names)} are not called as modules (their weights are used by a "
-            "parent, as nn.MultiheadAttention does with out_proj); they get no PCA layer",
+            f"{len(names)} chosen module(s) are never called as modules (a parent uses their "
+            "weights directly, as nn.MultiheadAttention does with out_proj), so they get no "
+            f"PCA layer:{listing}",
             UserWarning,
             stacklevel=3,
         )
 
 
-class ProjectOutput:
-    """Forward hook that sends a module's output through its PCA child (picklable)."""
-
-    def __init__(self, child: str):
-        self.child = child
-
-    def __call__(self, module: nn.Module, args, output):
-        return getattr(module, self.child)(output)
+def _registrations(root: nn.Module, module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every ``(parent, attribute)`` under which ``module`` is registered in ``root``."""
+    return [
+        (parent, child)
+        for _, parent in root.named_modules(remove_duplicate=False)
+        for child, m in parent._modules.items()
+        if m is module
+    ]
 
 
 def pca_wrap(
@@ -166,8 +162,10 @@ def pca_wrap(
             it changes the shapes the next layers see.
 
     Returns:
-        A ``torch.fx.GraphModule`` (or, when tracing fails, a deep copy with
-        forward hooks) whose PCA layers are listed by ``pca_layers_of``.
+        A ``torch.fx.GraphModule`` (or, when tracing fails, a deep copy of the
+        model whose chosen modules are ``Projected`` wrappers), with the record
+        of its sites (``pcasurgery.layers.sites_of``); ``pca_layers_of`` lists
+        its PCA layers.
 
     Raises:
         TypeError, ValueError: bad arguments, or no module matches.
@@ -179,18 +177,23 @@ def pca_wrap(
         >>> list(pca_layers_of(wrapped))
         ['0', '2']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     threshold = check_threshold(threshold)
     check_bool(centering, "centering")
     check_bool(keepdim, "keepdim")
     types = _check_targets(targets)
-    include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
+    include_p, exclude_p = check_patterns(include, "include"), check_patterns(exclude, "exclude")
     if any(isinstance(m, PCALayer) for m in model.modules()):
         raise ValueError("model already contains PCA layers; wrap the original model instead")
+    if isinstance(model, types):
+        raise ValueError(
+            f"model is itself a {type(model).__name__}: pca_wrap puts PCA layers after modules "
+            "inside a model and returns that model; wrap a container instead, e.g. "
+            "pca_wrap(nn.Sequential(model))"
+        )
 
     wrapped = copy.deepcopy(model)
-    chosen = select_targets(wrapped, types, include_p, exclude_p)
+    chosen = _select_targets(wrapped, types, include_p, exclude_p)
     if not chosen:
         raise ValueError(
             f"no module of model matches targets={tuple(t.__name__ for t in types)}, "
@@ -203,38 +206,77 @@ def pca_wrap(
     layers = {name: _make_layer(name, m, threshold, centering, keepdim) for name, m in chosen}
 
     try:
-        graph = PCATracer(m for _, m in chosen).trace(wrapped)
-    except Exception as err:  # noqa: BLE001 - any tracing failure means: use hooks
+        graph = _PCATracer(m for _, m in chosen).trace(wrapped)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means: wrap modules instead
+        log.debug("torch.fx could not trace %s", type(model).__name__, exc_info=True)
         _warn_unreached(unreached)
         if not layers:
             raise ValueError("none of the chosen modules is called as a module") from err
         warnings.warn(
-            f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {err}); "
-            "PCA layers are attached with forward hooks on the chosen modules instead",
+            f"torch.fx cannot trace {type(model).__name__} (its forward has Python control "
+            "flow or operations on values), so pcasurgery wrapped the chosen modules "
+            "themselves: each is replaced by the module followed by its PCA layer. Every call "
+            "of those modules is covered, whatever the forward does; the model keeps its class "
+            "and methods. (The tracer's error is logged at debug level on the 'pcasurgery' "
+            "logger.)",
             UserWarning,
             stacklevel=2,
         )
-        for name, module in chosen:
-            module.register_forward_hook(ProjectOutput(_attach(module, layers[name])))
-        return wrapped
+        return _wrap_modules(wrapped, chosen, layers)
+    return _rewrite_graph(model, wrapped, graph, layers, unreached)
 
-    called = {node.target for node in graph.nodes if node.op == "call_module"}
-    unreached += [name for name in layers if name not in called]
+
+def _wrap_modules(
+    wrapped: nn.Module, chosen: list[tuple[str, nn.Module]], layers: dict[str, PCALayer]
+) -> nn.Module:
+    """Replace every chosen module, wherever it is registered, by ``Projected(module, layer)``."""
+    sites = []
+    for name, module in chosen:
+        wrapper = Projected(module, layers[name])
+        wrapper.train(module.training)
+        for parent, child in _registrations(wrapped, module):
+            setattr(parent, child, wrapper)
+        sites.append(Site(name, f"{name}.pca", f"{name}.module", "wrapper"))
+    record_sites(wrapped, sites)
+    return wrapped
+
+
+def _rewrite_graph(
+    model: nn.Module,
+    wrapped: nn.Module,
+    graph: fx.Graph,
+    layers: dict[str, PCALayer],
+    unreached: list[str],
+) -> fx.GraphModule:
+    """Insert a call of each PCA layer after every call of its module and rewire the users."""
+    order: list[str] = []
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in layers and node.target not in order:
+            order.append(str(node.target))
+    unreached += [name for name in layers if name not in order]
     _warn_unreached(unreached)
-    layers = {name: layer for name, layer in layers.items() if name in called}
-    if not layers:
+    if not order:
         raise ValueError("none of the chosen modules is called as a module in the traced graph")
     gm = fx.GraphModule(wrapped, graph, class_name=type(model).__name__)
-    paths = {name: f"{name}.{_attach(gm.get_submodule(name), layers[name])}" for name in layers}
+    paths = {}
+    for name in order:
+        module = gm.get_submodule(name)
+        child, i = "pca", 0
+        while hasattr(module, child):
+            i += 1
+            child = f"pca_{i}"
+        module.add_module(child, layers[name])
+        paths[name] = f"{name}.{child}"
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or node.target not in paths:
             continue
         with gm.graph.inserting_after(node):
-            projected = gm.graph.call_module(paths[node.target], (node,))
+            projected = gm.graph.call_module(paths[str(node.target)], (node,))
         for user in list(node.users):
             if user is not projected:
                 user.replace_input_with(node, projected)
     gm.graph.lint()
     gm.recompile()
     gm.training = wrapped.training  # submodules are the copies, with their own flags
+    record_sites(gm, [Site(name, paths[name], name, "graph") for name in order])
     return gm

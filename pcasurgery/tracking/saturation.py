@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .._validation import check_bool, check_choice, check_positive_int, check_threshold
 from ..core import spectrum as _s
-from ..core.covariance_matrix import TorchCovarianceMatrix, resolve_device
+from ..core.covariance_matrix import TorchCovarianceMatrix, _resolve_device
 from .writers import STATMAP, WRITERS, AbstractWriter, CompositWriter, NPYWriter
 
 __all__ = ["CONV_METHODS", "CheckLayerSat", "SaturationTracker", "STATS", "TIMESERIES_METHODS"]
@@ -168,7 +168,7 @@ class SaturationTracker:
         self.layerwise_sat, self.reset_covariance = layerwise_sat, reset_covariance
         self.average_sat, self.nosave, self.verbose = average_sat, nosave, bool(verbose)
         self.ignore_layer_names = list(ignore_layer_names)
-        self.device = resolve_device(device)
+        self.device = _resolve_device(device)
         self.initial_epoch = int(initial_epoch)
         self.savefile = str(savefile)
 

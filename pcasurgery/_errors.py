@@ -1,0 +1,27 @@
+"""The library's own exceptions: one family under :class:`PCASurgeryError`.
+
+Argument checks raise the built-in ``ValueError``/``TypeError`` (see
+``_validation``); these classes are for failures of pcasurgery's own work.
+Each also derives from the built-in class that best describes it, so code
+written against stage-1 releases (``except RuntimeError``) keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["NonFiniteError", "NotCalibratedError", "OnnxCheckError", "PCASurgeryError"]
+
+
+class PCASurgeryError(Exception):
+    """Base class of the exceptions pcasurgery raises for its own failures."""
+
+
+class NotCalibratedError(PCASurgeryError, RuntimeError):
+    """A PCA layer was asked for a projection or a report before it saw any data."""
+
+
+class NonFiniteError(PCASurgeryError, ValueError):
+    """Activations (or statistics) hold NaN or infinite values."""
+
+
+class OnnxCheckError(PCASurgeryError):
+    """The exported model's outputs in onnxruntime differ from PyTorch's."""
