@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import pcasurgery as ps
-from pcasurgery.digits import DigitsCNN, DigitsMLP, accuracy, load_digits_split, train
+from pcasurgery._digits import DigitsCNN, DigitsMLP, accuracy, load_digits_split, train
 
 THRESHOLDS = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 

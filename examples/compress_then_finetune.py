@@ -10,7 +10,7 @@ import argparse
 import torch
 
 import pcasurgery as ps
-from pcasurgery.digits import DigitsCNN, accuracy, load_digits_split, train
+from pcasurgery._digits import DigitsCNN, accuracy, load_digits_split, train
 
 
 def main(threshold: float = 0.9, epochs: int = 3) -> dict:

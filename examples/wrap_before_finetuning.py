@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import pcasurgery as ps
-from pcasurgery.digits import DigitsCNN, accuracy, load_digits_split, train
+from pcasurgery._digits import DigitsCNN, accuracy, load_digits_split, train
 
 
 def main(epochs: int = 5, threshold: float = 0.99) -> list[dict]:

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="demo-out", help="folder for the demo's files")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo import run_demo
+        from ._demo import run_demo
 
         run_demo(args.out)
     return 0

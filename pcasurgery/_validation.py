@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +22,7 @@ from torch import nn
 __all__ = [
     "check_bool",
     "check_choice",
+    "check_writable",
     "check_device",
     "check_module",
     "check_patterns",
@@ -141,3 +145,30 @@ def check_choice(value: object, name: str, allowed: Iterable[str]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_writable(value: object, name: str, *, folder: bool) -> Path:
+    """Return ``value`` as a path that can be written, checked before any work is done.
+
+    ``folder=True``: a folder to create (if needed) and write files into;
+    ``folder=False``: a file whose folder must exist and be writable. Raises
+    ``ValueError`` naming the argument and the reason.
+    """
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path, got {value!r}")
+    path = Path(value)
+    target = path if folder else path.parent
+    try:
+        if folder:
+            if path.exists() and not path.is_dir():
+                raise ValueError(f"{name}={str(path)!r} is a file, not a folder")
+            path.mkdir(parents=True, exist_ok=True)
+        elif not target.is_dir():
+            raise ValueError(f"{name}={str(path)!r}: folder {str(target)!r} does not exist")
+        elif path.is_dir():
+            raise ValueError(f"{name}={str(path)!r} is a folder; give a file name")
+        with tempfile.TemporaryFile(dir=target or "."):
+            pass
+    except OSError as err:
+        raise ValueError(f"{name}={str(path)!r} cannot be written: {err.strerror or err}") from err
+    return path

@@ -6,10 +6,8 @@ Examples:
         --checkpoint ckpt.pt --data mypkg.data:calibration_loader --threshold 0.99 --out report
 """
 
-from pathlib import Path
-
 import pcasurgery as ps
-from pcasurgery.recipe_support import calibrated, recipe_parser
+from pcasurgery._recipes import calibrated, recipe_parser, writable
 
 
 def main(argv=None) -> None:
@@ -17,11 +15,10 @@ def main(argv=None) -> None:
     parser.add_argument("--threshold", type=float, default=0.99, help="variance kept per layer")
     parser.add_argument("--out", default="report", help="folder for report.csv and saturation.png")
     args = parser.parse_args(argv)
+    out = writable(parser, args.out, folder=True)
     _, _, wrapped = calibrated(args, args.threshold)
     table = ps.report(wrapped)
     print(table.to_string(index=False))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "report.csv", index=False)
     ps.plot_saturation(table, out / "saturation.png")
     print(f"wrote {out / 'report.csv'} and {out / 'saturation.png'}")

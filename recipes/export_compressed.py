@@ -9,7 +9,7 @@ Examples:
 import torch
 
 import pcasurgery as ps
-from pcasurgery.recipe_support import calibrated, example_input, recipe_parser
+from pcasurgery._recipes import calibrated, example_input, recipe_parser, writable
 
 
 def main(argv=None) -> None:
@@ -20,6 +20,9 @@ def main(argv=None) -> None:
         "--save-state", help="also save the compressed model (torch.save of the module)"
     )
     args = parser.parse_args(argv)
+    writable(parser, args.out, folder=False)
+    if args.save_state:
+        writable(parser, args.save_state, folder=False)
     model, batches, wrapped = calibrated(args, args.threshold)
     small = ps.compress(wrapped.cpu())
     table = small.compression_report

@@ -7,7 +7,13 @@ Examples:
 """
 
 import pcasurgery as ps
-from pcasurgery.recipe_support import calibrated, example_input, load_metric, recipe_parser
+from pcasurgery._recipes import (
+    calibrated,
+    example_input,
+    load_metric,
+    recipe_parser,
+    writable,
+)
 
 
 def main(argv=None) -> None:
@@ -17,6 +23,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--out", default="sweep.csv", help="CSV file for the table")
     args = parser.parse_args(argv)
+    writable(parser, args.out, folder=False)
     model, batches, wrapped = calibrated(args, 0.99)
     evaluate = load_metric(args)
     table = ps.sweep(wrapped, args.thresholds, evaluate, example_inputs=example_input(batches))

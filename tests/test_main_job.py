@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pcasurgery import digits
-from pcasurgery.demo import run_demo
+from pcasurgery import _digits as digits
+from pcasurgery._demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_recipe_model_spec_errors_are_clear(monkeypatch):
             monkeypatch=monkeypatch,
         )
     with pytest.raises(ValueError, match="has no attribute 'Nope'"):
-        run_script(ROOT / "recipes" / "calibrate_and_report.py", "--model", "pcasurgery.digits:Nope",
+        run_script(ROOT / "recipes" / "calibrate_and_report.py", "--model", "pcasurgery._digits:Nope",
                    monkeypatch=monkeypatch)  # fmt: skip
 
 

@@ -152,7 +152,9 @@ def test_untraceable_model_falls_back_to_hooks_and_behaves_the_same():
     branchy = Branchy().eval()
     straight = Straight().eval()
     straight.load_state_dict(branchy.state_dict())
-    with pytest.warns(UserWarning, match="torch.fx cannot trace Branchy .* wrapped the chosen modules themselves"):
+    with pytest.warns(
+        UserWarning, match="torch.fx cannot trace Branchy .* wrapped the chosen modules themselves"
+    ):
         hooked = ps.pca_wrap(branchy, 0.9)
     traced = ps.pca_wrap(straight, 0.9)
     assert not isinstance(hooked, fx.GraphModule)

@@ -54,7 +54,9 @@ def _metrics(value: Any, where: str) -> dict[str, float]:
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise TypeError(f"evaluate(model)[{name!r}] must be a number, got {v!r}")
         if not math.isfinite(float(v)):
-            raise ValueError(f"evaluate(model) returned {name} = {v!r} at {where}; it must be finite")
+            raise ValueError(
+                f"evaluate(model) returned {name} = {v!r} at {where}; it must be finite"
+            )
     return {k: float(v) for k, v in values.items()}
 
 

@@ -42,22 +42,50 @@ def _outputs(result: Any) -> list[Tensor]:
 
 @contextlib.contextmanager
 def _quiet(verbose: bool):
-    """Silence the exporter's progress lines and warnings unless ``verbose``."""
+    """Silence the exporter's progress lines, warnings and logged tracebacks unless ``verbose``."""
     if verbose:
         yield
         return
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
         ):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+# The relative tolerance of the onnxruntime check, by output dtype (float32 and wider: 1e-4).
+_RTOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _check_opset(opset: object) -> int | None:
+    if opset is None:
+        return None
+    import onnx
+
+    opset = check_positive_int(opset, "opset")
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ValueError(
+            f"opset must be at most {newest} (the newest the installed onnx knows), got {opset}"
+        )
+    return opset
+
+
+def _written_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _require(module: str) -> None:
@@ -111,15 +139,19 @@ def export_onnx(
         dynamic_batch: make the batch dimension of every input dynamic.
         check: run the file in onnxruntime on the example and on another batch
             size, and raise unless every output is within
-            ``1e-4 * max(1, max |output|)`` of PyTorch's.
-        opset: ONNX opset version (the exporter's default when None).
+            ``rtol * max(1, max |output|)`` of PyTorch's, where ``rtol`` is 1e-4
+            for float32 and wider outputs, 1e-2 for float16 and 5e-2 for bfloat16.
+        opset: ONNX opset version (the exporter's default when None). The
+            exporter writes opset 18 and converts to others; an opset newer than
+            the installed onnx knows, or one it cannot convert the model to
+            (usually below 17), is a ``ValueError`` and no file is left.
         verbose: let the exporter print its progress.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: a missing folder, or inputs the model cannot run.
+        ValueError: a missing folder, an unsupported opset, or inputs the model cannot run.
         OnnxCheckError: onnxruntime disagrees with PyTorch (max error and batch sizes said).
     """
     if not isinstance(model, nn.Module):
@@ -128,13 +160,12 @@ def export_onnx(
     check_bool(dynamic_batch, "dynamic_batch")
     check_bool(check, "check")
     check_bool(verbose, "verbose")
-    if opset is not None:
-        opset = check_positive_int(opset, "opset")
     path = Path(path)
     if not path.parent.exists():
         raise ValueError(f"path {str(path)!r}: folder {str(path.parent)!r} does not exist")
     for module in ("onnx", "onnxscript") + (("onnxruntime",) if check else ()):
         _require(module)
+    opset = _check_opset(opset)
 
     flags = {m: m.training for m in model.modules()}
     model.eval()
@@ -163,6 +194,14 @@ def export_onnx(
             kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
         with _quiet(verbose):
             torch.onnx.export(model, args, str(path), **kwargs)
+        if opset is not None and _written_opset(path) != opset:
+            written = _written_opset(path)
+            path.unlink()
+            raise ValueError(
+                f"opset={opset}: the exporter could not convert this model to it (it wrote "
+                f"opset {written}, and writes 18 natively); choose an opset of at least 18, "
+                "or None for the default"
+            )
         if check:
             batches = [args] + ([_other_batch(args)] if dynamic_batch else [])
             for inputs in batches:
@@ -178,7 +217,8 @@ def export_onnx(
                             f"{tuple(ref.shape)} (batch size {inputs[0].shape[0]})"
                         )
                     error = float((out - ref).abs().max()) if ref.numel() else 0.0
-                    tolerance = 1e-4 * max(1.0, float(ref.abs().max()) if ref.numel() else 0.0)
+                    rtol = _RTOL.get(reference[i].dtype, 1e-4)
+                    tolerance = rtol * max(1.0, float(ref.abs().max()) if ref.numel() else 0.0)
                     if not error <= tolerance:
                         raise OnnxCheckError(
                             f"onnxruntime output {i} differs from PyTorch by up to {error:.3g} "

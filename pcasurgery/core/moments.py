@@ -283,7 +283,13 @@ def all_reduce_moments(
     # 2. every accumulator around it, then one sum
     local = [reshift(m, c.to(m.shift.device)) for m, c in zip(states, commons, strict=True)]
     parts = [
-        torch.cat([m.count.to(device, f64).reshape(1), m.total.to(device), m.total_sq.to(device).reshape(-1)])
+        torch.cat(
+            [
+                m.count.to(device, f64).reshape(1),
+                m.total.to(device),
+                m.total_sq.to(device).reshape(-1),
+            ]
+        )
         for m in local
     ]
     if extra is not None:

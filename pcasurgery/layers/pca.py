@@ -467,7 +467,11 @@ class PCALayer(nn.Module):
 
     def _set_projection(self, basis: Tensor) -> None:
         weight, bias = _s.projection_affine(basis, self._center(), self.keepdim)
-        for name, value in (("projection_weight", weight), ("projection_bias", bias), ("basis", basis)):
+        for name, value in (
+            ("projection_weight", weight),
+            ("projection_bias", bias),
+            ("basis", basis),
+        ):
             self._put(name, value)
 
     @torch.no_grad()
@@ -519,7 +523,7 @@ class PCALayer(nn.Module):
         self._check_input(x)
         if self._mode == "auto" and self._n > 0 and self._n == self._computed:
             self.reset_statistics()
-        positions = x[0].numel() // self.width if x.dim() > 1 else 1
+        positions = x[0].numel() // self.width if x.dim() > 1 and len(x) else 1
         x = self._samples_of(x.detach())
         try:
             added, self._subtract = _m.accumulate_(

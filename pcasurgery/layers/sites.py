@@ -100,7 +100,9 @@ def _wrapped_keys(module: Projected, state_dict, prefix, *args) -> None:
 
 # GraphModule.__deepcopy__ rebuilds the module and keeps only the attributes
 # listed under this key of its ``meta`` (pickling keeps ``__dict__`` as is).
-_PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+_PRESERVED = getattr(
+    fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes"
+)
 
 
 def record_sites(model: nn.Module, sites: list[Site]) -> None:

@@ -13,6 +13,10 @@ LSTMs honour ``batch_first`` and packed sequences; ``embed`` projects the
 samples on the top two eigenvectors of their covariance; ``average_sat`` writes
 the mean saturation over layers (the seed always wrote NaN); ``nosave=True``
 computes and returns the stats without writing anything.
+
+A tracked layer whose outputs hold NaN or infinite values stops the forward
+pass with a ``NonFiniteError`` (a ``ValueError``) naming the layer and the mode:
+tracking never records them silently. Batches with no example are skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._errors import NonFiniteError
 from .._validation import check_bool, check_choice, check_positive_int, check_threshold
 from ..core import spectrum as _s
 from ..core.covariance_matrix import TorchCovarianceMatrix, _resolve_device
@@ -176,7 +181,15 @@ class SaturationTracker:
         if layer_filter is not None:
             if not callable(layer_filter):
                 raise TypeError(f"layer_filter must be callable, got {layer_filter!r}")
-            layers = OrderedDict(layer_filter(dict(layers)))
+            chosen = layer_filter(dict(layers))
+            if not isinstance(chosen, dict) or not all(
+                isinstance(k, str) and isinstance(v, nn.Module) for k, v in chosen.items()
+            ):
+                raise TypeError(
+                    "layer_filter must return a dict {layer name: module} (a subset of the "
+                    f"dict it receives), got {type(chosen).__name__}"
+                )
+            layers = OrderedDict(chosen)
         if not layers:
             kinds = "Linear, Conv2d or LSTM" if include_conv else "Linear or LSTM"
             raise ValueError(f"modules holds no supported layer to track ({kinds})")
@@ -242,7 +255,11 @@ class SaturationTracker:
                 x = last.permute(1, 0, 2).reshape(h.shape[1], -1)
                 return x, -1, x.shape[0]
             if isinstance(out, nn.utils.rnn.PackedSequence):
-                return out.data, -1, int(out.batch_sizes[0])
+                # every valid timestep of every sequence, sequence by sequence (in the
+                # caller's order), so that keeping the first rows keeps whole sequences
+                padded, lengths = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+                rows = [padded[i, : int(n)] for i, n in enumerate(lengths)]
+                return torch.cat(rows), -1, len(rows)
             examples = out.shape[0] if module.batch_first else out.shape[1]
             return out, -1, examples
         x = output
@@ -264,6 +281,16 @@ class SaturationTracker:
                 x = x.flatten(1)
             return x, -1, x.shape[0]
         return x, -1, x.shape[0] if x.dim() > 1 else 1
+
+    def _first_examples(self, module: nn.Module, output: Any, x: Tensor, keep: int) -> Tensor:
+        """The part of ``x`` (from :meth:`_samples`) that comes from the first ``keep`` examples."""
+        if isinstance(module, nn.LSTM) and self.timeseries_method == "timestepwise":
+            out = output[0]
+            if isinstance(out, nn.utils.rnn.PackedSequence):
+                _, lengths = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+                return x[: int(lengths[:keep].sum())]
+            return x[:, :keep] if not module.batch_first and x.dim() == 3 else x[:keep]
+        return x[:keep]
 
     def _covariance(self, mode: str, name: str, width: int) -> TorchCovarianceMatrix:
         cov = self.logs[mode].get(name)
@@ -295,16 +322,19 @@ class SaturationTracker:
                 x, channel_dim, examples = self._samples(module, output)
                 if self.max_samples is not None and seen + examples > self.max_samples:
                     keep = self.max_samples - seen
-                    if isinstance(module, nn.LSTM) and self.timeseries_method == "timestepwise":
-                        x = x[:, :keep] if not module.batch_first and x.dim() == 3 else x[:keep]
-                    else:
-                        x = x[:keep]
+                    x = self._first_examples(module, output, x, keep)
                     examples = keep
                 x = x.detach()
                 width = x.shape[channel_dim]
                 if channel_dim == -1 and x.dim() > 2:
                     x = x.reshape(-1, width)
-                self._covariance(mode, name, width).update(x, channel_dim=channel_dim)
+                try:
+                    self._covariance(mode, name, width).update(x, channel_dim=channel_dim)
+                except NonFiniteError as err:
+                    raise NonFiniteError(
+                        f"layer {name!r} ({mode} mode) produced NaN or infinite outputs; "
+                        "CheckLayerSat stops rather than record them"
+                    ) from err
             self.seen_samples[mode][name] = seen + examples
 
         return record

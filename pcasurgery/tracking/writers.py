@@ -138,7 +138,7 @@ class CSVWriter(AbstractWriter):
 
     def __init__(self, savepath: str, **kwargs):
         self.savepath = str(savepath)
-        self.rows: list[dict[str, float]] = []
+        self.rows: dict[int, dict[str, float]] = {}  # epoch -> values, as written
         self.current: dict[str, float] = {}
         self.epoch_counter = 0
 
@@ -147,14 +147,17 @@ class CSVWriter(AbstractWriter):
         return Path(self.savepath + ".csv")
 
     def resume_from_saved_state(self, initial_epoch: int) -> None:
+        """Keep the saved rows of epochs before ``initial_epoch``, under their own epoch numbers."""
         self.epoch_counter = initial_epoch
         if self._check_savestate_ok(self.csv_path):
             frame = pd.read_csv(self.csv_path, sep=";", index_col=0)
-            frame = frame[frame.index < initial_epoch]
-            self.rows = [
-                {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-                for row in frame.to_dict("records")
-            ]
+            self.rows = {
+                int(epoch): {
+                    k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))
+                }
+                for epoch, row in zip(frame.index, frame.to_dict("records"), strict=True)
+                if int(epoch) < initial_epoch
+            }
 
     def add_scalar(self, name, value, **kwargs):
         if _is_scalar(value):
@@ -166,13 +169,12 @@ class CSVWriter(AbstractWriter):
 
     def frame(self) -> pd.DataFrame:
         """All epochs recorded so far, the current one excluded."""
-        frame = pd.DataFrame(self.rows)
-        frame.index = range(self.epoch_counter - len(self.rows), self.epoch_counter)
-        frame.index.name = "epoch"
+        frame = pd.DataFrame.from_dict(self.rows, orient="index")
+        frame.index = pd.Index(list(self.rows), name="epoch")
         return frame
 
     def save(self):
-        self.rows.append(self.current)
+        self.rows[self.epoch_counter] = self.current
         self.current = {}
         self.epoch_counter += 1
         self.frame().to_csv(self.csv_path, sep=";")

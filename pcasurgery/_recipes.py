@@ -19,12 +19,14 @@ import argparse
 import importlib
 from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import digits
+from . import _digits as digits
+from ._validation import check_writable
 
 __all__ = [
     "DEFAULT_DATA",
@@ -40,11 +42,12 @@ __all__ = [
     "load_model",
     "load_object",
     "recipe_parser",
+    "writable",
 ]
 
-DEFAULT_MODEL = "pcasurgery.digits:DigitsCNN"
-DEFAULT_DATA = "pcasurgery.recipe_support:digits_batches"
-DEFAULT_METRIC = "pcasurgery.recipe_support:digits_test_accuracy"
+DEFAULT_MODEL = "pcasurgery._digits:DigitsCNN"
+DEFAULT_DATA = "pcasurgery._recipes:digits_batches"
+DEFAULT_METRIC = "pcasurgery._recipes:digits_test_accuracy"
 
 
 def load_object(spec: str, what: str) -> Any:
@@ -92,6 +95,14 @@ def recipe_parser(doc: str, *, metric: bool = False) -> argparse.ArgumentParser:
     )
     add_common_arguments(parser, metric=metric)
     return parser
+
+
+def writable(parser: argparse.ArgumentParser, path: str, *, folder: bool) -> Path:
+    """``path`` checked for writing before any work; a usage error (exit 2) when it is not."""
+    try:
+        return check_writable(path, "--out" if folder else "output file", folder=folder)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def calibrated(args: argparse.Namespace, threshold: float) -> tuple[nn.Module, Any, nn.Module]:

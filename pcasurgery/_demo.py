@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
+from ._digits import DigitsCNN, accuracy, load_digits_split, train
+from ._validation import check_writable
 from .analysis import plot_saturation, report, sweep
 from .compression import compress, count_macs, count_params, export_onnx
-from .digits import DigitsCNN, accuracy, load_digits_split, train
 from .layers import set_threshold
 from .surgery import calibrate, pca_wrap
 
@@ -99,8 +100,7 @@ def run_demo(
     Returns:
         The summary printed at the end (also written to ``summary.json``).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(out, "out", folder=True)  # before minutes of work, not after
     started = time.perf_counter()
     split = load_digits_split(seed=seed)
     n_train, n_val, n_test = len(split.x_train), len(split.x_val), len(split.x_test)
