@@ -165,15 +165,19 @@ def test_low_rank_layers_read_like_the_layer_they_replace():
     torch.testing.assert_close(
         fc2(x), torch.nn.functional.linear(x, fc2.weight, fc2.bias), atol=1e-5, rtol=1e-5
     )
-    conv = ps.compress(
-        calibrated(warmed_resnet(), torch.randn(64, 3, 8, 8).split(32), 0.8)
-    ).get_submodule("layer1.0.conv1")
-    if isinstance(conv, LowRank):
-        assert (
-            conv.kernel_size == (3, 3)
-            and conv.out_channels == 8
-            and conv.weight.shape == (8, 8, 3, 3)
-        )
+    wrapped = calibrated(warmed_resnet(), torch.randn(64, 3, 8, 8).split(32), 0.5)
+    assert ps.compression_plan(wrapped).set_index("layer").loc["layer1.0.conv1", "action"] == (
+        "factorised"
+    )
+    conv = ps.compress(wrapped).get_submodule("layer1.0.conv1")
+    assert isinstance(conv, LowRank)
+    assert conv.kernel_size == (3, 3) and conv.out_channels == 8 and conv.in_channels == 8
+    assert conv.weight.shape == (8, 8, 3, 3)
+    x = torch.randn(2, 8, 8, 8)
+    torch.testing.assert_close(
+        conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
 
 
 def test_positions_per_example_survive_a_state_dict_round_trip():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,9 +15,15 @@ from pcasurgery.core import spectrum
 
 
 @pytest.fixture(scope="module")
-def wrapped_resnet():
+def _calibrated_resnet():
     net = warmed_resnet()
     return ps.calibrate(ps.pca_wrap(net, 0.9), torch.randn(96, 3, 8, 8).split(32), progress=False)
+
+
+@pytest.fixture
+def wrapped_resnet(_calibrated_resnet):
+    """A fresh copy for each test (tests change thresholds): results never depend on order."""
+    return copy.deepcopy(_calibrated_resnet)
 
 
 def test_onnx_parity_for_compressed_and_projected_models(tmp_path, wrapped_resnet):

@@ -205,10 +205,17 @@ def test_collect_mode_collects_in_eval_and_project_mode_projects_in_training():
     layer.mode = "collect"
     layer(torch.randn(10, 3))
     assert int(layer.sample_count) == 10
+    layer.threshold = 0.5
+    assert layer.in_dim < 3  # a real projection, not the identity
     layer.mode = "project"
     layer.train()
-    out = layer(torch.randn(4, 3) * torch.tensor([1.0, 1.0, 0.0]))
-    assert int(layer.sample_count) == 10 and out.shape == (4, 3)
+    x = torch.randn(4, 3)
+    out = layer(x)
+    assert int(layer.sample_count) == 10
+    v, mu = layer.reduced_transformation_matrix.double(), layer.mean
+    expected = (x.double() - mu) @ v @ v.T + mu
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, x, atol=1e-3)
     with pytest.raises(ValueError, match="mode must be one of 'auto', 'collect', 'project'"):
         layer.mode = "train"
 

@@ -197,7 +197,9 @@ def test_custom_writer_receives_every_value(tmp_path):
             assert f"eval-{name}_{layer}" in recorder.values, (name, layer)
     assert recorder.values["loss"] == 1.5 and recorder.saves == 1
     assert recorder.values["eval-embedded-sample_fc"].shape == (16, 2)
-    assert "average-eval-sat" in recorder.values
+    sats = [recorder.values[f"eval-saturation_{layer}"] for layer in ("conv", "fc")]
+    assert recorder.values["average-eval-sat"] == pytest.approx(np.mean(sats))
+    assert 0 < recorder.values["average-eval-sat"] <= 1
     cov = recorder.values["eval-covariance-matrix_fc"]
     assert recorder.values["eval-covariance-trace_fc"] == pytest.approx(np.trace(cov))
     assert recorder.values["eval-diagonal-trace_fc"] == pytest.approx(np.linalg.eigvalsh(cov).sum())
@@ -212,8 +214,11 @@ def test_log_interval_max_samples_stop_and_resume(tmp_path):
             fc(torch.randn(10, 4))  # calls 2, 4, 6 recorded: 10 + 10 + 5 (cut at 25)
         assert tracker.logs["train"]["0"]._tlen == 25
         tracker.stop()
+        calls = tracker._calls["0"]
+        fc(torch.randn(10, 4))
         fc(torch.randn(10, 4))
         assert not tracker.is_recording()
+        assert tracker._calls["0"] == calls  # stopped: the calls are not even counted
         tracker.resume()
     assert tracker.is_recording()
     tracker.close()

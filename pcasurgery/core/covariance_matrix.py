@@ -75,6 +75,11 @@ class TorchCovarianceMatrix:
         ``channel_dim`` (an extension) names the feature dimension of a larger
         tensor, every other position being a sample: ``channel_dim=1`` takes
         ``(batch, channels, h, w)`` maps channelwise, without a permuted copy.
+        A batch with no sample is skipped.
+
+        Raises:
+            NonFiniteError: ``x`` holds NaN or infinite values, on any device
+                (a ``ValueError``; the statistics are unchanged).
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

@@ -419,7 +419,7 @@ class PCALayer(nn.Module):
 
         Raises:
             NotCalibratedError: the layer has seen no data.
-            ValueError: the statistics contain NaN or infinite values.
+            NonFiniteError: the statistics contain NaN or infinite values (a ``ValueError``).
         """
         if self._empty:
             raise NotCalibratedError(
