@@ -23,7 +23,9 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check pcasurgery tests benchmarks
+	$(PY) -m ruff check pcasurgery tests benchmarks recipes examples docs
+	$(PY) -m ruff format --check pcasurgery tests benchmarks recipes examples docs
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from ._digits import DigitsCNN, accuracy, load_digits_split, train
+from ._digits import DigitsCNN, Split, accuracy, load_digits_split, train
 from ._validation import check_writable
 from .analysis import plot_saturation, report, sweep
-from .compression import compress, count_macs, count_params, export_onnx
+from .compression import compress, compression_plan, count_macs, count_params, export_onnx
 from .layers import set_threshold
 from .surgery import calibrate, pca_wrap
 
@@ -103,77 +103,17 @@ def run_demo(
     out = check_writable(out, "out", folder=True)  # before minutes of work, not after
     started = time.perf_counter()
     split = load_digits_split(seed=seed)
-    n_train, n_val, n_test = len(split.x_train), len(split.x_val), len(split.x_test)
-
-    print(f"[1/6] training a small CNN on scikit-learn's digits ({n_train} train / {n_val} validation / "
-          f"{n_test} test images, {epochs} epochs)")  # fmt: skip
-    torch.manual_seed(seed)  # the initial weights too
-    model = train(DigitsCNN(), split, epochs=epochs, seed=seed)
-    example = split.x_test[:1]
-    original = {
-        "test_accuracy": accuracy(model, split.x_test, split.y_test),
-        "val_accuracy": accuracy(model, split.x_val, split.y_val),
-        "params": count_params(model),
-        "macs": count_macs(model, example),
-    }
-    print(f"      test accuracy {original['test_accuracy']:.2%} (validation {original['val_accuracy']:.2%}), "
-          f"{original['params']:,} parameters, "
-          f"{original['macs']:,} multiply-accumulates per image")  # fmt: skip
-
-    print(
-        "[2/6] wrapping every conv and linear layer with a PCA layer and calibrating on the training images"
-    )
-    wrapped = calibrate(pca_wrap(model, 0.99), split.batches(128), progress=progress)
-    table = report(wrapped)
-    print(
-        table[["layer", "kind", "width", "idim", "saturation", "explained", "samples"]].to_string(
-            index=False
-        )
-    )
-    table.to_csv(out / "report.csv", index=False)
-    plot_saturation(table, out / "saturation.png")
-
-    print("[3/6] sweeping thresholds against accuracy (no eigendecomposition is recomputed)")
-
-    def evaluate(m):
-        return {
-            "val_accuracy": accuracy(m, split.x_val, split.y_val),
-            "test_accuracy": accuracy(m, split.x_test, split.y_test),
-        }
-
-    swept = sweep(wrapped, thresholds, evaluate, example_inputs=example)
-    print(swept.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    swept.to_csv(out / "sweep.csv", index=False)
-    ok = swept[swept["val_accuracy"] >= original["val_accuracy"] - max_drop]
-    chosen = float((ok if len(ok) else swept).sort_values("params").iloc[0]["threshold"])
-    _plot_tradeoff(swept, chosen, original, out / "accuracy_vs_parameters.png")
-    print(f"      smallest model within {100 * max_drop:g} point of the original validation accuracy: "
-          f"threshold {chosen:g}")  # fmt: skip
-
-    print(
-        f"[4/6] compressing at threshold {chosen:g}: folding the kept eigendirections into the layers"
-    )
-    set_threshold(wrapped, chosen)
-    small = compress(wrapped)
-    folded = small.compression_report
-    print(folded.to_string(index=False))
-    folded.to_csv(out / "compression.csv", index=False)
-
-    print("[5/6] exporting both models to ONNX and checking them in onnxruntime")
-    before_path = export_onnx(model, example, out / "digits_cnn.onnx")
-    after_path = export_onnx(small, example, out / "digits_cnn_compressed.onnx")
-    latency = {}
-    for batch in (1, 256):
-        x = split.x_test.repeat(2, 1, 1, 1)[:batch].contiguous()
-        runs = latency_runs if batch == 1 else max(3, latency_runs // 5)
-        latency[batch] = tuple(onnx_latency([before_path, after_path], x, runs))
-
+    model, original = _train(split, epochs, seed)
+    wrapped = _calibrate_and_report(model, split, out, progress)
+    chosen = _sweep(wrapped, split, original, thresholds, max_drop, out)
+    small = _compress(wrapped, chosen, out)
+    latency = _export(model, small, split, latency_runs, out)
     after = {
         "test_accuracy": accuracy(small, split.x_test, split.y_test),
         "params": count_params(small),
-        "macs": count_macs(small, example),
+        "macs": count_macs(small, split.x_test[:1]),
     }
-    summary = {
+    summary: dict[str, Any] = {
         "threshold": chosen,
         "original": original,
         "compressed": after,
@@ -186,7 +126,99 @@ def run_demo(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["files"] = sorted(p.name for p in out.iterdir())
+    _print_summary(summary, out)
+    return summary
 
+
+def _train(split: Split, epochs: int, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    n_train, n_val, n_test = len(split.x_train), len(split.x_val), len(split.x_test)
+    print(f"[1/6] training a small CNN on scikit-learn's digits ({n_train} train / {n_val} validation / "
+          f"{n_test} test images, {epochs} epochs)")  # fmt: skip
+    torch.manual_seed(seed)  # the initial weights too
+    model = train(DigitsCNN(), split, epochs=epochs, seed=seed)
+    original = {
+        "test_accuracy": accuracy(model, split.x_test, split.y_test),
+        "val_accuracy": accuracy(model, split.x_val, split.y_val),
+        "params": count_params(model),
+        "macs": count_macs(model, split.x_test[:1]),
+    }
+    print(f"      test accuracy {original['test_accuracy']:.2%} (validation {original['val_accuracy']:.2%}), "
+          f"{original['params']:,} parameters, "
+          f"{original['macs']:,} multiply-accumulates per image")  # fmt: skip
+    return model, original
+
+
+def _calibrate_and_report(
+    model: torch.nn.Module, split: Split, out: Path, progress: bool
+) -> torch.nn.Module:
+    print(
+        "[2/6] wrapping every conv and linear layer with a PCA layer and calibrating on the training images"
+    )
+    wrapped = calibrate(pca_wrap(model, 0.99), split.batches(128), progress=progress)
+    table = report(wrapped)
+    columns = ["layer", "kind", "width", "idim", "saturation", "explained", "samples"]
+    print(table[columns].to_string(index=False))
+    table.to_csv(out / "report.csv", index=False)
+    plot_saturation(table, out / "saturation.png")
+    return wrapped
+
+
+def _sweep(
+    wrapped: torch.nn.Module,
+    split: Split,
+    original: dict[str, Any],
+    thresholds: tuple[float, ...],
+    max_drop: float,
+    out: Path,
+) -> float:
+    """Sweep the thresholds; the smallest model within ``max_drop`` of the validation accuracy."""
+    print("[3/6] sweeping thresholds against accuracy (no eigendecomposition is recomputed)")
+
+    def evaluate(m):
+        return {
+            "val_accuracy": accuracy(m, split.x_val, split.y_val),
+            "test_accuracy": accuracy(m, split.x_test, split.y_test),
+        }
+
+    swept = sweep(wrapped, thresholds, evaluate, example_inputs=split.x_test[:1])
+    print(swept.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    swept.to_csv(out / "sweep.csv", index=False)
+    ok = swept[swept["val_accuracy"] >= original["val_accuracy"] - max_drop]
+    chosen = float((ok if len(ok) else swept).sort_values("params").iloc[0]["threshold"])
+    _plot_tradeoff(swept, chosen, original, out / "accuracy_vs_parameters.png")
+    print(f"      smallest model within {100 * max_drop:g} point of the original validation accuracy: "
+          f"threshold {chosen:g}")  # fmt: skip
+    return chosen
+
+
+def _compress(wrapped: torch.nn.Module, chosen: float, out: Path) -> torch.nn.Module:
+    print(
+        f"[4/6] compressing at threshold {chosen:g}: folding the kept eigendirections into the layers"
+    )
+    set_threshold(wrapped, chosen)
+    plan = compression_plan(wrapped)
+    print(plan.to_string(index=False))
+    plan.to_csv(out / "compression.csv", index=False)
+    return compress(wrapped)
+
+
+def _export(
+    model: torch.nn.Module, small: torch.nn.Module, split: Split, latency_runs: int, out: Path
+) -> dict[int, tuple[float, ...]]:
+    print("[5/6] exporting both models to ONNX and checking them in onnxruntime")
+    example = split.x_test[:1]
+    before_path = export_onnx(model, example, out / "digits_cnn.onnx")
+    after_path = export_onnx(small, example, out / "digits_cnn_compressed.onnx")
+    latency = {}
+    for batch in (1, 256):
+        x = split.x_test.repeat(2, 1, 1, 1)[:batch].contiguous()
+        runs = latency_runs if batch == 1 else max(3, latency_runs // 5)
+        latency[batch] = tuple(onnx_latency([before_path, after_path], x, runs))
+    return latency
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    original, after = summary["original"], summary["compressed"]
     print("[6/6] summary")
     rows = [
         ("test accuracy", f"{original['test_accuracy']:.2%}", f"{after['test_accuracy']:.2%}", ""),
@@ -195,18 +227,13 @@ def run_demo(
         ("MACs per image", f"{original['macs']:,}", f"{after['macs']:,}",
          f"{original['macs'] / after['macs']:.1f}x fewer"),
     ]  # fmt: skip
-    for b, (t0, t1) in latency.items():
+    for b, times in summary["onnx_latency_ms"].items():
+        t0, t1 = times["original"], times["compressed"]
         rows.append(
-            (
-                f"onnxruntime, batch {b}",
-                f"{1e3 * t0:.3f} ms",
-                f"{1e3 * t1:.3f} ms",
-                f"{t0 / t1:.2f}x faster",
-            )
+            (f"onnxruntime, batch {b}", f"{t0:.3f} ms", f"{t1:.3f} ms", f"{t0 / t1:.2f}x faster")
         )
     print(f"      {'':24s} {'original':>12s} {'compressed':>12s}")
     for name, a, b, note in rows:
         print(f"      {name:24s} {a:>12s} {b:>12s}  {note}")
     print(f"      files in {out}/: {', '.join(summary['files'])}")
     print(f"      done in {summary['seconds']} s")
-    return summary

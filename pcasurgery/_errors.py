@@ -8,7 +8,13 @@ written against stage-1 releases (``except RuntimeError``) keeps working.
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteError", "NotCalibratedError", "OnnxCheckError", "PCASurgeryError"]
+__all__ = [
+    "NonFiniteError",
+    "NotCalibratedError",
+    "OnnxCheckError",
+    "PCASurgeryError",
+    "add_context",
+]
 
 
 class PCASurgeryError(Exception):
@@ -25,3 +31,14 @@ class NonFiniteError(PCASurgeryError, ValueError):
 
 class OnnxCheckError(PCASurgeryError):
     """The exported model's outputs in onnxruntime differ from PyTorch's."""
+
+
+def add_context(err: BaseException, text: str) -> None:
+    """Attach ``text`` to an exception raised by the user's model or data, keeping its type.
+
+    The text shows under the traceback (``BaseException.add_note``, Python >= 3.11;
+    on older Pythons the exception is left as it is).
+    """
+    add_note = getattr(err, "add_note", None)
+    if add_note is not None:
+        add_note(text)

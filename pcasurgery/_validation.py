@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ def check_seed(value: object, name: str = "seed") -> int | np.random.Generator |
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, a numpy.random.Generator or None, got {value!r}")
-    if not 0 <= value < 2**32:
+    if not 0 <= int(value) < 2**32:
         raise ValueError(f"{name} must be an int in [0, 2**32), got {value!r}")
     return int(value)
 
@@ -87,7 +88,7 @@ def check_device(value: object, name: str = "device") -> torch.device | None:
     if value is None:
         return None
     try:
-        device = torch.device(value)  # type: ignore[arg-type]
+        device = torch.device(value)  # type: ignore[call-overload]
     except (RuntimeError, TypeError) as err:
         raise ValueError(
             f"{name} must name a torch device such as 'cpu' or 'cuda:0', got {value!r}"
@@ -127,6 +128,14 @@ def check_bool(value: object, name: str) -> bool:
     return value
 
 
+@overload
+def check_positive_int(value: object, name: str) -> int: ...
+@overload
+def check_positive_int(value: object, name: str, *, allow_none: Literal[False]) -> int: ...
+@overload
+def check_positive_int(value: object, name: str, *, allow_none: bool) -> int | None: ...
+
+
 def check_positive_int(value: object, name: str, *, allow_none: bool = False) -> int | None:
     """Return ``value`` as an int >= 1 (or None when allowed), or raise naming ``name``."""
     if value is None and allow_none:
@@ -134,7 +143,7 @@ def check_positive_int(value: object, name: str, *, allow_none: bool = False) ->
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         allowed = "a positive integer or None" if allow_none else "a positive integer"
         raise TypeError(f"{name} must be {allowed}, got {value!r}")
-    if value < 1:
+    if int(value) < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
     return int(value)
 
@@ -144,7 +153,7 @@ def check_choice(value: object, name: str, allowed: Iterable[str]) -> str:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value  # type: ignore[return-value]
+    return next(a for a in allowed if a == value)
 
 
 def check_writable(value: object, name: str, *, folder: bool) -> Path:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -55,14 +56,17 @@ class LayerPlan:
     macs_per_position: int
 
 
-def _fan_in(module: nn.Module) -> int:
+Dense = nn.Linear | nn.Conv2d  # the layers a projection can be folded into
+
+
+def _fan_in(module: Dense) -> int:
     if isinstance(module, nn.Linear):
         return module.in_features
     kh, kw = module.kernel_size
     return module.in_channels * kh * kw
 
 
-def _plan_layer(layer: PCALayer, follows: nn.Module | None, k: int | None = None) -> LayerPlan:
+def _plan_layer(layer: PCALayer, follows: Dense | None, k: int | None = None) -> LayerPlan:
     """Choose how ``layer`` (at rank ``k``, its current one by default) is compressed.
 
     ``follows`` is the Linear/Conv2d whose output the layer projects directly,
@@ -99,27 +103,34 @@ class LowRank(nn.Sequential):
     ``kernel_size``, ...) are those of the whole map.
     """
 
-    def __init__(self, down: nn.Module, up: nn.Module):
+    def __init__(self, down: Dense, up: Dense):
         super().__init__(down, up)
+
+    def _parts(self) -> tuple[Dense, Dense]:
+        down, up = self[0], self[1]
+        assert isinstance(down, Dense) and isinstance(up, Dense)
+        return down, up
 
     @property
     def rank(self) -> int:
         """``k``, the width between the two layers."""
-        return self[0].weight.shape[0]
+        return self._parts()[0].weight.shape[0]
 
     @property
     def weight(self) -> Tensor:
         """The dense weight of the composed map (computed, not a parameter)."""
-        down, up = self[0].weight, self[1].weight
+        down, up = (m.weight for m in self._parts())
         dense = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
         return dense.reshape(up.shape[0], *down.shape[1:])
 
     @property
     def bias(self) -> Tensor:
         """The bias of the composed map."""
-        up = self[1].weight.reshape(self[1].weight.shape[0], -1)
-        down_bias = self[0].bias if self[0].bias is not None else torch.zeros_like(up[0])
-        return up @ down_bias + self[1].bias
+        down, up = self._parts()
+        up_weight = up.weight.reshape(up.weight.shape[0], -1)
+        down_bias = down.bias if down.bias is not None else torch.zeros_like(up_weight[0])
+        up_bias = up.bias if up.bias is not None else torch.zeros_like(up_weight[:, 0])
+        return up_weight @ down_bias + up_bias
 
     def __getattr__(self, name: str):
         if name in ("out_features", "out_channels"):
@@ -131,45 +142,51 @@ class LowRank(nn.Sequential):
 
 
 # ----------------------------------------------------------------- builders
-def _like(module: nn.Module, out_features: int, *, in_features: int | None = None) -> nn.Module:
+def _like(module: Dense, out_features: int) -> Dense:
     """A fresh layer of ``module``'s kind and geometry with ``out_features`` outputs."""
-    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    device, dtype = module.weight.device, module.weight.dtype
     if isinstance(module, nn.Linear):
-        return nn.Linear(in_features or module.in_features, out_features, bias=True, **factory)
+        return nn.Linear(module.in_features, out_features, bias=True, device=device, dtype=dtype)
+    geometry: dict[str, Any] = {  # as the module holds them (tuples, or a padding string)
+        "kernel_size": module.kernel_size,
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+    }
     return nn.Conv2d(
-        in_features or module.in_channels,
+        module.in_channels,
         out_features,
-        module.kernel_size,
-        stride=module.stride,
-        padding=module.padding,
-        dilation=module.dilation,
+        **geometry,
         groups=1,
         bias=True,
         padding_mode=module.padding_mode,
-        **factory,
+        device=device,
+        dtype=dtype,
     )
 
 
 def _pointwise(
     conv: bool, n_in: int, n_out: int, weight: Tensor, bias: Tensor, like: Tensor
-) -> nn.Module:
+) -> Dense:
     """A Linear (or 1x1 Conv2d) ``x -> weight x + bias`` in ``like``'s dtype and device."""
-    factory = {"device": like.device, "dtype": like.dtype}
-    layer = nn.Conv2d(n_in, n_out, 1, **factory) if conv else nn.Linear(n_in, n_out, **factory)
+    device, dtype = like.device, like.dtype
+    layer: Dense = (
+        nn.Conv2d(n_in, n_out, 1, device=device, dtype=dtype)
+        if conv
+        else nn.Linear(n_in, n_out, device=device, dtype=dtype)
+    )
+    return _set(layer, weight, bias)
+
+
+def _set(layer: Dense, weight: Tensor, bias: Tensor) -> Dense:
+    assert layer.bias is not None
     with torch.no_grad():
         layer.weight.copy_(weight.reshape(layer.weight.shape))
         layer.bias.copy_(bias)
     return layer
 
 
-def _set(layer: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
-    with torch.no_grad():
-        layer.weight.copy_(weight.reshape(layer.weight.shape))
-        layer.bias.copy_(bias)
-    return layer
-
-
-def _weights64(module: nn.Module) -> tuple[Tensor, Tensor]:
+def _weights64(module: Dense) -> tuple[Tensor, Tensor]:
     w = module.weight.detach().to(torch.float64).reshape(module.weight.shape[0], -1)
     b = module.bias
     b = (
@@ -180,7 +197,7 @@ def _weights64(module: nn.Module) -> tuple[Tensor, Tensor]:
     return w, b
 
 
-def _compress_pair(layer: PCALayer, module: nn.Module, plan: LayerPlan) -> nn.Module:
+def _compress_pair(layer: PCALayer, module: Dense, plan: LayerPlan) -> nn.Module:
     """The plain layers computing ``layer(module(x))``."""
     v = layer.basis.to(module.weight.device)
     c = layer.center().to(module.weight.device)
@@ -212,6 +229,8 @@ def _standalone(layer: PCALayer, plan: LayerPlan) -> nn.Module:
 def _fuse_batchnorm(layer: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
     """``bn(layer(x))`` as one layer (the last one of a Sequential)."""
     last = layer[-1] if isinstance(layer, nn.Sequential) else layer
+    assert isinstance(last, Dense)
+    assert bn.running_var is not None and bn.running_mean is not None
     var, mean = bn.running_var.to(torch.float64), bn.running_mean.to(torch.float64)
     scale = torch.rsqrt(var + bn.eps)
     shift = -mean * scale
@@ -242,14 +261,12 @@ def _swap(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 setattr(parent, child, new)
 
 
-def _can_pair(module: nn.Module | None) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
-
-
-def _followed(model: nn.Module, site: Site) -> nn.Module | None:
+def _followed(model: nn.Module, site: Site) -> Dense | None:
     """The Linear/Conv2d whose output the site's layer projects directly, if it can be paired."""
     module = model.get_submodule(site.follows) if site.follows is not None else None
-    return module if _can_pair(module) else None
+    if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+        return module
+    return None
 
 
 def _plan_site(model: nn.Module, site: Site, k: int | None = None) -> LayerPlan:
@@ -378,9 +395,7 @@ def _fusable_batchnorms(gm: fx.GraphModule) -> dict[str, nn.BatchNorm2d]:
     return found
 
 
-def _compress_graph_pair(
-    gm: fx.GraphModule, site: Site, layer: PCALayer, module: nn.Module
-) -> dict:
+def _compress_graph_pair(gm: fx.GraphModule, site: Site, layer: PCALayer, module: Dense) -> dict:
     """Fold a graph site's projection into the module it follows (and a BatchNorm after it)."""
     bn = _fusable_batchnorms(gm).get(site.name)
     plan = _plan_layer(layer, module)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_module, kept_modes
 from ..layers.pca import PCALayer
 
 __all__ = ["count_macs", "count_params", "macs_per_position"]
@@ -21,8 +22,7 @@ __all__ = ["count_macs", "count_params", "macs_per_position"]
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters of ``model`` (each shared tensor once; buffers excluded)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -58,8 +58,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     Returns:
         MACs per example of every Linear, Conv2d and PCA layer.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     first = next((a for a in args if isinstance(a, Tensor)), None)
     if first is None or first.dim() == 0:
@@ -84,13 +83,11 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
         for m in model.modules()
         if isinstance(m, (nn.Linear, nn.Conv2d, PCALayer))
     ]
-    flags = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        model(*args)
+        with kept_modes(model):
+            model.eval()
+            model(*args)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
     return int(total)

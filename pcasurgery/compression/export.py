@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._errors import OnnxCheckError
-from .._validation import check_bool, check_positive_int
+from .._errors import OnnxCheckError, add_context
+from .._validation import check_bool, check_module, check_positive_int, kept_modes
 
 __all__ = ["export_onnx", "run_onnx"]
 
@@ -151,11 +151,12 @@ def export_onnx(
         The path written.
 
     Raises:
-        ValueError: a missing folder, an unsupported opset, or inputs the model cannot run.
+        ValueError: a missing folder or an unsupported opset.
+        Exception: whatever the model raises on ``example_inputs``, with its own
+            type and the input shapes added as a note.
         OnnxCheckError: onnxruntime disagrees with PyTorch (max error and batch sizes said).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     args = _as_args(example_inputs)
     check_bool(dynamic_batch, "dynamic_batch")
     check_bool(check, "check")
@@ -167,65 +168,83 @@ def export_onnx(
         _require(module)
     opset = _check_opset(opset)
 
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                expected = _outputs(model(*args))
-            except (RuntimeError, ValueError, TypeError, IndexError) as err:
-                shapes = [tuple(a.shape) for a in args]
-                raise ValueError(
-                    f"the model cannot run on example_inputs of shapes {shapes}: {err}"
-                ) from err
-        # one self-contained file unless the weights approach protobuf's 2 GB limit
-        weight_bytes = sum(
-            t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
-        )
-        kwargs: dict[str, Any] = {
-            "dynamo": True,
-            "verbose": verbose,
-            "external_data": weight_bytes > 2**30,
-        }
-        if opset is not None:
-            kwargs["opset_version"] = opset
-        if dynamic_batch:
-            batch = torch.export.Dim("batch", min=1)
-            kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
-        with _quiet(verbose):
-            torch.onnx.export(model, args, str(path), **kwargs)
-        if opset is not None and _written_opset(path) != opset:
-            written = _written_opset(path)
-            path.unlink()
-            raise ValueError(
-                f"opset={opset}: the exporter could not convert this model to it (it wrote "
-                f"opset {written}, and writes 18 natively); choose an opset of at least 18, "
-                "or None for the default"
-            )
+    with kept_modes(model), torch.no_grad():
+        model.eval()
+        try:
+            expected = _outputs(model(*args))
+        except Exception as err:
+            shapes = [tuple(a.shape) for a in args]
+            add_context(err, f"(raised by the model on example_inputs of shapes {shapes})")
+            raise
+        _write(model, args, path, dynamic_batch=dynamic_batch, opset=opset, verbose=verbose)
         if check:
-            batches = [args] + ([_other_batch(args)] if dynamic_batch else [])
-            for inputs in batches:
-                with torch.no_grad():
-                    reference = expected if inputs is args else _outputs(model(*inputs))
-                got = run_onnx(path, *inputs)
-                for i, (ref, out) in enumerate(zip(reference, got, strict=True)):
-                    ref = ref.detach().cpu().to(torch.float64)
-                    out = torch.from_numpy(out).to(torch.float64)
-                    if out.shape != ref.shape:
-                        raise OnnxCheckError(
-                            f"onnxruntime output {i} has shape {tuple(out.shape)}, PyTorch's "
-                            f"{tuple(ref.shape)} (batch size {inputs[0].shape[0]})"
-                        )
-                    error = float((out - ref).abs().max()) if ref.numel() else 0.0
-                    rtol = _RTOL.get(reference[i].dtype, 1e-4)
-                    tolerance = rtol * max(1.0, float(ref.abs().max()) if ref.numel() else 0.0)
-                    if not error <= tolerance:
-                        raise OnnxCheckError(
-                            f"onnxruntime output {i} differs from PyTorch by up to {error:.3g} "
-                            f"(tolerance {tolerance:.3g}) at batch size {inputs[0].shape[0]}; "
-                            f"checked batch sizes {[b[0].shape[0] for b in batches]}"
-                        )
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+            _check_in_onnxruntime(model, path, args, expected, dynamic_batch)
     return path
+
+
+def _write(
+    model: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    *,
+    dynamic_batch: bool,
+    opset: int | None,
+    verbose: bool,
+) -> None:
+    """Export with the dynamo exporter: one file, dynamic batch, the opset asked for or none."""
+    # one self-contained file unless the weights approach protobuf's 2 GB limit
+    weight_bytes = sum(
+        t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+    )
+    kwargs: dict[str, Any] = {
+        "dynamo": True,
+        "verbose": verbose,
+        "external_data": weight_bytes > 2**30,
+    }
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
+    with _quiet(verbose):
+        torch.onnx.export(model, args, str(path), **kwargs)
+    if opset is not None and _written_opset(path) != opset:
+        written = _written_opset(path)
+        path.unlink()
+        raise ValueError(
+            f"opset={opset}: the exporter could not convert this model to it (it wrote "
+            f"opset {written}, and writes 18 natively); choose an opset of at least 18, "
+            "or None for the default"
+        )
+
+
+def _check_in_onnxruntime(
+    model: nn.Module,
+    path: Path,
+    args: tuple[Tensor, ...],
+    expected: list[Tensor],
+    dynamic_batch: bool,
+) -> None:
+    """Compare onnxruntime with PyTorch on ``args`` and on another batch size; raise if they differ."""
+    batches = [args] + ([_other_batch(args)] if dynamic_batch else [])
+    sizes = [b[0].shape[0] for b in batches]
+    for inputs in batches:
+        reference = expected if inputs is args else _outputs(model(*inputs))
+        got = run_onnx(path, *inputs)
+        for i, (ref, out) in enumerate(zip(reference, got, strict=True)):
+            ref64 = ref.detach().cpu().to(torch.float64)
+            out64 = torch.from_numpy(out).to(torch.float64)
+            if out64.shape != ref64.shape:
+                raise OnnxCheckError(
+                    f"onnxruntime output {i} has shape {tuple(out64.shape)}, PyTorch's "
+                    f"{tuple(ref64.shape)} (batch size {inputs[0].shape[0]})"
+                )
+            error = float((out64 - ref64).abs().max()) if ref64.numel() else 0.0
+            scale = float(ref64.abs().max()) if ref64.numel() else 0.0
+            tolerance = _RTOL.get(ref.dtype, 1e-4) * max(1.0, scale)
+            if not error <= tolerance:
+                raise OnnxCheckError(
+                    f"onnxruntime output {i} differs from PyTorch by up to {error:.3g} "
+                    f"(tolerance {tolerance:.3g}) at batch size {inputs[0].shape[0]}; "
+                    f"checked batch sizes {sizes}"
+                )

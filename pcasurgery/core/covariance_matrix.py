@@ -55,7 +55,9 @@ class TorchCovarianceMatrix:
                 [2., 4.]], dtype=torch.float64)
     """
 
-    def __init__(self, bias: bool = False, device: str = "cuda:0", save_data: bool = False):
+    def __init__(
+        self, bias: bool = False, device: str | torch.device = "cuda:0", save_data: bool = False
+    ):
         self.bias = bias
         self.device = _resolve_device(device)
         self.save_data = bool(save_data)

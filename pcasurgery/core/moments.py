@@ -63,7 +63,7 @@ class Moments(NamedTuple):
         total_sq: float64 ``(width, width)`` sum of ``(x - shift)(x - shift)^T``.
     """
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count, as NamedTuple fields may
     shift: Tensor
     total: Tensor
     total_sq: Tensor
@@ -71,12 +71,12 @@ class Moments(NamedTuple):
 
 def empty_moments(width: int, device: torch.device | str | None = None) -> Moments:
     """Return the state of an accumulator that has seen no sample."""
-    f64 = {"dtype": torch.float64, "device": device}
+    f64 = torch.float64
     return Moments(
         torch.zeros((), dtype=torch.int64, device=device),
-        torch.zeros(width, **f64),
-        torch.zeros(width, **f64),
-        torch.zeros(width, width, **f64),
+        torch.zeros(width, dtype=f64, device=device),
+        torch.zeros(width, dtype=f64, device=device),
+        torch.zeros(width, width, dtype=f64, device=device),
     )
 
 

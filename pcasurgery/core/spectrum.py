@@ -138,9 +138,8 @@ def random_orthogonal(
     dim = check_positive_int(dim, "dim")
     if dim == 1:
         return np.ones((1, 1))
-    if random_state is None:
-        random_state = np.random.mtrand._rand
-    return special_ortho_group.rvs(dim, random_state=random_state)
+    state = np.random.mtrand._rand if random_state is None else random_state
+    return special_ortho_group.rvs(dim, random_state=state)
 
 
 def cov_determinant(cov: Tensor) -> float:

@@ -156,6 +156,27 @@ class PCALayer(nn.Module):
     kind: str = "linear"
     num = 0  # the seed's counter, used for default layer names
 
+    # The buffers of STATE, for type checkers (nn.Module resolves them at run time).
+    sample_count: Tensor
+    shift: Tensor
+    shifted_sum: Tensor
+    shifted_sum_sq: Tensor
+    example_count: Tensor
+    sample_positions: Tensor
+    statistics_shared: Tensor
+    computed_count: Tensor
+    _threshold: Tensor
+    _centering: Tensor
+    _keepdim: Tensor
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    mean: Tensor
+    rank: Tensor
+    random_directions: Tensor
+    projection_weight: Tensor
+    projection_bias: Tensor
+    basis: Tensor
+
     def __init__(
         self,
         width: int,
@@ -258,9 +279,10 @@ class PCALayer(nn.Module):
         # every buffer in its declared dtype and only follow the device.
         keep = {s.name: self._buffers[s.name] for s in STATE if s.dtype is not None}
         super()._apply(fn, recurse)
-        device = self._buffers["projection_weight"].device  # type: ignore[union-attr]
+        device = self.projection_weight.device
         for name, value in keep.items():
-            self._buffers[name] = value.to(device)  # type: ignore[union-attr]
+            if value is not None:
+                self._buffers[name] = value.to(device)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

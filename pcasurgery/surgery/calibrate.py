@@ -23,6 +23,7 @@ reduced with the new data.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._errors import add_context
 from .._validation import check_bool, check_device, check_module, check_positive_int
 from ..core import moments as _m
 from ..layers.network import _require_layers, pca_layers_of
@@ -56,11 +58,12 @@ def _examples_in(batch: Any) -> int | None:
     return None
 
 
-def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+def _map_tensors(batch: Any, fn: Callable[[Tensor], Any]) -> Any:
     if isinstance(batch, Tensor):
         return fn(batch)
     if isinstance(batch, Mapping):
-        return type(batch)((k, _map_tensors(v, fn)) for k, v in batch.items())
+        rebuild: Any = type(batch)  # dict, OrderedDict, BatchEncoding, ...
+        return rebuild((k, _map_tensors(v, fn)) for k, v in batch.items())
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(_map_tensors(v, fn) for v in batch))
     if isinstance(batch, (tuple, list)):
@@ -98,21 +101,12 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return None
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return next((t.device for t in tensors), None)
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _note(err: BaseException, text: str) -> None:
-    add_note = getattr(err, "add_note", None)  # Python >= 3.11
-    if add_note is not None:
-        add_note(text)
 
 
 @torch.no_grad()
@@ -171,7 +165,9 @@ class _Snapshot:
         self.layers = [(layer, layer.mode, layer.epoch) for layer in layers]
 
     def buffers_of(self, layer: PCALayer) -> dict[str, Tensor]:
-        return next(b for m, b, *_ in self.modules if m is layer)
+        """The layer's buffers as they were before calibration."""
+        buffers = next(b for m, b, *_ in self.modules if m is layer)
+        return {name: t for name, t in buffers.items() if t is not None}
 
     def restore_modes(self) -> None:
         for m, *_, training in self.modules:
@@ -306,7 +302,7 @@ def _stream(
             except StopIteration:
                 break
             except BaseException as err:
-                _note(err, f"(raised by the calibration data while fetching batch {batches})")
+                add_context(err, f"(raised by the calibration data while fetching batch {batches})")
                 raise
             size = _examples_in(batch)
             if max_samples is not None:
@@ -322,7 +318,7 @@ def _stream(
                 run(model, batch)
             except BaseException as err:
                 shapes = _map_tensors(batch, lambda t: tuple(t.shape))
-                _note(err, f"(raised on calibration batch {batches}, tensor shapes {shapes})")
+                add_context(err, f"(raised on calibration batch {batches}, tensor shapes {shapes})")
                 raise
             batches += 1
             seen += size if size is not None else 0

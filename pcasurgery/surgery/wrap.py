@@ -86,9 +86,9 @@ def _select_targets(
     when ``include`` is given, the qualified name must match one of its globs;
     finally a name matching any ``exclude`` glob is dropped.
     """
-    chosen = []
+    chosen: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():  # shared modules are listed once
-        if not name or not isinstance(module, targets):
+        if not name or not any(isinstance(module, t) for t in targets):
             continue
         if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
@@ -104,6 +104,7 @@ def _make_layer(name: str, module: nn.Module, threshold: float, centering: bool,
             module.out_channels, threshold, verbose=False, centering=centering, keepdim=keepdim
         )
     else:
+        assert isinstance(module, nn.Linear)
         layer = LinearPCALayer(module.out_features, threshold, keepdim=keepdim, centering=centering)
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
