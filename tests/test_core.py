@@ -16,7 +16,7 @@ def stream(x: np.ndarray, batch: int, channel_dim: int = -1) -> m.Moments:
     t = torch.from_numpy(x)
     state = m.empty_moments(t.shape[channel_dim])
     for i in range(0, t.shape[0], batch):
-        m.accumulate_(state, t[i : i + batch], channel_dim)
+        m._accumulate(state, t[i : i + batch], channel_dim)
     return state
 
 
@@ -232,7 +232,7 @@ def test_channelwise_drift_is_handled_like_rows():
     x[3:] += 1e6
     state = m.empty_moments(5)
     for chunk in x.split(2):
-        m.accumulate_(state, chunk, channel_dim=1)
+        m._accumulate(state, chunk, channel_dim=1)
     rows = x.permute(0, 2, 3, 1).reshape(-1, 5).double().numpy()
     reference = np.cov(rows, rowvar=False, bias=True)
     assert relative_error(m.covariance(state).numpy(), reference) <= 1e-5
@@ -240,15 +240,15 @@ def test_channelwise_drift_is_handled_like_rows():
 
 def test_empty_batches_are_skipped_and_non_finite_batches_leave_the_state_alone():
     state = m.empty_moments(3)
-    assert m.accumulate_(state, torch.empty(0, 3)) == (0, False)
+    assert m._accumulate(state, torch.empty(0, 3)) == (0, False)
     assert int(state.count) == 0 and not state.shift.any()
     good = torch.randn(10, 3)
-    m.accumulate_(state, good)
+    m._accumulate(state, good)
     before = [t.clone() for t in state]
     bad = good.clone()
     bad[4, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
-        m.accumulate_(state, bad)
+        m._accumulate(state, bad)
     for t, b in zip(state, before, strict=True):
         assert torch.equal(t, b)
 

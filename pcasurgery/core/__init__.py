@@ -3,9 +3,7 @@
 from .covariance_matrix import TorchCovarianceMatrix
 from .moments import (
     Moments,
-    accumulate_,
     all_reduce_moments,
-    batch_moments,
     covariance,
     empty_moments,
     mean,
@@ -29,9 +27,7 @@ from .spectrum import (
 __all__ = [
     "Moments",
     "TorchCovarianceMatrix",
-    "accumulate_",
     "all_reduce_moments",
-    "batch_moments",
     "cov_determinant",
     "cov_trace",
     "covariance",

@@ -108,7 +108,7 @@ class TorchCovarianceMatrix:
                 f"x has {width} features but earlier batches had {self.moments.shift.shape[0]}"
             )
         try:
-            _, self._subtract = _m.accumulate_(self.moments, x, channel_dim, self._subtract)
+            _, self._subtract = _m._accumulate(self.moments, x, channel_dim, self._subtract)
         except NonFiniteError as err:
             raise NonFiniteError("x contains NaN or infinite values") from err
         if self.save_data:

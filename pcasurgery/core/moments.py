@@ -22,7 +22,7 @@ Two accumulators merge exactly (:func:`merge_moments`), and
 :func:`all_reduce_moments` sums many accumulators across processes with any
 sum-reduction (``torch.distributed.all_reduce`` in practice).
 
-Everything here is a pure function of tensors except :func:`accumulate_`, the
+Everything here is a pure function of tensors except :func:`_accumulate`, the
 one in-place helper that adds a batch into tensors owned by a module.
 """
 
@@ -38,12 +38,8 @@ from torch import Tensor
 from .._errors import NonFiniteError
 
 __all__ = [
-    "SHIFT_RATIO",
     "Moments",
-    "accumulate_",
     "all_reduce_moments",
-    "batch_moments",
-    "compute_dtype",
     "covariance",
     "empty_moments",
     "mean",
@@ -89,7 +85,7 @@ SHIFT_RATIO = 4.0
 _FAR = SHIFT_RATIO**2 / (1.0 + SHIFT_RATIO**2)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype in which a batch of ``dtype`` is shifted and multiplied."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -101,7 +97,7 @@ def _width(x: Tensor, channel_dim: int) -> int:
     return x.shape[channel_dim]
 
 
-def batch_moments(
+def _batch_moments(
     x: Tensor, shift: Tensor, channel_dim: int = -1, subtract: bool | None = None
 ) -> Moments:
     """Moments of one batch, relative to ``shift``.
@@ -121,7 +117,7 @@ def batch_moments(
     width = _width(x, channel_dim)
     if shift.shape != (width,):
         raise ValueError(f"shift must have shape ({width},), got {tuple(shift.shape)}")
-    dtype = compute_dtype(x.dtype)
+    dtype = _compute_dtype(x.dtype)
     cd = channel_dim % x.dim()
     shift64 = shift.to(device=x.device, dtype=torch.float64)
     if subtract is None:
@@ -172,7 +168,7 @@ def _check(batch: Moments, count: int) -> tuple[bool, bool]:
     return bool(flags[0]), bool(flags[1])
 
 
-def accumulate_(
+def _accumulate(
     state: Moments, x: Tensor, channel_dim: int = -1, subtract: bool | None = None
 ) -> tuple[int, bool]:
     """Add the samples of ``x`` (features on ``channel_dim``) into ``state``, in place.
@@ -200,7 +196,7 @@ def accumulate_(
         subtract = bool(state.shift.any())
     if count == 0:
         return 0, subtract
-    batch = batch_moments(x, state.shift, channel_dim, subtract)
+    batch = _batch_moments(x, state.shift, channel_dim, subtract)
     for _ in range(3):
         finite, far = _check(batch, count)
         if not finite:
@@ -209,8 +205,8 @@ def accumulate_(
             break
         # the batch's own mean, rounded to its compute dtype so that the subtraction is exact
         center = batch.shift + batch.total / count
-        center = center.to(compute_dtype(x.dtype)).to(torch.float64)
-        batch = batch_moments(x, center, channel_dim, subtract=True)
+        center = center.to(_compute_dtype(x.dtype)).to(torch.float64)
+        batch = _batch_moments(x, center, channel_dim, subtract=True)
     if not torch.equal(batch.shift, state.shift.to(batch.shift.device)):
         moved = reshift(state, batch.shift)
         for buf, value in zip(state[1:], moved[1:], strict=True):

@@ -52,7 +52,7 @@ from .._validation import (
 from ..core import moments as _m
 from ..core import spectrum as _s
 
-__all__ = ["STATE", "Conv2DPCALayer", "LinearPCALayer", "PCALayer", "StateSpec"]
+__all__ = ["Conv2DPCALayer", "LinearPCALayer", "PCALayer"]
 
 log = logging.getLogger("pcasurgery")
 
@@ -60,7 +60,7 @@ MODES = ("auto", "collect", "project")
 
 
 @dataclass(frozen=True)
-class StateSpec:
+class _StateSpec:
     """One buffer of a PCA layer, declared once.
 
     Attributes:
@@ -96,33 +96,33 @@ def _square(width: int, keepdim: bool) -> tuple[int, ...]:
 
 
 _F64, _I64 = torch.float64, torch.int64
-STATE: tuple[StateSpec, ...] = (
+_STATE: tuple[_StateSpec, ...] = (
     # the moments (core.moments.Moments) and the examples they came from
-    StateSpec("sample_count", _scalar, _I64, statistic=True),
-    StateSpec("shift", _vector, _F64, statistic=True),
-    StateSpec("shifted_sum", _vector, _F64, statistic=True),
-    StateSpec("shifted_sum_sq", _square, _F64, statistic=True),
-    StateSpec("example_count", _scalar, _I64, statistic=True),
+    _StateSpec("sample_count", _scalar, _I64, statistic=True),
+    _StateSpec("shift", _vector, _F64, statistic=True),
+    _StateSpec("shifted_sum", _vector, _F64, statistic=True),
+    _StateSpec("shifted_sum_sq", _square, _F64, statistic=True),
+    _StateSpec("example_count", _scalar, _I64, statistic=True),
     # samples per input example in the last batch (h*w for convs, tokens for Linear)
-    StateSpec("sample_positions", _scalar, _I64, statistic=True, initial=1),
+    _StateSpec("sample_positions", _scalar, _I64, statistic=True, initial=1),
     # the statistics are already the union over a process group (a distributed calibration)
-    StateSpec("statistics_shared", _scalar, torch.bool, statistic=True),
+    _StateSpec("statistics_shared", _scalar, torch.bool, statistic=True),
     # sample_count when the spectrum was computed: 0 = never, -1 = from other statistics
-    StateSpec("computed_count", _scalar, _I64),
-    StateSpec("_threshold", _scalar, _F64),
-    StateSpec("_centering", _scalar, torch.bool),
-    StateSpec("_keepdim", _scalar, torch.bool),
-    StateSpec("eigenvalues", _vector, _F64),
-    StateSpec("eigenvectors", _square, _F64),
-    StateSpec("mean", _vector, _F64),
-    StateSpec("rank", _scalar, _I64),
-    StateSpec("random_directions", _scalar, torch.bool),
+    _StateSpec("computed_count", _scalar, _I64),
+    _StateSpec("_threshold", _scalar, _F64),
+    _StateSpec("_centering", _scalar, torch.bool),
+    _StateSpec("_keepdim", _scalar, torch.bool),
+    _StateSpec("eigenvalues", _vector, _F64),
+    _StateSpec("eigenvectors", _square, _F64),
+    _StateSpec("mean", _vector, _F64),
+    _StateSpec("rank", _scalar, _I64),
+    _StateSpec("random_directions", _scalar, torch.bool),
     # the fused affine map of the projection, and the (width, k) basis it keeps
-    StateSpec("projection_weight", lambda w, keep: (w if keep else 0, w), None, resizable=True),
-    StateSpec("projection_bias", lambda w, keep: (w if keep else 0,), None, resizable=True),
-    StateSpec("basis", lambda w, keep: (w, 0), _F64, resizable=True),
+    _StateSpec("projection_weight", lambda w, keep: (w if keep else 0, w), None, resizable=True),
+    _StateSpec("projection_bias", lambda w, keep: (w if keep else 0,), None, resizable=True),
+    _StateSpec("basis", lambda w, keep: (w, 0), _F64, resizable=True),
 )
-_SPEC = {spec.name: spec for spec in STATE}
+_SPEC = {spec.name: spec for spec in _STATE}
 _MOMENTS = ("sample_count", "shift", "shifted_sum", "shifted_sum_sq")  # Moments' field order
 
 
@@ -143,7 +143,7 @@ class PCALayer(nn.Module):
 
     The feature dimension is ``channel_dim``; every other position of the input
     is one sample of the statistics. The layer's whole state is the buffers
-    declared in :data:`STATE`; host-side mirrors of the sample counts keep the
+    declared in :data:`_STATE`; host-side mirrors of the sample counts keep the
     forward free of device syncs and are derived from the buffers in one place
     (:meth:`_sync_flags`).
 
@@ -156,7 +156,7 @@ class PCALayer(nn.Module):
     kind: str = "linear"
     num = 0  # the seed's counter, used for default layer names
 
-    # The buffers of STATE, for type checkers (nn.Module resolves them at run time).
+    # The buffers of _STATE, for type checkers (nn.Module resolves them at run time).
     sample_count: Tensor
     shift: Tensor
     shifted_sum: Tensor
@@ -200,7 +200,7 @@ class PCALayer(nn.Module):
         self.name = f"pca{PCALayer.num}"
         PCALayer.num += 1
         self._mode = "auto"
-        for spec in STATE:
+        for spec in _STATE:
             shape = spec.shape(width, keepdim)
             dtype = spec.dtype or torch.get_default_dtype()
             self.register_buffer(spec.name, torch.full(shape, spec.initial, dtype=dtype))
@@ -247,7 +247,7 @@ class PCALayer(nn.Module):
         return _m.Moments(*(self._buffers[name] for name in _MOMENTS))  # type: ignore[arg-type]
 
     def _fresh_statistics(self) -> None:
-        for spec in STATE:
+        for spec in _STATE:
             if spec.statistic:
                 current = self._buffers[spec.name]
                 assert current is not None
@@ -277,7 +277,7 @@ class PCALayer(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.half()/float()/to(dtype) would cast the float64 statistics; keep
         # every buffer in its declared dtype and only follow the device.
-        keep = {s.name: self._buffers[s.name] for s in STATE if s.dtype is not None}
+        keep = {s.name: self._buffers[s.name] for s in _STATE if s.dtype is not None}
         super()._apply(fn, recurse)
         device = self.projection_weight.device
         for name, value in keep.items():
@@ -302,7 +302,7 @@ class PCALayer(nn.Module):
                 f"layer with keepdim={theirs} to load it"
             )
             return
-        for spec in STATE:
+        for spec in _STATE:
             incoming = state_dict.get(prefix + spec.name)
             current = self._buffers[spec.name]
             if spec.resizable and isinstance(incoming, Tensor) and current is not None:
@@ -548,7 +548,7 @@ class PCALayer(nn.Module):
         positions = x[0].numel() // self.width if x.dim() > 1 and len(x) else 1
         x = self._samples_of(x.detach())
         try:
-            added, self._subtract = _m.accumulate_(
+            added, self._subtract = _m._accumulate(
                 self.statistics(), x, self.channel_dim, self._subtract
             )
         except NonFiniteError as err:
