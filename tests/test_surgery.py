@@ -158,6 +158,12 @@ def test_untraceable_model_falls_back_to_hooks_and_behaves_the_same():
         hooked = ps.pca_wrap(branchy, 0.9)
     traced = ps.pca_wrap(straight, 0.9)
     assert not isinstance(hooked, fx.GraphModule)
+    assert isinstance(hooked.a, ps.layers.Projected) and hooked.a.weight is hooked.a.module.weight
+    sites = ps.layers.sites_of(hooked)
+    assert [(s.name, s.layer_path, s.follows, s.attachment) for s in sites] == [
+        ("a", "a.pca", "a.module", "wrapper"),
+        ("b", "b.pca", "b.module", "wrapper"),
+    ]
     assert list(ps.pca_layers_of(hooked)) == list(ps.pca_layers_of(traced)) == ["a", "b"]
     x = torch.randn(40, 4)
     torch.testing.assert_close(hooked(x), branchy(x))  # uncalibrated: the original function
@@ -237,3 +243,35 @@ def test_a_transformer_layer_wraps_calibrates_and_compresses():
     ps.calibrate(wrapped, [x], progress=False)
     small = ps.compress(wrapped)
     torch.testing.assert_close(small(x), wrapped(x), atol=1e-4, rtol=1e-4)
+
+
+def test_module_level_wrapping_covers_every_registration_and_loads_old_checkpoints():
+    class Aliased(Branchy):
+        """The same Linear registered under two names, called through both."""
+
+        def __init__(self):
+            super().__init__()
+            self.alias = self.a
+
+        def forward(self, x):
+            h = self.a(x) + self.alias(x)
+            if h.sum() > -1e9:
+                h = torch.relu(h)
+            return self.b(h)
+
+    torch.manual_seed(0)
+    model = Aliased().eval()
+    with pytest.warns(UserWarning, match="cannot trace"):
+        wrapped = ps.pca_wrap(model, 0.5)
+    assert wrapped.alias is wrapped.a and isinstance(wrapped.a, ps.layers.Projected)
+    assert list(ps.pca_layers_of(wrapped)) == ["a", "b"]
+    x = torch.randn(64, 4)
+    ps.calibrate(wrapped, [x], progress=False)
+    assert ps.pca_layers_of(wrapped)["a"].samples == 128  # both calls
+    # a checkpoint with the bare module's keys (as hook-wrapped models saved them) loads
+    old_layout = {k.replace(".module.", "."): v for k, v in wrapped.state_dict().items()}
+    assert "a.weight" in old_layout and "a.pca.eigenvalues" in old_layout
+    with pytest.warns(UserWarning, match="cannot trace"):
+        fresh = ps.pca_wrap(model, 0.5)
+    fresh.load_state_dict(old_layout)
+    torch.testing.assert_close(fresh.eval()(x), wrapped.eval()(x))

@@ -8,6 +8,7 @@ import pandas as pd
 from torch import nn
 
 from ..layers.network import _calibrated_layers
+from ..layers.sites import sites_of
 
 __all__ = ["REPORT_COLUMNS", "plot_saturation", "report"]
 
@@ -23,6 +24,8 @@ REPORT_COLUMNS = (
     "explained",
     "keepdim",
     "random_directions",
+    "follows",
+    "attachment",
 )
 
 
@@ -32,13 +35,17 @@ def report(model: nn.Module) -> pd.DataFrame:
     Columns: ``layer`` (name), ``kind`` (``linear``/``conv2d``), ``width``,
     ``idim`` (``k``), ``saturation`` (``k / width``), ``threshold``,
     ``centering``, ``samples`` (input examples seen), ``explained`` (fraction
-    of variance kept), ``keepdim``, ``random_directions``.
+    of variance kept), ``keepdim``, ``random_directions``, and from the record
+    ``pca_wrap`` left: ``follows`` (the module whose output the layer projects,
+    None when placed by hand) and ``attachment`` (``graph``, ``wrapper`` or
+    ``manual``).
 
     Raises:
         ValueError: the model has no PCA layer.
         NotCalibratedError: some layers have no statistics (they are named).
     """
     layers = _calibrated_layers(model, "report")
+    sites = {site.name: site for site in sites_of(model)}
     rows = []
     for name, layer in layers.items():
         rows.append(
@@ -54,6 +61,8 @@ def report(model: nn.Module) -> pd.DataFrame:
                 "explained": layer.explained,
                 "keepdim": layer.keepdim,
                 "random_directions": bool(layer.random_directions),
+                "follows": sites[name].follows,
+                "attachment": sites[name].attachment,
             }
         )
     return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
