@@ -197,6 +197,7 @@ def _accumulate(
     if count == 0:
         return 0, subtract
     batch = _batch_moments(x, state.shift, channel_dim, subtract)
+    moved = False
     for _ in range(3):
         finite, far = _check(batch, count)
         if not finite:
@@ -207,9 +208,10 @@ def _accumulate(
         center = batch.shift + batch.total / count
         center = center.to(_compute_dtype(x.dtype)).to(torch.float64)
         batch = _batch_moments(x, center, channel_dim, subtract=True)
-    if not torch.equal(batch.shift, state.shift.to(batch.shift.device)):
-        moved = reshift(state, batch.shift)
-        for buf, value in zip(state[1:], moved[1:], strict=True):
+        moved = True
+    if moved:
+        moved_state = reshift(state, batch.shift)
+        for buf, value in zip(state[1:], moved_state[1:], strict=True):
             buf.copy_(value)
         subtract = bool(batch.shift.any())
     state.count.add_(count)
