@@ -346,11 +346,7 @@ def test_packed_lstm_tracking_with_max_samples_keeps_whole_first_sequences(tmp_p
         out, _ = lstm(nn.utils.rnn.pack_padded_sequence(x[:2], lengths[:2], batch_first=True))
     padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
     rows = torch.cat([padded[0, :6], padded[1, :5]]).double().numpy()
-    cov = (
-        tracker.logs["train"]["0"]
-        if "0" in tracker.logs["train"]
-        else next(iter(tracker.logs["train"].values()))
-    )
+    cov = tracker.logs["train-covariance-matrix"]["Module-0-LSTM"]
     assert cov._tlen == 11
     np.testing.assert_allclose(cov.fix().numpy(), np.cov(rows, rowvar=False, bias=True),
                                rtol=1e-5, atol=1e-7)  # fmt: skip

@@ -35,11 +35,12 @@ def test_the_seed_gallery_example_runs_with_only_the_import_changed(tmp_path, mo
         assert len(table) == 3
         columns = [c for c in table.columns if "saturation" in c]
         assert sorted(columns) == sorted(
-            f"{mode}-saturation_Linear-{i}" for mode in ("train", "eval") for i in (0, 1)
+            f"{mode}-saturation_Module-{i}-Linear" for mode in ("train", "eval") for i in (0, 1)
         )
         assert ((table[columns] >= 0) & (table[columns] <= 1)).all().all()
         assert {"train-loss", "test-loss"} <= set(table.columns)
-        assert (tmp_path / f"h{h}_lsat_epoch_2.png").stat().st_size > 5000
+        for mode in ("train", "eval"):  # delve's names
+            assert (tmp_path / f"h{h}_lsat_{mode}_epoch_2.png").stat().st_size > 5000
 
 
 class Net(nn.Module):
@@ -71,7 +72,7 @@ def test_covariance_saved_by_npy_equals_numpy(tmp_path):
     tracker.add_saturations()
     tracker.close()
     saved = np.load(
-        tmp_path / "run" / "eval-covariance-matrix_fc" / "eval-covariance-matrix_fc_epoch0.npy"
+        tmp_path / "run" / "_eval-covariance-matrix_fc" / "_eval-covariance-matrix_fc_epoch0.npy"
     )
     reference = np.cov(torch.cat(outs).double().numpy(), rowvar=False, bias=True)
     np.testing.assert_allclose(saved, reference, rtol=1e-5, atol=1e-9)
@@ -113,7 +114,7 @@ def test_lstm_methods(tmp_path, method, batch_first):
     with torch.no_grad():
         lstm(x)  # the tracked pass
     values = tracker.add_saturations()
-    assert values["eval-intrinsic-dimensionality_LSTM-0"] == sk_idim(rows, 0.9)
+    assert values["eval-intrinsic-dimensionality_Module-0-LSTM"] == sk_idim(rows, 0.9)
     tracker.close()
 
 
@@ -212,7 +213,7 @@ def test_log_interval_max_samples_stop_and_resume(tmp_path):
     with torch.no_grad():
         for _ in range(6):
             fc(torch.randn(10, 4))  # calls 2, 4, 6 recorded: 10 + 10 + 5 (cut at 25)
-        assert tracker.logs["train"]["0"]._tlen == 25
+        assert tracker.logs["train-covariance-matrix"]["0"]._tlen == 25
         tracker.stop()
         calls = tracker._calls["0"]
         fc(torch.randn(10, 4))
@@ -229,7 +230,7 @@ def test_print_writer_is_tqdm_friendly(tmp_path, capsys):
     tracker = CheckLayerSat(str(tmp_path / "p"), "print", nn.Sequential(fc), device="cpu")
     fc(torch.randn(5, 3))
     tracker.add_saturations()
-    assert "train-saturation_0:" in capsys.readouterr().out
+    assert "_train-saturation_0 : " in capsys.readouterr().out  # delve's format
     tracker.close()
 
 
@@ -285,13 +286,13 @@ def test_interpolation_shrinks_large_maps_before_recording(tmp_path):
                             interpolation_strategy="nearest", interpolation_downsampling=2)  # fmt: skip
     with torch.no_grad():
         out = conv(torch.randn(5, 3, 8, 8))
-    assert tracker.logs["train"]["0"]._tlen == 5 * 2 * 2
+    assert tracker.logs["train-covariance-matrix"]["0"]._tlen == 5 * 2 * 2
     rows = (
         torch.nn.functional.interpolate(out, size=(2, 2), mode="nearest")
         .permute(0, 2, 3, 1)
         .reshape(-1, 4)
     )
-    np.testing.assert_allclose(tracker.logs["train"]["0"].fix().numpy(),
+    np.testing.assert_allclose(tracker.logs["train-covariance-matrix"]["0"].fix().numpy(),
                                np.cov(rows.double().numpy(), rowvar=False, bias=True), rtol=1e-5, atol=1e-8)  # fmt: skip
     with pytest.raises(ValueError, match="interpolation_strategy must be one of 'nearest'"):
         CheckLayerSat(

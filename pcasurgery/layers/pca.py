@@ -287,6 +287,8 @@ class PCALayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # fmt: skip
+        if prefix + "sum_squares" in state_dict and prefix + "shifted_sum_sq" not in state_dict:
+            self._convert_delve_state(state_dict, prefix)
         incoming_keepdim = state_dict.get(prefix + "_keepdim")
         weight = state_dict.get(prefix + "projection_weight")
         if isinstance(incoming_keepdim, Tensor):
@@ -362,10 +364,83 @@ class PCALayer(nn.Module):
         """Whether the layer has an eigenspace (or statistics to compute one from)."""
         return self._has_spectrum or not self._empty
 
+    def _convert_delve_state(self, state_dict: dict, prefix: str) -> None:
+        """Rewrite a delve 0.1.50 PCA layer's state (in ``state_dict``) into this layer's buffers.
+
+        delve keeps unshifted float64 sums (``sum_squares``, ``running_sum``,
+        ``seen_samples``), which are our moments around a zero shift; its
+        eigenvectors and threshold load as they are; its ``mean`` buffer (which
+        delve never computes: zeros) is the centre its projection uses, so the
+        loaded projection is delve's, except that ``k`` follows this library's
+        rule (delve adds a direction when the kept variance falls more than 2 %
+        short of the threshold). delve's 1x1 convolutions are derived state and
+        are dropped.
+        """
+
+        def take(name: str) -> Tensor:
+            return state_dict.pop(prefix + name).detach().to(torch.float64)
+
+        total_sq, total = take("sum_squares"), take("running_sum")
+        n = int(round(float(take("seen_samples").reshape(-1)[0])))
+        threshold = float(take("_threshold").reshape(-1)[0])
+        mean = take("mean")
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            if key[len(prefix) :].split(".")[0] in ("convolution", "mean_subtracting_convolution"):
+                del state_dict[key]
+        values = state_dict[prefix + "eigenvalues"].to(torch.float64)
+        vectors = state_dict[prefix + "eigenvectors"].to(torch.float64)
+        computed = bool(vectors.abs().sum() > 0)
+        k = _s.intrinsic_dimensionality(values, threshold) if computed else 0
+        center = mean if self.centering else torch.zeros_like(mean)
+        weight, bias = _s.projection_affine(vectors[:, :k], center, self.keepdim)
+        if not computed and not self.keepdim:
+            weight, bias = weight[:0], bias[:0]
+        dtype = self.projection_weight.dtype
+        converted = {
+            "sample_count": torch.tensor(n),
+            "shift": torch.zeros_like(total),
+            "shifted_sum": total,
+            "shifted_sum_sq": total_sq,
+            "example_count": torch.tensor(n if self.channel_dim == -1 else 0),
+            "sample_positions": torch.tensor(1),
+            "statistics_shared": torch.tensor(False),
+            "computed_count": torch.tensor(-1 if computed else 0),
+            "_threshold": torch.tensor(threshold, dtype=torch.float64),
+            "_centering": torch.tensor(self.centering),
+            "_keepdim": torch.tensor(self.keepdim),
+            "mean": mean,
+            "rank": torch.tensor(k),
+            "random_directions": torch.tensor(False),
+            "projection_weight": weight.to(dtype),
+            "projection_bias": bias.to(dtype),
+            "basis": vectors[:, :k].contiguous(),
+        }
+        state_dict.update({prefix + name: value for name, value in converted.items()})
+        log.info("%s: loaded a delve PCA layer (k = %d of %d at threshold %g)",
+                 prefix or self.name, k, self.width, threshold)  # fmt: skip
+
+    def is_floating_point(self) -> bool:
+        """False, as in the seed library: the layer is a module, not a floating-point tensor."""
+        return False
+
     @property
     def pca_computed(self) -> bool:
-        """Whether the eigenspace is up to date with the statistics."""
+        """Whether the eigenspace is up to date with the statistics.
+
+        Set it to False to have the next eval call recompute the eigenspace from
+        the statistics (as the seed library allows); set it to True to keep the
+        current projection for the statistics collected since.
+        """
         return self._has_spectrum and not self._stale
+
+    @pca_computed.setter
+    def pca_computed(self, value: bool) -> None:
+        check_bool(value, "pca_computed")
+        if value and self._has_spectrum and self._stale:
+            self._put("computed_count", self.sample_count)
+        elif not value and self._has_spectrum and not self._empty:
+            self._put("computed_count", -1)
+        self._sync_flags()
 
     @property
     def in_dim(self) -> int:

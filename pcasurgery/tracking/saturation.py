@@ -64,27 +64,46 @@ def _check_stats(stats: object) -> list[str]:
     return list(stats)
 
 
+def _log_key(mode: str) -> str:
+    return f"{mode}-{STATMAP['cov']}"
+
+
+def _layer_name(module: nn.Module, qualified: str) -> str:
+    """delve's name for a tracked layer: its own ``name`` attribute, or its path joined by ``-``."""
+    own = getattr(module, "name", None)
+    return own if isinstance(own, str) and own else qualified.replace(".", "-")
+
+
 def _tracked_layers(modules, include_conv: bool) -> OrderedDict[str, nn.Module]:
+    """The layers to track, under delve's names.
+
+    A model: every Linear, Conv2d and LSTM in it, named by its qualified name
+    with ``-`` for ``.`` (``layer1-0-conv1``). A list: a layer given directly is
+    ``Module-<i>-<Type>``; the layers inside a module given are named within it
+    (as delve does), prefixed with ``<i>-`` only where two would collide. A
+    layer with a ``name`` attribute keeps it.
+    """
     kinds = TRACKED if include_conv else (nn.Linear, nn.LSTM)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
+    if isinstance(modules, nn.Module) and not isinstance(modules, kinds):
+        for name, m in modules.named_modules():
+            if name and isinstance(m, kinds):
+                layers[_layer_name(m, name)] = m
+        return layers
     if isinstance(modules, nn.Module):
-        modules = [modules] if isinstance(modules, kinds) else modules
-        if isinstance(modules, nn.Module):
-            for name, m in modules.named_modules():
-                if name and isinstance(m, kinds):
-                    layers[name] = m
-            return layers
+        modules = [modules]
     if not isinstance(modules, (list, tuple)) or not all(isinstance(m, nn.Module) for m in modules):
         raise TypeError(
             f"modules must be a torch module or a list of modules, got {type(modules).__name__}"
         )
     for i, module in enumerate(modules):
         if isinstance(module, kinds):
-            layers[f"{type(module).__name__}-{i}"] = module
-        else:
-            for name, m in module.named_modules():
-                if name and isinstance(m, kinds):
-                    layers[f"{i}.{name}"] = m
+            layers[_layer_name(module, f"Module-{i}-{type(module).__name__}")] = module
+            continue
+        for name, m in module.named_modules():
+            if name and isinstance(m, kinds):
+                key = _layer_name(m, name)
+                layers[f"{i}-{key}" if key in layers else key] = m
     return layers
 
 
@@ -210,8 +229,9 @@ class SaturationTracker:
                 stacklevel=2,
             )
 
+        # delve's layout: logs["train-covariance-matrix"][layer] is the layer's covariance
         self.logs: dict[str, OrderedDict[str, TorchCovarianceMatrix]] = {
-            m: OrderedDict() for m in MODES
+            _log_key(m): OrderedDict() for m in MODES
         }
         self.seen_samples: dict[str, dict[str, int]] = {m: {} for m in MODES}
         self._calls: dict[str, int] = dict.fromkeys(layers, 0)
@@ -293,7 +313,7 @@ class SaturationTracker:
         return x[:keep]
 
     def _covariance(self, mode: str, name: str, width: int) -> TorchCovarianceMatrix:
-        cov = self.logs[mode].get(name)
+        cov = self.logs[_log_key(mode)].get(name)
         if cov is None:
             save = any(s.partition("_")[0] == "embed" for s in self.stats)
             needed = width * width * 8 * 2
@@ -304,7 +324,9 @@ class SaturationTracker:
                     UserWarning,
                     stacklevel=4,
                 )
-            cov = self.logs[mode][name] = TorchCovarianceMatrix(device=self.device, save_data=save)
+            cov = self.logs[_log_key(mode)][name] = TorchCovarianceMatrix(
+                device=self.device, save_data=save
+            )
         return cov
 
     def _hook(self, name: str):
@@ -376,7 +398,7 @@ class SaturationTracker:
         samples: dict[str, Any] = {}
         wanted = {s.partition("_")[0] for s in self.stats}
         for mode in MODES:
-            for name, cov in self.logs[mode].items():
+            for name, cov in self.logs[_log_key(mode)].items():
                 if name in self.ignore_layer_names or cov.moments is None or cov._tlen == 0:
                     continue
                 matrix = cov.fix(center=True)
@@ -414,7 +436,7 @@ class SaturationTracker:
             for mode in MODES:
                 sats = [v for k, v in values.items() if k.startswith(f"{mode}-{STATMAP['lsat']}_")]
                 if not sats and "lsat" not in {s.partition("_")[0] for s in self.stats}:
-                    sats = [self._saturation_of(mode, n) for n in self.logs[mode]]
+                    sats = [self._saturation_of(mode, n) for n in self.logs[_log_key(mode)]]
                 if sats:
                     values[f"average-{mode}-sat"] = float(np.mean(sats))
         if not self.nosave:
@@ -427,13 +449,13 @@ class SaturationTracker:
         for mode in MODES:
             self.seen_samples[mode] = {}
             if self.reset_covariance:
-                self.logs[mode] = OrderedDict()
+                self.logs[_log_key(mode)] = OrderedDict()
         return {**values, **samples}
 
     add_saturation = add_saturations
 
     def _saturation_of(self, mode: str, name: str) -> float:
-        matrix = self.logs[mode][name].fix()
+        matrix = self.logs[_log_key(mode)][name].fix()
         values, _ = _s.eigh_descending(matrix)
         return _s.saturation(_s.intrinsic_dimensionality(values, self.threshold), matrix.shape[0])
 
