@@ -188,3 +188,43 @@ def test_positions_per_example_survive_a_state_dict_round_trip():
     fresh = ps.pca_wrap(net)
     fresh.load_state_dict(wrapped.state_dict())
     assert ps.pca_layers_of(fresh)["stem"].positions == 64
+
+
+class TiedLM(nn.Module):
+    """A language model whose output layer shares the token embedding's matrix."""
+
+    def __init__(self, vocab: int = 40, width: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mlp = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.mlp(self.embed(tokens))))
+
+
+def test_tied_weights_stay_tied_and_are_counted_once():
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    before = ps.count_params(model)
+    assert before == 40 * 16 + 16 * 16 + 16  # the shared matrix once
+    with pytest.warns(UserWarning, match=r"  - head \(shares a parameter with embed\)"):
+        wrapped = ps.pca_wrap(model, 0.5)
+    assert list(ps.pca_layers_of(wrapped)) == ["mlp"]
+    tokens = torch.randint(0, 40, (64, 12))
+    ps.calibrate(wrapped, tokens.split(16), progress=False)
+    small = ps.compress(wrapped)
+    assert small.head.weight is small.embed.weight  # still tied, not duplicated
+    assert ps.count_params(small) < before
+    plan = ps.compression_plan(wrapped)
+    assert plan["layer"].tolist() == ["mlp"]
+    assert (
+        ps.count_params(small) == before - plan["params_before"].sum() + plan["params_after"].sum()
+    )
+    table = ps.sweep(wrapped, [0.5, 1.0])
+    assert table["params"].max() <= before
+    with torch.no_grad():
+        torch.testing.assert_close(small(tokens[:3]), wrapped(tokens[:3]), atol=1e-5, rtol=1e-4)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="shares its weight"):
+        ps.pca_wrap(model, include="head")

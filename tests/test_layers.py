@@ -267,3 +267,19 @@ def test_threshold_one_reproduces_the_input():
     torch.testing.assert_close(
         layer(torch.from_numpy(x)), torch.from_numpy(x), atol=1e-4, rtol=1e-5
     )
+
+
+def test_checkpoints_written_before_the_newer_buffers_still_load():
+    x = torch.from_numpy(decaying_data(300, 6))
+    layer = LinearPCALayer(6, 0.9)
+    layer(x)
+    layer.eval()(x[:1])
+    old = {
+        k: v for k, v in layer.state_dict().items() if k not in ("_keepdim", "statistics_shared")
+    }
+    fresh = LinearPCALayer(6, 0.5)
+    fresh.load_state_dict(old)  # strict: no missing key is reported for them
+    assert fresh.threshold == pytest.approx(0.9) and fresh.in_dim == layer.in_dim
+    torch.testing.assert_close(fresh.eval()(x[:4]), layer(x[:4]))
+    with pytest.raises(RuntimeError, match="Missing key.*eigenvalues"):
+        LinearPCALayer(6).load_state_dict({k: v for k, v in old.items() if k != "eigenvalues"})

@@ -73,6 +73,8 @@ class _StateSpec:
             across processes (the moments and ``example_count``).
         resizable: its shape depends on ``k``; a checkpoint's shape is taken on load.
         initial: the value it starts from (and returns to on reset).
+        optional: added after checkpoints were first written; a checkpoint
+            without it loads, keeping the initial value.
     """
 
     name: str
@@ -81,6 +83,7 @@ class _StateSpec:
     statistic: bool = False
     resizable: bool = False
     initial: float = 0
+    optional: bool = False
 
 
 def _scalar(width: int, keepdim: bool) -> tuple[int, ...]:
@@ -106,12 +109,12 @@ _STATE: tuple[_StateSpec, ...] = (
     # samples per input example in the last batch (h*w for convs, tokens for Linear)
     _StateSpec("sample_positions", _scalar, _I64, statistic=True, initial=1),
     # the statistics are already the union over a process group (a distributed calibration)
-    _StateSpec("statistics_shared", _scalar, torch.bool, statistic=True),
+    _StateSpec("statistics_shared", _scalar, torch.bool, statistic=True, optional=True),
     # sample_count when the spectrum was computed: 0 = never, -1 = from other statistics
     _StateSpec("computed_count", _scalar, _I64),
     _StateSpec("_threshold", _scalar, _F64),
     _StateSpec("_centering", _scalar, torch.bool),
-    _StateSpec("_keepdim", _scalar, torch.bool),
+    _StateSpec("_keepdim", _scalar, torch.bool, optional=True),
     _StateSpec("eigenvalues", _vector, _F64),
     _StateSpec("eigenvectors", _square, _F64),
     _StateSpec("mean", _vector, _F64),
@@ -312,8 +315,9 @@ class PCALayer(nn.Module):
                     self._buffers[spec.name] = current.new_empty(incoming.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip
-        if incoming_keepdim is None and prefix + "_keepdim" in missing_keys:
-            missing_keys.remove(prefix + "_keepdim")  # checkpoints from before it was stored
+        for spec in _STATE:  # checkpoints written before these buffers existed
+            if spec.optional and prefix + spec.name in missing_keys:
+                missing_keys.remove(prefix + spec.name)
         self._sync_flags()
 
     # ------------------------------------------------------------- properties

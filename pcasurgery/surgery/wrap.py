@@ -98,6 +98,46 @@ def _select_targets(
     return chosen
 
 
+def _without_tied(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]]
+) -> list[tuple[str, nn.Module]]:
+    """Drop (with a warning) chosen modules whose parameters another module also holds.
+
+    An output layer that shares the embedding matrix (GPT-2's ``lm_head``, say)
+    cannot be compressed without untying, and so duplicating, that matrix: it
+    gets no PCA layer, and the model keeps its tie and its size.
+    """
+    holders: dict[int, list[nn.Module]] = {}  # parameter -> the modules holding it
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append(module)
+    names = {id(m): n for n, m in model.named_modules()}
+    tied: dict[str, list[str]] = {}
+    for name, module in chosen:
+        others = {
+            names[id(other)]
+            for param in module._parameters.values()
+            if param is not None
+            for other in holders[id(param)]
+            if other is not module
+        }
+        if others:
+            tied[name] = sorted(others)
+    if tied:
+        listing = "".join(
+            f"\n  - {n} (shares a parameter with {', '.join(o)})" for n, o in tied.items()
+        )
+        warnings.warn(
+            f"{len(tied)} chosen module(s) share their weights with other modules (tied "
+            "embeddings, say); they get no PCA layer, so that compression never unties and "
+            f"duplicates them:{listing}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return [(name, m) for name, m in chosen if name not in tied]
+
+
 def _make_layer(name: str, module: nn.Module, threshold: float, centering: bool, keepdim: bool):
     if isinstance(module, nn.Conv2d):
         layer: PCALayer = Conv2DPCALayer(
@@ -199,6 +239,11 @@ def pca_wrap(
         raise ValueError(
             f"no module of model matches targets={tuple(t.__name__ for t in types)}, "
             f"include={include!r}, exclude={exclude!r}"
+        )
+    chosen = _without_tied(wrapped, chosen)
+    if not chosen:
+        raise ValueError(
+            "every chosen module shares its weight with another module (see the warning)"
         )
     # nn.MultiheadAttention uses out_proj's weight without calling the module
     attention = {n for n, m in wrapped.named_modules() if isinstance(m, nn.MultiheadAttention)}
