@@ -33,8 +33,10 @@ the rest of the model stays in eval mode), ``"project"`` (always project) or
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,6 +129,26 @@ _STATE: tuple[_StateSpec, ...] = (
 )
 _SPEC = {spec.name: spec for spec in _STATE}
 _MOMENTS = ("sample_count", "shift", "shifted_sum", "shifted_sum_sq")  # Moments' field order
+
+
+# Which token positions are real (True) in the batch being calibrated, (batch, tokens).
+_TOKEN_MASK: ContextVar[Tensor | None] = ContextVar("pcasurgery_token_mask", default=None)
+
+
+@contextlib.contextmanager
+def token_mask(mask: Tensor | None) -> Iterator[None]:
+    """Within the block, Linear PCA layers collect only the positions where ``mask`` is true.
+
+    ``mask`` is ``(batch, tokens)`` (a tokenizer's ``attention_mask``); an
+    activation whose leading dimensions are ``(batch, tokens)`` (or
+    ``(tokens, batch)``) contributes only its real tokens, so padding never
+    enters the statistics. Other activations (pooled outputs, say) are used whole.
+    """
+    reset = _TOKEN_MASK.set(None if mask is None else mask.bool())
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(reset)
 
 
 def _exporting() -> bool:
@@ -625,6 +647,7 @@ class PCALayer(nn.Module):
         if self._mode == "auto" and self._n > 0 and self._n == self._computed:
             self.reset_statistics()
         positions = x[0].numel() // self.width if x.dim() > 1 and len(x) else 1
+        examples = x.shape[0] if x.dim() > 1 else 1
         x = self._samples_of(x.detach())
         try:
             added, self._subtract = _m._accumulate(
@@ -637,7 +660,7 @@ class PCALayer(nn.Module):
         if added == 0:
             return
         self.sample_positions.fill_(positions)
-        self.example_count.add_(x.shape[0] if x.dim() > 1 else 1)
+        self.example_count.add_(examples)
         self._n += added
 
     def project(self, x: Tensor) -> Tensor:
@@ -705,6 +728,17 @@ class LinearPCALayer(PCALayer):
         centering: bool = True,
     ):
         super().__init__(in_features, threshold, keepdim, verbose, gradient_epoch_start, centering)
+
+    def _samples_of(self, x: Tensor) -> Tensor:
+        """The rows that are samples: every position, or only real tokens under a token mask."""
+        mask = _TOKEN_MASK.get()
+        if mask is None or x.dim() < 3:
+            return x
+        if tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask]
+        if tuple(x.shape[:2]) == tuple(mask.shape[::-1]):  # (tokens, batch, ...) layouts
+            return x.transpose(0, 1)[mask]
+        return x
 
 
 class Conv2DPCALayer(PCALayer):

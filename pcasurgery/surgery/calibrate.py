@@ -19,6 +19,11 @@ like any other. With ``reset=False`` the previous statistics are added once:
 statistics that already are a union over the group (from an earlier
 distributed calibration) are merged after the all-reduce, local ones are
 reduced with the new data.
+
+Token batches: when a dict batch carries an ``attention_mask`` (the
+transformers convention), Linear PCA layers collect only the positions where it
+is 1, so a padded batch and the same sequences unpadded give the same
+statistics (``pcasurgery.layers.pca.token_mask``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from .._errors import add_context
 from .._validation import check_bool, check_device, check_module, check_positive_int
 from ..core import moments as _m
 from ..layers.network import _require_layers, pca_layers_of
-from ..layers.pca import _MOMENTS, PCALayer
+from ..layers.pca import _MOMENTS, PCALayer, token_mask
 
 __all__ = ["all_reduce_statistics", "calibrate"]
 
@@ -84,6 +89,15 @@ def _to_device(batch: Any, device: torch.device | None) -> Any:
 def _truncate(batch: Any, size: int, keep: int) -> Any:
     """Keep the first ``keep`` examples of every tensor whose leading size is ``size``."""
     return _map_tensors(batch, lambda t: t[:keep] if t.dim() and t.shape[0] == size else t)
+
+
+def _attention_mask(batch: Any) -> Tensor | None:
+    """A dict batch's ``attention_mask`` (1 for real tokens, 0 for padding), if it has one."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            return mask
+    return None
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -209,6 +223,8 @@ def calibrate(
         model: a model with PCA layers (``pca_wrap``'s result, or hand-placed layers).
         data: an iterable of batches: a tensor, a tuple/list whose first item is
             the input (labels are ignored), or a dict passed as keyword arguments.
+            A dict's ``attention_mask`` (``(batch, tokens)``, 0 for padding)
+            keeps padded positions out of every statistic.
         device: move the model and every batch there first (non-blocking copies
             from pinned memory on CUDA). By default batches go to the model's device.
         max_batches: stop after this many batches.
@@ -315,7 +331,8 @@ def _stream(
                     batch, size = _truncate(batch, size, max_samples - seen), max_samples - seen
             batch = _to_device(batch, device)
             try:
-                run(model, batch)
+                with token_mask(_attention_mask(batch)):
+                    run(model, batch)
             except BaseException as err:
                 shapes = _map_tensors(batch, lambda t: tuple(t.shape))
                 add_context(err, f"(raised on calibration batch {batches}, tensor shapes {shapes})")
