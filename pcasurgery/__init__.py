@@ -7,7 +7,7 @@ smaller layers.
 
 from . import metrics, pca_layers, torch_utils, writers
 from ._errors import NonFiniteError, NotCalibratedError, OnnxCheckError, PCASurgeryError
-from .analysis import allocate, plot_saturation, report, sweep
+from .analysis import allocate, apply_plan, budget_plan, plot_saturation, report, sweep
 from .compression import compress, compression_plan, count_macs, count_params, export_onnx
 from .core.covariance_matrix import TorchCovarianceMatrix
 from .layers import (
@@ -38,6 +38,8 @@ __all__ = [
     "__version__",
     "all_reduce_statistics",
     "allocate",
+    "apply_plan",
+    "budget_plan",
     "calibrate",
     "compress",
     "compression_plan",

@@ -1,6 +1,15 @@
 """Analysis: reports, plots, threshold sweeps and per-layer threshold allocation."""
 
+from .budget import apply_plan, budget_plan
 from .report import plot_saturation, report
 from .sweep import DEFAULT_LADDER, allocate, sweep
 
-__all__ = ["DEFAULT_LADDER", "allocate", "plot_saturation", "report", "sweep"]
+__all__ = [
+    "DEFAULT_LADDER",
+    "allocate",
+    "apply_plan",
+    "budget_plan",
+    "plot_saturation",
+    "report",
+    "sweep",
+]

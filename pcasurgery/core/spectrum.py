@@ -22,6 +22,7 @@ __all__ = [
     "eigh_descending",
     "embed",
     "explained_fraction",
+    "explained_fractions",
     "intrinsic_dimensionality",
     "projection_affine",
     "random_orthogonal",
@@ -96,12 +97,24 @@ def saturation(k: int, width: int) -> float:
     return k / width if width else 0.0
 
 
-def explained_fraction(eigenvalues: Tensor, k: int) -> float:
-    """Fraction of the total variance carried by the top ``k`` eigenvalues (1 if there is none)."""
+def explained_fractions(eigenvalues: Tensor) -> Tensor:
+    """Fractions of the total variance the top ``k`` eigenvalues carry, for ``k = 1..width``.
+
+    All ones when there is no variance at all. ``explained_fraction(e, k)`` is
+    element ``k - 1``; thresholds set to these values keep exactly ``k``
+    directions (up to ties from zero eigenvalues).
+    """
     fractions = _cumulative_fraction(eigenvalues)
     if fractions is None:
+        return torch.ones_like(eigenvalues, dtype=torch.float64)
+    return fractions.clamp_max(1.0)
+
+
+def explained_fraction(eigenvalues: Tensor, k: int) -> float:
+    """Fraction of the total variance carried by the top ``k`` eigenvalues (1 if there is none)."""
+    if _cumulative_fraction(eigenvalues) is None:
         return 1.0
-    return 0.0 if k == 0 else float(fractions[k - 1].clamp_max(1.0))
+    return 0.0 if k == 0 else float(explained_fractions(eigenvalues)[k - 1])
 
 
 def projection_affine(basis: Tensor, center: Tensor, keepdim: bool = True) -> tuple[Tensor, Tensor]:

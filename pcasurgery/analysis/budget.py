@@ -1,0 +1,250 @@
+"""Compression under a budget: per-layer ranks that remove a fraction of the parameters.
+
+``budget_plan(model, remove=0.2)`` chooses a rank ``k`` for every PCA layer
+that directly follows a Linear/Conv2d, from the calibrated spectra alone, so
+that compressing removes at least ``remove`` of those layers' parameters (or
+multiply-accumulates) while keeping as much of each layer's variance as
+possible; ``apply_plan`` then sets each layer's threshold so that it keeps
+exactly that rank, and ``compress`` does the rest.
+
+The allocation is global. A layer at rank ``k`` loses the fraction
+``1 - explained(k)`` of its output variance and costs what ``compress`` will
+build for it (``compression_plan``'s cost model: a factorised pair, or the
+dense layer where factorising does not pay). The ranks of least total loss
+within the budget are found by dynamic programming over the budget (a
+multiple-choice knapsack, costs rounded up to 1/4096 of the budget or finer),
+then the rounding slack is spent greedily with the exact costs. No metric is
+evaluated; for hundreds of layers it takes seconds.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from .._validation import check_choice, check_patterns
+from ..compression.compress import _followed, _plan_layer
+from ..compression.counting import count_params
+from ..core.spectrum import explained_fraction, explained_fractions
+from ..layers.network import _calibrated_layers, set_threshold
+from ..layers.pca import PCALayer
+from ..layers.sites import Site, sites_of
+
+__all__ = ["apply_plan", "budget_plan"]
+
+PLAN_COLUMNS = ("layer", "width", "k", "action", "explained", "params_before", "params_after",
+                "macs_before", "macs_after")  # fmt: skip
+
+
+@dataclass
+class _Layer:
+    site: Site
+    layer: PCALayer
+    params_before: int
+    macs_before: int
+    ks: np.ndarray  # candidate ranks 1..width
+    loss: np.ndarray  # 1 - explained(k)
+    params: np.ndarray  # params after compression at each k
+    macs: np.ndarray  # MACs per example after compression at each k
+    actions: list[str]
+
+
+def _candidates(model: nn.Module, site: Site, layer: PCALayer) -> _Layer | None:
+    module = _followed(model, site)
+    if module is None or not layer.keepdim:
+        return None
+    ks = np.arange(1, layer.width + 1)
+    plans = [_plan_layer(layer, module, int(k)) for k in ks]
+    loss = 1.0 - explained_fractions(layer.eigenvalues.detach()).cpu().numpy()
+    positions = layer.positions
+    dense = _plan_layer(layer, module, layer.width)
+    return _Layer(
+        site=site,
+        layer=layer,
+        params_before=count_params(module),
+        macs_before=positions * dense.macs_per_position,
+        ks=ks,
+        loss=np.clip(loss, 0.0, 1.0),
+        params=np.array([p.params for p in plans], dtype=np.float64),
+        macs=np.array([positions * p.macs_per_position for p in plans], dtype=np.float64),
+        actions=[p.action for p in plans],
+    )
+
+
+def _total(costs: list[np.ndarray], choice: list[int]) -> float:
+    return float(sum(cost[i] for cost, i in zip(costs, choice, strict=True)))
+
+
+def budget_plan(
+    model: nn.Module,
+    remove: float,
+    *,
+    by: str = "params",
+    include: str | list[str] | None = None,
+) -> pd.DataFrame:
+    """Per-layer ranks that remove at least ``remove`` of the layers' parameters (or MACs).
+
+    Nothing changes in ``model``: the plan is a table to read, then to hand to
+    :func:`apply_plan`. Only PCA layers that directly follow a Linear or Conv2d
+    (and keep their width) are planned; the budget is a fraction of those
+    layers' own parameters (``by="params"``) or multiply-accumulates per example
+    (``by="macs"``, from the shapes seen in calibration). A layer where
+    factorising does not pay at any rank worth its loss stays dense
+    (``action`` ``"folded"`` at full rank).
+
+    Args:
+        model: a calibrated model with PCA layers.
+        remove: the fraction to remove, in (0, 1).
+        by: ``"params"`` or ``"macs"``.
+        include: globs on layer names restricting the layers planned (all by default).
+
+    Returns:
+        A DataFrame with one row per planned layer: ``layer, width, k, action,
+        explained, params_before, params_after, macs_before, macs_after``. Its
+        ``attrs`` hold the totals: ``removed`` (the fraction the plan removes),
+        ``remove`` and ``by``.
+
+    Raises:
+        ValueError: ``remove`` outside (0, 1), ``by`` unknown, ``include``
+            matching no plannable layer, or a budget no choice of ranks reaches
+            (the message says how much can be removed).
+        NotCalibratedError: some PCA layers have no statistics.
+
+    Example:
+        >>> import torch
+        >>> from pcasurgery import calibrate, pca_wrap
+        >>> net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        >>> wrapped = calibrate(pca_wrap(net), [torch.randn(256, 32) @ torch.randn(32, 32).tril()],
+        ...                     progress=False)
+        >>> plan = budget_plan(wrapped, remove=0.3)
+        >>> plan.attrs["removed"] >= 0.3
+        True
+    """
+    layers_by_name = _calibrated_layers(model, "plan a budget")
+    if isinstance(remove, bool) or not isinstance(remove, numbers.Real) or not 0 < remove < 1:
+        raise ValueError(f"remove must be a fraction in (0, 1) of the layers' size, got {remove!r}")
+    by = check_choice(by, "by", ("params", "macs"))
+    patterns = check_patterns(include, "include")
+    items = []
+    for site in sites_of(model):
+        if patterns is not None and not any(fnmatch.fnmatchcase(site.name, p) for p in patterns):
+            continue
+        item = _candidates(model, site, layers_by_name[site.name])
+        if item is not None:
+            items.append(item)
+    if not items:
+        raise ValueError(
+            f"include={include!r} matches no PCA layer that directly follows a Linear or Conv2d; "
+            f"the layers are: {', '.join(layers_by_name)}"
+        )
+    costs = [item.params if by == "params" else item.macs for item in items]
+    before = sum(item.params_before if by == "params" else item.macs_before for item in items)
+    target = (1.0 - float(remove)) * before
+    choice = _allocate(items, costs, target)
+    if choice is None:
+        best = 1.0 - _total(costs, [int(np.argmin(cost)) for cost in costs]) / before
+        raise ValueError(
+            f"remove={remove!r} is out of reach: compressing these {len(items)} layers removes "
+            f"at most {best:.1%} of their {by}"
+        )
+    rows = []
+    for item, i in zip(items, choice, strict=True):
+        rows.append({
+            "layer": item.site.name, "width": item.layer.width, "k": int(item.ks[i]),
+            "action": item.actions[i], "explained": 1.0 - float(item.loss[i]),
+            "params_before": item.params_before, "params_after": int(item.params[i]),
+            "macs_before": item.macs_before, "macs_after": int(item.macs[i]),
+        })  # fmt: skip
+    plan = pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
+    plan.attrs.update(remove=float(remove), by=by, removed=1.0 - _total(costs, choice) / before)
+    return plan
+
+
+def _allocate(items: list[_Layer], costs: list[np.ndarray], target: float) -> list[int] | None:
+    """The ranks of least total loss within ``target``: a multiple-choice knapsack.
+
+    Dynamic programming over the budget cut into ``buckets`` units, each
+    layer's cost rounded up to whole units (so the answer always fits), then a
+    greedy pass with the exact costs spends what the rounding left. Ranks whose
+    cost is not below the layer's full-rank cost are never worth taking and are
+    skipped. None when no choice fits.
+    """
+    buckets = max(4096, 32 * len(items))
+    unit = target / buckets
+    dp = np.zeros(buckets + 1)
+    picks = []
+    for item, cost in zip(items, costs, strict=True):
+        full = len(cost) - 1
+        options = [i for i in range(full) if cost[i] < cost[full]] + [full]
+        units = np.ceil(cost[options] / unit - 1e-9).astype(np.int64)
+        best = np.full(buckets + 1, np.inf)
+        pick = np.zeros(buckets + 1, dtype=np.int64)
+        for option, u in zip(options, units, strict=True):
+            if u > buckets:
+                continue
+            candidate = np.full(buckets + 1, np.inf)
+            candidate[u:] = dp[: buckets + 1 - u] + item.loss[option]
+            better = candidate < best
+            best[better] = candidate[better]
+            pick[better] = option
+        dp = best
+        picks.append(pick)
+    if not np.isfinite(dp[buckets]):
+        return None
+    choice = [0] * len(items)
+    b = buckets
+    for j in range(len(items) - 1, -1, -1):
+        option = int(picks[j][b])
+        choice[j] = option
+        b -= int(np.ceil(costs[j][option] / unit - 1e-9))
+    # spend the rounding slack: single-layer moves to less loss, best loss saved per cost first
+    while True:
+        spare = target - _total(costs, choice)
+        best_move, best_gain = None, 0.0
+        for j, (item, cost) in enumerate(zip(items, costs, strict=True)):
+            extra = cost - cost[choice[j]]
+            gain = item.loss[choice[j]] - item.loss
+            ok = (extra <= spare) & (gain > 0)
+            if ok.any():
+                rate = np.where(ok, gain / np.maximum(extra, 1e-12), -np.inf)
+                i = int(np.argmax(rate))
+                if rate[i] > best_gain:
+                    best_move, best_gain = (j, i), float(rate[i])
+        if best_move is None:
+            return choice
+        choice[best_move[0]] = best_move[1]
+
+
+def apply_plan(model: nn.Module, plan: pd.DataFrame) -> nn.Module:
+    """Set every planned layer's threshold so that it keeps exactly the planned rank.
+
+    The threshold of a layer at rank ``k`` is the fraction of variance its top
+    ``k`` directions explain; other layers are left as they are. Returns ``model``.
+
+    Raises:
+        ValueError: the plan is not a ``budget_plan`` table, or names a layer the
+            model does not have.
+    """
+    if not isinstance(plan, pd.DataFrame) or not {"layer", "k"} <= set(plan.columns):
+        raise ValueError("plan must be a DataFrame from budget_plan (columns layer and k)")
+    layers = _calibrated_layers(model, "apply a plan")
+    missing = [name for name in plan["layer"] if name not in layers]
+    if missing:
+        raise ValueError(f"the plan names layers this model does not have: {', '.join(missing)}")
+    thresholds = {}
+    for name, k in zip(plan["layer"], plan["k"], strict=True):
+        layer = layers[name]
+        k = int(k)
+        thresholds[glob.escape(name)] = (
+            1.0 if k >= layer.width else max(explained_fraction(layer.eigenvalues, k), 1e-12)
+        )
+    set_threshold(model, thresholds)
+    for name, k in zip(plan["layer"], plan["k"], strict=True):
+        assert layers[name].in_dim <= int(k), (name, layers[name].in_dim, k)
+    return model
