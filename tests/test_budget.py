@@ -116,3 +116,34 @@ def test_bad_budgets_are_refused_and_leave_the_model_alone():
     for key, value in wrapped.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert explained_fraction(torch.zeros(3), 1) == 1.0
+
+
+def test_a_metric_refines_the_plan_and_leaves_the_thresholds_alone():
+    model, data = spectra_model(2)
+    wrapped = ps.calibrate(ps.pca_wrap(model), data, progress=False)
+    x = torch.cat(data)
+    with torch.no_grad():
+        reference = model(x)
+    calls = []
+
+    @torch.no_grad()
+    def fidelity(m):  # higher is better; the last layer's small directions matter most here
+        calls.append(1)
+        out = m(x)
+        return -float(
+            ((out - reference)[:, -3:] ** 2).mean() * 100 + ((out - reference) ** 2).mean()
+        )
+
+    thresholds = {n: layer.threshold for n, layer in ps.pca_layers_of(wrapped).items()}
+    spectral = ps.budget_plan(wrapped, remove=0.3)
+    plan = ps.budget_plan(wrapped, remove=0.3, evaluate=fidelity)
+    assert len(calls) == len(plan) + 3
+    assert {n: layer.threshold for n, layer in ps.pca_layers_of(wrapped).items()} == thresholds
+    assert plan.attrs["removed"] >= 0.3
+    assert plan.attrs["metric"] == max(plan.attrs["metric_spectral"], plan.attrs["metric_refined"])
+    ps.apply_plan(wrapped, spectral)
+    assert fidelity(wrapped) == pytest.approx(plan.attrs["metric_spectral"])
+    ps.apply_plan(wrapped, plan)
+    assert fidelity(wrapped) == pytest.approx(plan.attrs["metric"])
+    with pytest.raises(ValueError, match="returned metric = nan at full rank"):
+        ps.budget_plan(wrapped, remove=0.3, evaluate=lambda m: float("nan"))

@@ -22,19 +22,22 @@ from __future__ import annotations
 import fnmatch
 import glob
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from torch import nn
 
-from .._validation import check_choice, check_patterns
+from .._validation import check_choice, check_patterns, kept_modes
 from ..compression.compress import _followed, _plan_layer
 from ..compression.counting import count_params
 from ..core.spectrum import explained_fraction, explained_fractions
 from ..layers.network import _calibrated_layers, set_threshold
 from ..layers.pca import PCALayer
 from ..layers.sites import Site, sites_of
+from .sweep import _kept_thresholds, _metrics
 
 __all__ = ["apply_plan", "budget_plan"]
 
@@ -87,6 +90,7 @@ def budget_plan(
     *,
     by: str = "params",
     include: str | list[str] | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
 ) -> pd.DataFrame:
     """Per-layer ranks that remove at least ``remove`` of the layers' parameters (or MACs).
 
@@ -103,12 +107,20 @@ def budget_plan(
         remove: the fraction to remove, in (0, 1).
         by: ``"params"`` or ``"macs"``.
         include: globs on layer names restricting the layers planned (all by default).
+        evaluate: ``evaluate(model) -> float`` (higher is better) to refine the
+            plan with: each planned layer's sensitivity is measured alone at its
+            planned rank (one call per layer, plus one at full rank), the
+            spectral losses are reweighted by it and the knapsack solved again;
+            of the two plans, the one ``evaluate`` scores higher is returned
+            (two more calls). The model's thresholds are restored afterwards.
 
     Returns:
         A DataFrame with one row per planned layer: ``layer, width, k, action,
         explained, params_before, params_after, macs_before, macs_after``. Its
         ``attrs`` hold the totals: ``removed`` (the fraction the plan removes),
-        ``remove`` and ``by``.
+        ``remove`` and ``by``; with ``evaluate``, also ``metric`` (the plan's
+        score), ``metric_spectral`` and ``metric_refined`` (both candidates')
+        and ``refined`` (whether the reweighted plan won).
 
     Raises:
         ValueError: ``remove`` outside (0, 1), ``by`` unknown, ``include``
@@ -146,13 +158,24 @@ def budget_plan(
     costs = [item.params if by == "params" else item.macs for item in items]
     before = sum(item.params_before if by == "params" else item.macs_before for item in items)
     target = (1.0 - float(remove)) * before
-    choice = _allocate(items, costs, target)
+    losses = [item.loss for item in items]
+    choice = _allocate(losses, costs, target)
     if choice is None:
         best = 1.0 - _total(costs, [int(np.argmin(cost)) for cost in costs]) / before
         raise ValueError(
             f"remove={remove!r} is out of reach: compressing these {len(items)} layers removes "
             f"at most {best:.1%} of their {by}"
         )
+    attrs: dict[str, Any] = {}
+    if evaluate is not None:
+        choice, attrs = _refine(model, items, costs, target, choice, evaluate)
+    plan = _table(items, choice)
+    plan.attrs.update(remove=float(remove), by=by, removed=1.0 - _total(costs, choice) / before)
+    plan.attrs.update(attrs)
+    return plan
+
+
+def _table(items: list[_Layer], choice: list[int]) -> pd.DataFrame:
     rows = []
     for item, i in zip(items, choice, strict=True):
         rows.append({
@@ -161,12 +184,58 @@ def budget_plan(
             "params_before": item.params_before, "params_after": int(item.params[i]),
             "macs_before": item.macs_before, "macs_after": int(item.macs[i]),
         })  # fmt: skip
-    plan = pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
-    plan.attrs.update(remove=float(remove), by=by, removed=1.0 - _total(costs, choice) / before)
-    return plan
+    return pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
 
 
-def _allocate(items: list[_Layer], costs: list[np.ndarray], target: float) -> list[int] | None:
+def _refine(
+    model: nn.Module,
+    items: list[_Layer],
+    costs: list[np.ndarray],
+    target: float,
+    choice: list[int],
+    evaluate: Callable[[nn.Module], float],
+) -> tuple[list[int], dict[str, Any]]:
+    """Reweight each layer's spectral loss by the metric's sensitivity to it, solve again."""
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be callable as evaluate(model), got {evaluate!r}")
+    layers = {item.site.name: item.layer for item in items}
+    full = [len(item.ks) - 1 for item in items]
+
+    def score(ranks: list[int], what: str) -> float:
+        apply_plan(model, _table(items, ranks))
+        model.eval()
+        values = _metrics(evaluate(model), what)
+        if len(values) != 1:
+            raise TypeError(f"evaluate(model) must return one number here, got {values!r}")
+        return next(iter(values.values()))
+
+    with kept_modes(model), _kept_thresholds(layers):
+        reference = score(full, "full rank")
+        drops = []
+        for j, item in enumerate(items):
+            alone = list(full)
+            alone[j] = choice[j]
+            drops.append(max(reference - score(alone, f"{item.site.name} alone at its rank"), 0.0))
+        planned = [float(item.loss[i]) for item, i in zip(items, choice, strict=True)]
+        rates = [d / p for d, p in zip(drops, planned, strict=True) if p > 0 and d > 0]
+        typical = float(np.median(rates)) if rates else 1.0
+        weights = [
+            d / p if p > 0 and d > 0 else typical for d, p in zip(drops, planned, strict=True)
+        ]
+        weighted = [item.loss * w for item, w in zip(items, weights, strict=True)]
+        refined = _allocate(weighted, costs, target) or choice
+        spectral_metric = score(choice, "the spectral plan")
+        refined_metric = score(refined, "the refined plan")
+    better = refined_metric > spectral_metric
+    return (refined if better else choice), {
+        "metric": max(spectral_metric, refined_metric),
+        "metric_spectral": spectral_metric,
+        "metric_refined": refined_metric,
+        "refined": better,
+    }
+
+
+def _allocate(losses: list[np.ndarray], costs: list[np.ndarray], target: float) -> list[int] | None:
     """The ranks of least total loss within ``target``: a multiple-choice knapsack.
 
     Dynamic programming over the budget cut into ``buckets`` units, each
@@ -175,11 +244,11 @@ def _allocate(items: list[_Layer], costs: list[np.ndarray], target: float) -> li
     cost is not below the layer's full-rank cost are never worth taking and are
     skipped. None when no choice fits.
     """
-    buckets = max(4096, 32 * len(items))
+    buckets = max(4096, 32 * len(losses))
     unit = target / buckets
     dp = np.zeros(buckets + 1)
     picks = []
-    for item, cost in zip(items, costs, strict=True):
+    for loss, cost in zip(losses, costs, strict=True):
         full = len(cost) - 1
         options = [i for i in range(full) if cost[i] < cost[full]] + [full]
         units = np.ceil(cost[options] / unit - 1e-9).astype(np.int64)
@@ -189,7 +258,7 @@ def _allocate(items: list[_Layer], costs: list[np.ndarray], target: float) -> li
             if u > buckets:
                 continue
             candidate = np.full(buckets + 1, np.inf)
-            candidate[u:] = dp[: buckets + 1 - u] + item.loss[option]
+            candidate[u:] = dp[: buckets + 1 - u] + loss[option]
             better = candidate < best
             best[better] = candidate[better]
             pick[better] = option
@@ -197,9 +266,9 @@ def _allocate(items: list[_Layer], costs: list[np.ndarray], target: float) -> li
         picks.append(pick)
     if not np.isfinite(dp[buckets]):
         return None
-    choice = [0] * len(items)
+    choice = [0] * len(losses)
     b = buckets
-    for j in range(len(items) - 1, -1, -1):
+    for j in range(len(losses) - 1, -1, -1):
         option = int(picks[j][b])
         choice[j] = option
         b -= int(np.ceil(costs[j][option] / unit - 1e-9))
@@ -207,9 +276,9 @@ def _allocate(items: list[_Layer], costs: list[np.ndarray], target: float) -> li
     while True:
         spare = target - _total(costs, choice)
         best_move, best_gain = None, 0.0
-        for j, (item, cost) in enumerate(zip(items, costs, strict=True)):
+        for j, (loss, cost) in enumerate(zip(losses, costs, strict=True)):
             extra = cost - cost[choice[j]]
-            gain = item.loss[choice[j]] - item.loss
+            gain = loss[choice[j]] - loss
             ok = (extra <= spare) & (gain > 0)
             if ok.any():
                 rate = np.where(ok, gain / np.maximum(extra, 1e-12), -np.inf)
