@@ -482,3 +482,20 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_under_sampled_layers_are_named_and_rows_are_reported():
+    """Issue 11: a 1000-wide classifier calibrated on 16 examples looked 1.5 % saturated, silently."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 100))
+    wrapped = ps.pca_wrap(net)
+    expected = (
+        r"saw fewer samples [^\n]*\n  - 0: 16 rows for width 32\n  - 2: 16 rows for width 100$"
+    )
+    with pytest.warns(UserWarning, match=expected):
+        ps.calibrate(wrapped, [torch.randn(16, 8)], progress=False)
+    table = ps.report(wrapped).set_index("layer")
+    assert table.loc["2", "rows"] == 16 and table.loc["2", "samples"] == 16
+    tokens = ps.calibrate(ps.pca_wrap(nn.Sequential(nn.Linear(8, 6))), [torch.randn(2, 5, 8)],
+                          progress=False)  # fmt: skip
+    assert ps.report(tokens)[["samples", "rows"]].values.tolist() == [[2, 10]]

@@ -239,7 +239,7 @@ def test_a_transformer_layer_wraps_calibrates_and_compresses():
     messages = " ".join(str(w.message) for w in caught)
     assert "never called as modules" in messages and "\n  - self_attn.out_proj" in messages
     assert list(ps.pca_layers_of(wrapped)) == ["linear1", "linear2"]
-    x = torch.randn(4, 7, 16)
+    x = torch.randn(8, 7, 16)  # 56 tokens: more rows than any layer is wide
     ps.calibrate(wrapped, [x], progress=False)
     small = ps.compress(wrapped)
     torch.testing.assert_close(small(x), wrapped(x), atol=1e-4, rtol=1e-4)

@@ -21,6 +21,7 @@ REPORT_COLUMNS = (
     "threshold",
     "centering",
     "samples",
+    "rows",
     "explained",
     "keepdim",
     "random_directions",
@@ -34,7 +35,9 @@ def report(model: nn.Module) -> pd.DataFrame:
 
     Columns: ``layer`` (name), ``kind`` (``linear``/``conv2d``), ``width``,
     ``idim`` (``k``), ``saturation`` (``k / width``), ``threshold``,
-    ``centering``, ``samples`` (input examples seen), ``explained`` (fraction
+    ``centering``, ``samples`` (input examples seen), ``rows`` (samples of the
+    covariance: tokens, pixels; fewer than ``width`` means an under-sampled
+    spectrum, which ``calibrate`` warns about), ``explained`` (fraction
     of variance kept), ``keepdim``, ``random_directions``, and from the record
     ``pca_wrap`` left: ``follows`` (the module whose output the layer projects,
     None when placed by hand) and ``attachment`` (``graph``, ``wrapper`` or
@@ -58,6 +61,7 @@ def report(model: nn.Module) -> pd.DataFrame:
                 "threshold": layer.threshold,
                 "centering": layer.centering,
                 "samples": layer.samples,
+                "rows": int(layer.sample_count),
                 "explained": layer.explained,
                 "keepdim": layer.keepdim,
                 "random_directions": bool(layer.random_directions),

@@ -29,6 +29,7 @@ statistics (``pcasurgery.layers.pca.token_mask``).
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -292,7 +293,29 @@ def calibrate(
         snapshot.restore()
         raise
     snapshot.restore_modes()
+    _warn_undersampled(layers)
     return model
+
+
+def _warn_undersampled(layers: Mapping[str, PCALayer]) -> None:
+    """Warn about layers whose covariance has fewer sample rows than the layer is wide.
+
+    Such a covariance has rank below the width: the layer looks saturated far
+    below its real use, and its projection drops directions that fresh inputs
+    use (a 1000-wide classifier calibrated on 16 examples keeps at most 15).
+    """
+    short = [
+        (name, layer._n, layer.width) for name, layer in layers.items() if layer._n < layer.width
+    ]
+    if short:
+        listing = "".join(f"\n  - {name}: {n} rows for width {w}" for name, n, w in short)
+        warnings.warn(
+            f"{len(short)} PCA layer(s) saw fewer samples (rows of the covariance) than they "
+            "are wide, so their spectra are those of the data seen rather than of the layer; "
+            f"calibrate on more data:{listing}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _stream(
