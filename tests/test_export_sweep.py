@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from models import MLP, TwoBranches, warmed_resnet
+from torch import nn
 
 import pcasurgery as ps
 from pcasurgery.compression import export as export_module
@@ -61,7 +62,8 @@ def test_export_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "run_onnx", lambda p, *i: [o + 0.5 for o in real(p, *i)])
     with pytest.raises(
         ps.OnnxCheckError,
-        match=r"differs from PyTorch by up to 0.5.*batch size 2; checked batch sizes \[2, 5\]",
+        match=r"differs from PyTorch by up to 0.5 .*shape \(2, 12\); checked input shapes "
+        r"\[\(2, 12\), \(5, 12\)\]",
     ):
         ps.export_onnx(net, torch.randn(2, 12), tmp_path / "m.onnx")
 
@@ -152,3 +154,46 @@ def test_missing_export_packages_are_named(tmp_path, monkeypatch):
         ImportError, match=r"need the onnxruntime package: pip install 'pcasurgery\[export\]'"
     ):
         ps.export_onnx(MLP().eval(), torch.randn(2, 12), tmp_path / "m.onnx")
+
+
+class Encoder(nn.Module):
+    """Takes a tokenizer's dict and returns a ModelOutput-like dict with a cache in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.mlp = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.tanh(self.mlp(self.embed(input_ids))) * attention_mask.unsqueeze(-1)
+        return {"last_hidden_state": h, "past_key_values": object(), "logits": self.head(h)}
+
+
+@pytest.mark.slow
+def test_dict_inputs_and_dict_outputs_everywhere(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 50, (4, 9), generator=g),
+             "attention_mask": torch.ones(4, 9, dtype=torch.long)}  # fmt: skip
+    batch["attention_mask"][0, 6:] = 0
+    model = Encoder().eval()
+    with pytest.warns(UserWarning, match="cannot trace Encoder"):  # object() in its output
+        wrapped = ps.pca_wrap(model, 0.9)
+    ps.calibrate(wrapped, [batch] * 3, progress=False)
+    assert ps.count_macs(model, batch) == 9 * (16 * 16 + 16 * 4)  # per example: 9 tokens
+    table = ps.sweep(wrapped, [0.9, 1.0], example_inputs=batch)
+    assert table["macs"].notna().all()
+    small = ps.compress(wrapped)
+    path = ps.export_onnx(small, batch, tmp_path / "encoder.onnx")  # dynamic batch and sequence
+    graph = onnx.load(path).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert all(isinstance(d, str) for d in dims), dims  # both dimensions dynamic
+    shorter = {k: v[:2, :5] for k, v in batch.items()}
+    got = ps.compression.run_onnx(path, shorter["input_ids"], shorter["attention_mask"])
+    with torch.no_grad():
+        expected = small(**shorter)
+    np.testing.assert_allclose(got[0], expected["last_hidden_state"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(got[1], expected["logits"].numpy(), atol=1e-5)

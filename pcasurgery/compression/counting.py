@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._batches import examples_in, model_inputs
 from .._validation import check_module, kept_modes
 from ..layers.pca import PCALayer
 
@@ -52,18 +53,15 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 
     Args:
         model: the network (run in eval mode for the count; its flags are restored).
-        example_inputs: a tensor, or a tuple of positional inputs, whose leading
-            dimension is the batch.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs (a tokenizer's output), whose leading dimension is the batch.
 
     Returns:
         MACs per example of every Linear, Conv2d and PCA layer.
     """
     check_module(model)
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    first = next((a for a in args if isinstance(a, Tensor)), None)
-    if first is None or first.dim() == 0:
-        raise TypeError("example_inputs must be a batched tensor or a tuple holding one")
-    examples = first.shape[0]
+    args, kwargs = model_inputs(example_inputs)
+    examples = examples_in((*args, *kwargs.values())) or 1
     total = 0
 
     def hook(module: nn.Module, inputs, output) -> None:
@@ -86,7 +84,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     try:
         with kept_modes(model):
             model.eval()
-            model(*args)
+            model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -6,38 +6,64 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._batches import model_inputs
 from .._errors import OnnxCheckError, add_context
 from .._validation import check_bool, check_module, check_positive_int, kept_modes
 
 __all__ = ["export_onnx", "run_onnx"]
 
-
-def _as_args(example_inputs: Any) -> tuple[Tensor, ...]:
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if not args or not all(isinstance(a, Tensor) for a in args):
-        raise TypeError(
-            "example_inputs must be a tensor or a tuple of tensors, got "
-            f"{type(example_inputs).__name__}"
-        )
-    if any(a.dim() == 0 for a in args):
-        raise ValueError("example_inputs must have a leading batch dimension")
-    return args
+log = logging.getLogger("pcasurgery")
 
 
-def _outputs(result: Any) -> list[Tensor]:
+def _outputs(result: Any, where: str = "output") -> list[tuple[str, Tensor]]:
+    """The tensors a model returned, named, in order; caches and other non-tensors are skipped.
+
+    A mapping (a transformers ``ModelOutput``: ``logits``, ``last_hidden_state``...)
+    keeps its tensor fields; a tuple or list is flattened.
+    """
     if isinstance(result, Tensor):
-        return [result]
+        return [(where, result)]
+    if isinstance(result, Mapping):
+        return [pair for key, value in result.items() if isinstance(value, (Tensor, Mapping, tuple, list))
+                for pair in _outputs(value, str(key))]  # fmt: skip
     if isinstance(result, (tuple, list)):
-        return [t for r in result for t in _outputs(r)]
-    if isinstance(result, dict):
-        return [t for r in result.values() for t in _outputs(r)]
+        return [pair for i, r in enumerate(result) if isinstance(r, (Tensor, Mapping, tuple, list))
+                for pair in _outputs(r, f"{where}[{i}]")]  # fmt: skip
     raise TypeError(f"the model returned {type(result).__name__}; export needs tensors")
+
+
+class _Flat(nn.Module):
+    """The model with positional tensor inputs and a tuple of tensor outputs, as ONNX wants."""
+
+    def __init__(self, model: nn.Module, positional: int, keywords: list[str]):
+        super().__init__()
+        self.model, self.positional, self.keywords = model, positional, keywords
+
+    def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        args = tensors[: self.positional]
+        kwargs = dict(zip(self.keywords, tensors[self.positional :], strict=True))
+        return tuple(t for _, t in _outputs(self.model(*args, **kwargs)))
+
+
+@contextlib.contextmanager
+def _no_cache(model: nn.Module):
+    """Switch a transformers model's key/value cache off (its outputs are then plain tensors)."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached:
+        config.use_cache = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if cached:
+            config.use_cache = cached  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager
@@ -109,12 +135,19 @@ def run_onnx(path: str | Path, *inputs: Tensor) -> list:
     return session.run(None, feeds)
 
 
-def _other_batch(args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """The example inputs at another batch size (repeated and cut), for the dynamic-batch check."""
-    n = args[0].shape[0]
-    m = n + 3 if n > 1 else 3
-    reps = -(-m // n)
-    return tuple(torch.cat([a] * reps)[:m] for a in args)
+def _variants(
+    inputs: tuple[Tensor, ...], dynamic_batch: bool, sequence: bool
+) -> list[tuple[Tensor, ...]]:
+    """The example, and (for the dynamic dimensions) another batch size and sequence length."""
+    variants = [inputs]
+    if dynamic_batch:
+        n = inputs[0].shape[0]
+        m = n + 3 if n > 1 else 3
+        reps = -(-m // n)
+        variants.append(tuple(torch.cat([t] * reps)[:m] for t in inputs))
+    if sequence and inputs[0].shape[1] > 1:
+        variants.append(tuple(t[:, :-1] for t in inputs))
+    return variants
 
 
 def export_onnx(
@@ -130,15 +163,21 @@ def export_onnx(
     """Write ``model`` to ``path`` as ONNX, and check it against PyTorch in onnxruntime.
 
     Works for compressed models and for projecting (wrapped, calibrated) ones.
-    The model is exported in eval mode (its flags are restored).
+    The model is exported in eval mode (its flags are restored). Its outputs
+    are the tensors it returns, flattened in order; a mapping (a transformers
+    ``ModelOutput``) gives its tensor fields (``logits``, ``last_hidden_state``),
+    and a transformers model's key/value cache is switched off for the export.
 
     Args:
         model: the network.
-        example_inputs: a tensor or tuple of tensors, batch first.
+        example_inputs: a tensor, a tuple of tensors, or a dict of keyword
+            tensors (a tokenizer's output), batch first. With a dict of
+            ``(batch, tokens)`` tensors the sequence length is dynamic too.
         path: the ``.onnx`` file to write; its folder must exist.
         dynamic_batch: make the batch dimension of every input dynamic.
-        check: run the file in onnxruntime on the example and on another batch
-            size, and raise unless every output is within
+        check: run the file in onnxruntime on the example, on another batch
+            size and (for token inputs) on another sequence length, and raise
+            unless every output is within
             ``rtol * max(1, max |output|)`` of PyTorch's, where ``rtol`` is 1e-4
             for float32 and wider outputs, 1e-2 for float16 and 5e-2 for bfloat16.
         opset: ONNX opset version (the exporter's default when None). The
@@ -157,7 +196,7 @@ def export_onnx(
         OnnxCheckError: onnxruntime disagrees with PyTorch (max error and batch sizes said).
     """
     check_module(model)
-    args = _as_args(example_inputs)
+    args, kwargs = model_inputs(example_inputs)
     check_bool(dynamic_batch, "dynamic_batch")
     check_bool(check, "check")
     check_bool(verbose, "verbose")
@@ -167,31 +206,46 @@ def export_onnx(
     for module in ("onnx", "onnxscript") + (("onnxruntime",) if check else ()):
         _require(module)
     opset = _check_opset(opset)
+    if not all(isinstance(t, Tensor) for t in (*args, *kwargs.values())):
+        raise TypeError("example_inputs must hold tensors only (no None or other values)")
+    names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
+    inputs = (*args, *kwargs.values())
+    lengths = {t.shape[1] for t in kwargs.values() if t.dim() == 2}
+    sequence = bool(kwargs) and len(lengths) == 1 and all(t.dim() == 2 for t in kwargs.values())
+    flat = _Flat(model, len(args), list(kwargs))
 
-    with kept_modes(model), torch.no_grad():
+    with kept_modes(model), torch.no_grad(), _no_cache(model):
         model.eval()
         try:
-            expected = _outputs(model(*args))
+            expected = _outputs(model(*args, **kwargs))
         except Exception as err:
-            shapes = [tuple(a.shape) for a in args]
+            shapes = [tuple(t.shape) for t in inputs]
             add_context(err, f"(raised by the model on example_inputs of shapes {shapes})")
             raise
-        _write(model, args, path, dynamic_batch=dynamic_batch, opset=opset, verbose=verbose)
+        dims: dict[int, Any] = {}
+        if dynamic_batch:
+            dims[0] = torch.export.Dim("batch", min=1)
+        if sequence:
+            dims[1] = torch.export.Dim("sequence", min=1)
+        _write(flat, inputs, names, path, dims=dims, opset=opset, verbose=verbose)
         if check:
-            _check_in_onnxruntime(model, path, args, expected, dynamic_batch)
+            variants = _variants(inputs, dynamic_batch, sequence)
+            _check_in_onnxruntime(flat, path, variants, [t for _, t in expected])
+    log.info("exported outputs: %s", ", ".join(name for name, _ in expected))
     return path
 
 
 def _write(
     model: nn.Module,
-    args: tuple[Tensor, ...],
+    inputs: tuple[Tensor, ...],
+    names: list[str],
     path: Path,
     *,
-    dynamic_batch: bool,
+    dims: dict[int, Any],
     opset: int | None,
     verbose: bool,
 ) -> None:
-    """Export with the dynamo exporter: one file, dynamic batch, the opset asked for or none."""
+    """Export with the dynamo exporter: one file, the dynamic dimensions and opset asked for."""
     # one self-contained file unless the weights approach protobuf's 2 GB limit
     weight_bytes = sum(
         t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
@@ -200,14 +254,17 @@ def _write(
         "dynamo": True,
         "verbose": verbose,
         "external_data": weight_bytes > 2**30,
+        "input_names": names,
     }
     if opset is not None:
         kwargs["opset_version"] = opset
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1)
-        kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
+    if dims:
+        # one entry for the *tensors parameter of _Flat.forward: a tuple, one dict per tensor
+        kwargs["dynamic_shapes"] = (
+            tuple({d: dim for d, dim in dims.items() if d < t.dim()} for t in inputs),
+        )
     with _quiet(verbose):
-        torch.onnx.export(model, args, str(path), **kwargs)
+        torch.onnx.export(model, inputs, str(path), **kwargs)
     if opset is not None and _written_opset(path) != opset:
         written = _written_opset(path)
         path.unlink()
@@ -221,23 +278,22 @@ def _write(
 def _check_in_onnxruntime(
     model: nn.Module,
     path: Path,
-    args: tuple[Tensor, ...],
+    variants: list[tuple[Tensor, ...]],
     expected: list[Tensor],
-    dynamic_batch: bool,
 ) -> None:
-    """Compare onnxruntime with PyTorch on ``args`` and on another batch size; raise if they differ."""
-    batches = [args] + ([_other_batch(args)] if dynamic_batch else [])
-    sizes = [b[0].shape[0] for b in batches]
-    for inputs in batches:
-        reference = expected if inputs is args else _outputs(model(*inputs))
+    """Compare onnxruntime with PyTorch on every input variant; raise if they differ."""
+    shapes = [tuple(v[0].shape) for v in variants]
+    for inputs in variants:
+        reference = expected if inputs is variants[0] else list(model(*inputs))
         got = run_onnx(path, *inputs)
+        where = f"inputs of shape {tuple(inputs[0].shape)}"
         for i, (ref, out) in enumerate(zip(reference, got, strict=True)):
             ref64 = ref.detach().cpu().to(torch.float64)
             out64 = torch.from_numpy(out).to(torch.float64)
             if out64.shape != ref64.shape:
                 raise OnnxCheckError(
                     f"onnxruntime output {i} has shape {tuple(out64.shape)}, PyTorch's "
-                    f"{tuple(ref64.shape)} (batch size {inputs[0].shape[0]})"
+                    f"{tuple(ref64.shape)} ({where})"
                 )
             error = float((out64 - ref64).abs().max()) if ref64.numel() else 0.0
             scale = float(ref64.abs().max()) if ref64.numel() else 0.0
@@ -245,6 +301,5 @@ def _check_in_onnxruntime(
             if not error <= tolerance:
                 raise OnnxCheckError(
                     f"onnxruntime output {i} differs from PyTorch by up to {error:.3g} "
-                    f"(tolerance {tolerance:.3g}) at batch size {inputs[0].shape[0]}; "
-                    f"checked batch sizes {sizes}"
+                    f"(tolerance {tolerance:.3g}) on {where}; checked input shapes {shapes}"
                 )

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._batches import attention_mask, examples_in, map_tensors, run_batch, to_device, truncate
 from .._errors import add_context
 from .._validation import check_bool, check_device, check_module, check_positive_int
 from ..core import moments as _m
@@ -44,75 +45,6 @@ from ..layers.network import _require_layers, pca_layers_of
 from ..layers.pca import _MOMENTS, PCALayer, token_mask
 
 __all__ = ["all_reduce_statistics", "calibrate"]
-
-
-def _examples_in(batch: Any) -> int | None:
-    """Input examples in a batch: the leading size of its first tensor (None if it has none)."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        items: Iterable[Any] = batch.values()
-    elif isinstance(batch, (tuple, list)):
-        items = batch
-    else:
-        return None
-    for item in items:
-        if isinstance(item, (Tensor, Mapping, tuple, list)):
-            found = _examples_in(item)
-            if found is not None:
-                return found
-    return None
-
-
-def _map_tensors(batch: Any, fn: Callable[[Tensor], Any]) -> Any:
-    if isinstance(batch, Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        rebuild: Any = type(batch)  # dict, OrderedDict, BatchEncoding, ...
-        return rebuild((k, _map_tensors(v, fn)) for k, v in batch.items())
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_map_tensors(v, fn) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_map_tensors(v, fn) for v in batch)
-    return batch
-
-
-def _to_device(batch: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return batch
-
-    def move(t: Tensor) -> Tensor:
-        return t.to(device, non_blocking=device.type == "cuda" and t.is_pinned())
-
-    return _map_tensors(batch, move)
-
-
-def _truncate(batch: Any, size: int, keep: int) -> Any:
-    """Keep the first ``keep`` examples of every tensor whose leading size is ``size``."""
-    return _map_tensors(batch, lambda t: t[:keep] if t.dim() and t.shape[0] == size else t)
-
-
-def _attention_mask(batch: Any) -> Tensor | None:
-    """A dict batch's ``attention_mask`` (1 for real tokens, 0 for padding), if it has one."""
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() == 2:
-            return mask
-    return None
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)) and batch:
-        return model(batch[0])
-    raise TypeError(
-        "a calibration batch must be a tensor, a tuple/list whose first item is the input, "
-        f"or a dict of keyword arguments; got {type(batch).__name__} "
-        "(pass forward=lambda model, batch: ... to run other batches)"
-    )
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -284,7 +216,7 @@ def calibrate(
             layer._sync_flags()
             layer.mode = "collect"
         model.eval()
-        batches = _stream(model, data, forward or _default_forward, target, max_batches,
+        batches = _stream(model, data, forward or run_batch, target, max_batches,
                           max_samples, progress)  # fmt: skip
         _combine(layers, snapshot, reset, batches)
         for layer in layers.values():
@@ -343,7 +275,7 @@ def _stream(
             except BaseException as err:
                 add_context(err, f"(raised by the calibration data while fetching batch {batches})")
                 raise
-            size = _examples_in(batch)
+            size = examples_in(batch)
             if max_samples is not None:
                 if size is None:
                     raise TypeError(
@@ -351,13 +283,13 @@ def _stream(
                         f"{batches} ({type(batch).__name__}) holds no tensor to count them in"
                     )
                 if seen + size > max_samples:
-                    batch, size = _truncate(batch, size, max_samples - seen), max_samples - seen
-            batch = _to_device(batch, device)
+                    batch, size = truncate(batch, size, max_samples - seen), max_samples - seen
+            batch = to_device(batch, device)
             try:
-                with token_mask(_attention_mask(batch)):
+                with token_mask(attention_mask(batch)):
                     run(model, batch)
             except BaseException as err:
-                shapes = _map_tensors(batch, lambda t: tuple(t.shape))
+                shapes = map_tensors(batch, lambda t: tuple(t.shape))
                 add_context(err, f"(raised on calibration batch {batches}, tensor shapes {shapes})")
                 raise
             batches += 1
