@@ -180,3 +180,35 @@ class Attention(nn.Module):
         h = self.inp(x)
         a, _ = self.att(h, h, h)
         return self.out(a).mean(1)
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D, as GPT-2 uses it: a Linear whose weight is stored (in, out)."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.nf,))
+
+
+class GPT2Block(nn.Module):
+    """A GPT-2-style block: Conv1D attention and MLP projections."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.c_attn = Conv1D(3 * width, width)
+        self.c_proj = Conv1D(width, width)
+        self.c_fc = Conv1D(4 * width, width)
+        self.mlp_proj = Conv1D(width, 4 * width)
+
+    def forward(self, x):
+        q, k, v = self.c_attn(self.ln(x)).split(x.shape[-1], dim=-1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+        x = x + self.c_proj(att)
+        return x + self.mlp_proj(torch.nn.functional.gelu(self.c_fc(x)))

@@ -228,3 +228,36 @@ def test_tied_weights_stay_tied_and_are_counted_once():
         torch.testing.assert_close(small(tokens[:3]), wrapped(tokens[:3]), atol=1e-5, rtol=1e-4)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="shares its weight"):
         ps.pca_wrap(model, include="head")
+
+
+def test_gpt2_conv1d_projections_are_wrapped_compressed_and_tracked(tmp_path):
+    from models import GPT2Block
+
+    torch.manual_seed(0)
+    block = GPT2Block().eval()
+    wrapped = ps.pca_wrap(block, 0.9)
+    assert list(ps.pca_layers_of(wrapped)) == ["c_attn", "c_proj", "c_fc", "mlp_proj"]
+    x = torch.randn(32, 12, 16)
+    ps.calibrate(wrapped, x.split(8), progress=False)
+    assert ps.count_macs(block, x[:2]) == 12 * (16 * 48 + 16 * 16 + 16 * 64 + 64 * 16)
+    small, _ = assert_compressed_equals_projected(wrapped, x[:3], atol=1e-4)
+    assert not any(type(m).__name__ == "Conv1D" for m in small.modules())
+    assert ps.count_params(small) < ps.count_params(block)
+    tracker = ps.CheckLayerSat(str(tmp_path / "gpt2"), "csv", block, device="cpu")
+    assert list(tracker.layers) == ["c_attn", "c_proj", "c_fc", "mlp_proj"]
+    tracker.close()
+
+
+def test_a_warning_when_most_weights_sit_in_modules_no_layer_can_follow():
+    class Projection(nn.Module):  # a custom layer holding its own matrix
+        def __init__(self):
+            super().__init__()
+            self.matrix = nn.Parameter(torch.randn(64, 64))
+
+        def forward(self, x):
+            return x @ self.matrix
+
+    model = nn.Sequential(Projection(), nn.Linear(64, 4))
+    with pytest.warns(UserWarning, match=r"94% of the model's layer weights sit in modules that no "
+                                         r"PCA layer can follow: Projection \(94%\)"):  # fmt: skip
+        ps.pca_wrap(model)

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from torch import Tensor, fx, nn
 
+from ..layers.kinds import is_conv1d, linear_like
 from ..layers.network import _calibrated_layers
 from ..layers.pca import Conv2DPCALayer, PCALayer
 from ..layers.sites import Projected, Site, clear_sites, sites_of
@@ -60,6 +61,8 @@ Dense = nn.Linear | nn.Conv2d  # the layers a projection can be folded into
 
 
 def _fan_in(module: Dense) -> int:
+    if is_conv1d(module):
+        return module.weight.shape[0]
     if isinstance(module, nn.Linear):
         return module.in_features
     kh, kw = module.kernel_size
@@ -145,6 +148,8 @@ class LowRank(nn.Sequential):
 def _like(module: Dense, out_features: int) -> Dense:
     """A fresh layer of ``module``'s kind and geometry with ``out_features`` outputs."""
     device, dtype = module.weight.device, module.weight.dtype
+    if is_conv1d(module):  # its replacement is the equivalent nn.Linear
+        return nn.Linear(_fan_in(module), out_features, bias=True, device=device, dtype=dtype)
     if isinstance(module, nn.Linear):
         return nn.Linear(module.in_features, out_features, bias=True, device=device, dtype=dtype)
     geometry: dict[str, Any] = {  # as the module holds them (tuples, or a padding string)
@@ -187,7 +192,11 @@ def _set(layer: Dense, weight: Tensor, bias: Tensor) -> Dense:
 
 
 def _weights64(module: Dense) -> tuple[Tensor, Tensor]:
-    w = module.weight.detach().to(torch.float64).reshape(module.weight.shape[0], -1)
+    """``(W, b)`` in float64 with ``W`` as (outputs, inputs) (a Conv1D's is transposed)."""
+    weight = module.weight.detach().to(torch.float64)
+    if is_conv1d(module):
+        weight = weight.T
+    w = weight.reshape(weight.shape[0], -1)
     b = module.bias
     b = (
         torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
@@ -264,8 +273,8 @@ def _swap(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
 def _followed(model: nn.Module, site: Site) -> Dense | None:
     """The Linear/Conv2d whose output the site's layer projects directly, if it can be paired."""
     module = model.get_submodule(site.follows) if site.follows is not None else None
-    if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
-        return module
+    if linear_like(module) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+        return module  # type: ignore[return-value]
     return None
 
 

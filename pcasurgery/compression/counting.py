@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .._batches import examples_in, model_inputs
 from .._validation import check_module, kept_modes
+from ..layers.kinds import is_conv1d
 from ..layers.pca import PCALayer
 
 __all__ = ["count_macs", "count_params", "macs_per_position"]
@@ -35,6 +36,10 @@ def macs_per_position(module: nn.Module) -> int:
     """
     if isinstance(module, nn.Linear):
         return module.in_features * module.out_features
+    if is_conv1d(module):
+        weight = module.weight
+        assert isinstance(weight, Tensor)
+        return int(weight.numel())
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return (module.in_channels // module.groups) * kh * kw * module.out_channels
@@ -79,7 +84,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d, PCALayer))
+        if isinstance(m, (nn.Linear, nn.Conv2d, PCALayer)) or is_conv1d(m)
     ]
     try:
         with kept_modes(model):

@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from .._validation import check_bool, check_module, check_patterns, check_threshold
+from ..layers.kinds import is_conv1d, linear_like, output_width
 from ..layers.pca import Conv2DPCALayer, LinearPCALayer, PCALayer
 from ..layers.sites import Projected, Site, record_sites
 
@@ -55,6 +56,7 @@ class _PCATracer(fx.Tracer):
 
 
 def _check_targets(targets: object) -> tuple[type, ...]:
+    """The target types; a class named ``Conv1D`` (transformers') is accepted as Linear-like."""
     if isinstance(targets, type):
         types: tuple = (targets,)
     elif isinstance(targets, (tuple, list, set, frozenset)):
@@ -65,9 +67,12 @@ def _check_targets(targets: object) -> tuple[type, ...]:
             f"(nn.Linear, nn.Conv2d); got {targets!r}"
         )
     for t in types:
-        if not (isinstance(t, type) and issubclass(t, SUPPORTED_TARGETS)):
+        if not (
+            isinstance(t, type) and (issubclass(t, SUPPORTED_TARGETS) or t.__name__ == "Conv1D")
+        ):
             raise TypeError(
-                f"targets must be nn.Linear and/or nn.Conv2d (or subclasses), got {t!r}"
+                "targets must be nn.Linear and/or nn.Conv2d (or subclasses; nn.Linear also "
+                f"selects transformers' Conv1D), got {t!r}"
             )
     if not types:
         raise ValueError("targets must name at least one module type, got an empty tuple")
@@ -82,13 +87,16 @@ def _select_targets(
 ) -> list[tuple[str, nn.Module]]:
     """Modules to wrap, in registration order.
 
-    Priority, lowest to highest: the module type must be one of ``targets``; then,
-    when ``include`` is given, the qualified name must match one of its globs;
-    finally a name matching any ``exclude`` glob is dropped.
+    Priority, lowest to highest: the module type must be one of ``targets``
+    (``nn.Linear`` also selects transformers' ``Conv1D``); then, when ``include``
+    is given, the qualified name must match one of its globs; finally a name
+    matching any ``exclude`` glob is dropped.
     """
+    conv1d = any(issubclass(t, nn.Linear) or t.__name__ == "Conv1D" for t in targets)
     chosen: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():  # shared modules are listed once
-        if not name or not any(isinstance(module, t) for t in targets):
+        chosen_type = any(isinstance(module, t) for t in targets) or (conv1d and is_conv1d(module))
+        if not name or not chosen_type:
             continue
         if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
@@ -96,6 +104,38 @@ def _select_targets(
             continue
         chosen.append((name, module))
     return chosen
+
+
+def _warn_coverage(model: nn.Module) -> None:
+    """Warn when most of the model's layer weights sit in modules no PCA layer can follow.
+
+    Layer weights are the matrices and kernels (parameters of two or more
+    dimensions) of every module but embeddings. Those of Linear, Conv1D and
+    Conv2d modules can be followed (whether ``targets``/``include`` choose them
+    is the user's call); those of other modules (``nn.MultiheadAttention``'s
+    packed input projection, custom projections) cannot, and a model made of
+    them would otherwise be wrapped almost nowhere, silently.
+    """
+    held: dict[str, int] = {}
+    total = 0
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            continue
+        size = sum(p.numel() for p in module._parameters.values() if p is not None and p.dim() >= 2)
+        total += size
+        if size and not (linear_like(module) or isinstance(module, nn.Conv2d)):
+            held[type(module).__name__] = held.get(type(module).__name__, 0) + size
+    missed = sum(held.values())
+    if total and missed > 0.5 * total:
+        ranked = sorted(held.items(), key=lambda item: -item[1])[:5]
+        listing = ", ".join(f"{name} ({size / total:.0%})" for name, size in ranked)
+        warnings.warn(
+            f"{missed / total:.0%} of the model's layer weights sit in modules that no PCA layer "
+            f"can follow: {listing}; pcasurgery follows nn.Linear, transformers' Conv1D and "
+            "nn.Conv2d modules (swap or exclude the others)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _without_tied(
@@ -139,13 +179,13 @@ def _without_tied(
 
 
 def _make_layer(name: str, module: nn.Module, threshold: float, centering: bool, keepdim: bool):
+    width = output_width(module)
     if isinstance(module, nn.Conv2d):
         layer: PCALayer = Conv2DPCALayer(
-            module.out_channels, threshold, verbose=False, centering=centering, keepdim=keepdim
+            width, threshold, verbose=False, centering=centering, keepdim=keepdim
         )
     else:
-        assert isinstance(module, nn.Linear)
-        layer = LinearPCALayer(module.out_features, threshold, keepdim=keepdim, centering=centering)
+        layer = LinearPCALayer(width, threshold, keepdim=keepdim, centering=centering)
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         layer.to(device=weight.device, dtype=weight.dtype)
@@ -240,6 +280,7 @@ def pca_wrap(
             f"no module of model matches targets={tuple(t.__name__ for t in types)}, "
             f"include={include!r}, exclude={exclude!r}"
         )
+    _warn_coverage(wrapped)
     chosen = _without_tied(wrapped, chosen)
     if not chosen:
         raise ValueError(

@@ -37,6 +37,7 @@ from .._errors import NonFiniteError
 from .._validation import check_bool, check_choice, check_positive_int, check_threshold
 from ..core import spectrum as _s
 from ..core.covariance_matrix import TorchCovarianceMatrix, _resolve_device
+from ..layers.kinds import is_conv1d
 from .writers import STATMAP, WRITERS, AbstractWriter, CompositWriter, NPYWriter
 
 __all__ = ["CONV_METHODS", "CheckLayerSat", "SaturationTracker", "STATS", "TIMESERIES_METHODS"]
@@ -83,11 +84,15 @@ def _tracked_layers(modules, include_conv: bool) -> OrderedDict[str, nn.Module]:
     (as delve does), prefixed with ``<i>-`` only where two would collide. A
     layer with a ``name`` attribute keeps it.
     """
-    kinds = TRACKED if include_conv else (nn.Linear, nn.LSTM)
+    types = TRACKED if include_conv else (nn.Linear, nn.LSTM)
+
+    def kinds(m: object) -> bool:  # transformers' Conv1D is tracked as a Linear
+        return isinstance(m, types) or is_conv1d(m)
+
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    if isinstance(modules, nn.Module) and not isinstance(modules, kinds):
+    if isinstance(modules, nn.Module) and not kinds(modules):
         for name, m in modules.named_modules():
-            if name and isinstance(m, kinds):
+            if name and kinds(m):
                 layers[_layer_name(m, name)] = m
         return layers
     if isinstance(modules, nn.Module):
@@ -97,11 +102,11 @@ def _tracked_layers(modules, include_conv: bool) -> OrderedDict[str, nn.Module]:
             f"modules must be a torch module or a list of modules, got {type(modules).__name__}"
         )
     for i, module in enumerate(modules):
-        if isinstance(module, kinds):
+        if kinds(module):
             layers[_layer_name(module, f"Module-{i}-{type(module).__name__}")] = module
             continue
         for name, m in module.named_modules():
-            if name and isinstance(m, kinds):
+            if name and kinds(m):
                 key = _layer_name(m, name)
                 layers[f"{i}-{key}" if key in layers else key] = m
     return layers
