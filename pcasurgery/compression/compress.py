@@ -338,8 +338,8 @@ def compress(model: nn.Module) -> nn.Module:
     for layer in layers.values():
         layer._ensure_current()
     out = copy.deepcopy(model)
-    sites = sites_of(out)
-    rows = [_compress_site(out, site) for site in sites]
+    bns = _fusable_batchnorms(out) if isinstance(out, fx.GraphModule) else {}
+    rows = [_compress_site(out, site, bns.get(site.name)) for site in sites_of(out)]
     if isinstance(out, fx.GraphModule):
         out.graph.lint()
         out.delete_all_unused_submodules()
@@ -356,15 +356,18 @@ def _row(site: Site, layer: PCALayer, action: str, before: int, after: nn.Module
             "batchnorm_fused": fused}  # fmt: skip
 
 
-def _compress_site(root: nn.Module, site: Site) -> dict:
-    """Rewrite one site of ``root`` (a copy) into plain layers; returns its report row."""
+def _compress_site(root: nn.Module, site: Site, bn: nn.BatchNorm2d | None) -> dict:
+    """Rewrite one site of ``root`` (a copy) into plain layers; returns its report row.
+
+    ``bn``: an eval BatchNorm2d that alone reads the site's projection, to fold in.
+    """
     layer = root.get_submodule(site.layer_path)
     assert isinstance(layer, PCALayer)
     module = _followed(root, site)
     if site.attachment == "graph":
         assert isinstance(root, fx.GraphModule)
         if module is not None:
-            return _compress_graph_pair(root, site, layer, module)
+            return _compress_graph_pair(root, site, layer, module, bn)
         new = _standalone(layer, _plan_layer(layer, None))
         _swap(root, layer, new)  # the call node's target path now holds the plain map
         return _row(site, layer, _plan_layer(layer, None).action, 0, new, False)
@@ -404,9 +407,10 @@ def _fusable_batchnorms(gm: fx.GraphModule) -> dict[str, nn.BatchNorm2d]:
     return found
 
 
-def _compress_graph_pair(gm: fx.GraphModule, site: Site, layer: PCALayer, module: Dense) -> dict:
+def _compress_graph_pair(
+    gm: fx.GraphModule, site: Site, layer: PCALayer, module: Dense, bn: nn.BatchNorm2d | None
+) -> dict:
     """Fold a graph site's projection into the module it follows (and a BatchNorm after it)."""
-    bn = _fusable_batchnorms(gm).get(site.name)
     plan = _plan_layer(layer, module)
     new = _compress_pair(layer, module, plan)
     before = count_params(module)

@@ -313,7 +313,8 @@ def _combine(
             old = _m.Moments(*(previous[n].to(state.shift.device) for n in _MOMENTS))
             if int(old.count) > 0 and not (distributed and bool(previous["statistics_shared"])):
                 state = _m.merge_moments(old, state)  # local statistics: reduced with the new
-                layer._put("example_count", layer.example_count + previous["example_count"])
+                earlier = previous["example_count"].to(layer.example_count.device)
+                layer._put("example_count", layer.example_count + earlier)
                 old = None
             if int(layer.sample_count) == 0 and int(previous["sample_count"]) > 0:
                 layer._put("sample_positions", previous["sample_positions"])
