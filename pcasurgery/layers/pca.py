@@ -71,8 +71,10 @@ class _StateSpec:
         dtype: its dtype, which casts such as ``.half()`` never change; None for
             the projection, which follows the module's floating dtype.
         statistic: part of the collected statistics: cleared by
-            ``reset_statistics``, collected afresh by each calibration, summed
-            across processes (the moments and ``example_count``).
+            ``reset_statistics``, collected afresh by each calibration.
+        reduce: how processes combine it: ``"moments"`` (the four fields of
+            ``core.moments.Moments``, summed exactly around a common shift by
+            ``all_reduce_moments``), ``"sum"`` (added), or None (kept per process).
         resizable: its shape depends on ``k``; a checkpoint's shape is taken on load.
         initial: the value it starts from (and returns to on reset).
         optional: added after checkpoints were first written; a checkpoint
@@ -83,6 +85,7 @@ class _StateSpec:
     shape: Callable[[int, bool], tuple[int, ...]]
     dtype: torch.dtype | None
     statistic: bool = False
+    reduce: str | None = None
     resizable: bool = False
     initial: float = 0
     optional: bool = False
@@ -103,11 +106,11 @@ def _square(width: int, keepdim: bool) -> tuple[int, ...]:
 _F64, _I64 = torch.float64, torch.int64
 _STATE: tuple[_StateSpec, ...] = (
     # the moments (core.moments.Moments) and the examples they came from
-    _StateSpec("sample_count", _scalar, _I64, statistic=True),
-    _StateSpec("shift", _vector, _F64, statistic=True),
-    _StateSpec("shifted_sum", _vector, _F64, statistic=True),
-    _StateSpec("shifted_sum_sq", _square, _F64, statistic=True),
-    _StateSpec("example_count", _scalar, _I64, statistic=True),
+    _StateSpec("sample_count", _scalar, _I64, statistic=True, reduce="moments"),
+    _StateSpec("shift", _vector, _F64, statistic=True, reduce="moments"),
+    _StateSpec("shifted_sum", _vector, _F64, statistic=True, reduce="moments"),
+    _StateSpec("shifted_sum_sq", _square, _F64, statistic=True, reduce="moments"),
+    _StateSpec("example_count", _scalar, _I64, statistic=True, reduce="sum"),
     # samples per input example in the last batch (h*w for convs, tokens for Linear)
     _StateSpec("sample_positions", _scalar, _I64, statistic=True, initial=1),
     # the statistics are already the union over a process group (a distributed calibration)
@@ -128,7 +131,9 @@ _STATE: tuple[_StateSpec, ...] = (
     _StateSpec("basis", lambda w, keep: (w, 0), _F64, resizable=True),
 )
 _SPEC = {spec.name: spec for spec in _STATE}
-_MOMENTS = ("sample_count", "shift", "shifted_sum", "shifted_sum_sq")  # Moments' field order
+_MOMENTS = tuple(s.name for s in _STATE if s.reduce == "moments")  # Moments' field order
+_SUMMED = tuple(s.name for s in _STATE if s.reduce == "sum")
+assert _MOMENTS == ("sample_count", "shift", "shifted_sum", "shifted_sum_sq")
 
 
 # Which token positions are real (True) in the batch being calibrated, (batch, tokens).

@@ -42,7 +42,7 @@ from .._errors import add_context
 from .._validation import check_bool, check_device, check_module, check_positive_int
 from ..core import moments as _m
 from ..layers.network import _require_layers, pca_layers_of
-from ..layers.pca import _MOMENTS, PCALayer, token_mask
+from ..layers.pca import _MOMENTS, _SUMMED, PCALayer, token_mask
 
 __all__ = ["all_reduce_statistics", "calibrate"]
 
@@ -64,9 +64,11 @@ def all_reduce_statistics(model: nn.Module, group: dist.ProcessGroup | None = No
     layer holds the statistics of the union. ``calibrate`` does this for you.
     """
     layers = list(pca_layers_of(check_module(model)).values())
-    reduced, examples, _ = _reduce([layer.statistics() for layer in layers], layers, group, 0)
-    for layer, state, n in zip(layers, reduced, examples, strict=True):
-        layer.load_statistics(state, examples=n)
+    reduced, summed, _ = _reduce([layer.statistics() for layer in layers], layers, group, 0)
+    for layer, state, sums in zip(layers, reduced, summed, strict=True):
+        layer.load_statistics(state)
+        for name, value in sums.items():
+            layer._put(name, value)
         layer._put("statistics_shared", True)
 
 
@@ -75,19 +77,26 @@ def _reduce(
     layers: list[PCALayer],
     group: dist.ProcessGroup | None,
     batches: int,
-) -> tuple[list[_m.Moments], list[int], int]:
-    """All-reduce ``states``, with the layers' example counts and ``batches`` summed alongside."""
-    counts = [float(layer.example_count) for layer in layers] + [float(batches)]
+) -> tuple[list[_m.Moments], list[dict[str, int]], int]:
+    """All-reduce ``states``, and alongside them the layers' summed buffers and ``batches``.
+
+    Returns the moments of the union, each layer's summed buffers (those the
+    state table declares ``reduce="sum"``) and the total number of batches.
+    """
+    values = [float(getattr(layer, name)) for layer in layers for name in _SUMMED]
     device = states[0].shift.device if states else None
-    extra = torch.tensor(counts, dtype=torch.float64, device=device)
+    extra = torch.tensor(values + [float(batches)], dtype=torch.float64, device=device)
 
     def reduce(t: Tensor) -> None:
         dist.all_reduce(t, group=group)
 
-    merged, summed = _m.all_reduce_moments(states, reduce, extra)
-    assert summed is not None
-    totals = [int(round(v)) for v in summed.tolist()]
-    return merged, totals[:-1], totals[-1]
+    merged, total = _m.all_reduce_moments(states, reduce, extra)
+    assert total is not None
+    totals = [int(round(v)) for v in total.tolist()]
+    width = len(_SUMMED)
+    summed = [dict(zip(_SUMMED, totals[i * width : (i + 1) * width], strict=True))
+              for i in range(len(layers))]  # fmt: skip
+    return merged, summed, totals[-1]
 
 
 class _Snapshot:
@@ -313,23 +322,24 @@ def _combine(
             old = _m.Moments(*(previous[n].to(state.shift.device) for n in _MOMENTS))
             if int(old.count) > 0 and not (distributed and bool(previous["statistics_shared"])):
                 state = _m.merge_moments(old, state)  # local statistics: reduced with the new
-                earlier = previous["example_count"].to(layer.example_count.device)
-                layer._put("example_count", layer.example_count + earlier)
+                _add_summed(layer, previous)
                 old = None
             if int(layer.sample_count) == 0 and int(previous["sample_count"]) > 0:
                 layer._put("sample_positions", previous["sample_positions"])
         states.append(state)
         after.append(old)
-    examples = [int(layer.example_count) for layer in layers.values()]
     if distributed:
-        states, examples, batches = _reduce(states, list(layers.values()), None, batches)
+        states, summed, batches = _reduce(states, list(layers.values()), None, batches)
+        for layer, sums in zip(layers.values(), summed, strict=True):
+            for name, value in sums.items():
+                layer._put(name, value)
     if batches == 0:
         raise ValueError("data yielded no batch: nothing to calibrate on")
-    for layer, state, n, old in zip(layers.values(), states, examples, after, strict=True):
+    for layer, state, old in zip(layers.values(), states, after, strict=True):
         if old is not None and int(old.count) > 0:  # already a union over the group
             state = _m.merge_moments(old, state)
-            n += int(snapshot.buffers_of(layer)["example_count"])
-        layer.load_statistics(state, examples=n)
+            _add_summed(layer, snapshot.buffers_of(layer))
+        layer.load_statistics(state)
         layer._put("statistics_shared", distributed)
     unreached = [name for name, layer in layers.items() if layer._empty]
     if unreached:
@@ -337,3 +347,10 @@ def _combine(
             f"PCA layers {', '.join(unreached)} saw no data: their modules were never called "
             "on these batches (wrap without them, e.g. pca_wrap(model, exclude=[...]))"
         )
+
+
+def _add_summed(layer: PCALayer, previous: Mapping[str, Tensor]) -> None:
+    """Add the previous values of the layer's summed buffers (``reduce="sum"``) to the new ones."""
+    for name in _SUMMED:
+        current = getattr(layer, name)
+        layer._put(name, current + previous[name].to(current.device))
