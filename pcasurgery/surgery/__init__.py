@@ -1,4 +1,4 @@
-"""Surgery and calibration: ``pca_wrap`` (torch.fx rewrite, hook fallback) and ``calibrate``."""
+"""Surgery and calibration: ``pca_wrap`` (torch.fx rewrite, module-level fallback) and ``calibrate``."""
 
 from .calibrate import all_reduce_statistics, calibrate
 from .wrap import pca_wrap
