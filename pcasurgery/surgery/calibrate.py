@@ -39,7 +39,13 @@ from torch import Tensor, nn
 
 from .._batches import attention_mask, examples_in, map_tensors, run_batch, to_device, truncate
 from .._errors import add_context
-from .._validation import check_bool, check_device, check_module, check_positive_int
+from .._validation import (
+    check_bool,
+    check_device,
+    check_module,
+    check_positive_int,
+    kept_modes,
+)
 from ..core import moments as _m
 from ..layers.network import _require_layers, pca_layers_of
 from ..layers.pca import _MOMENTS, _SUMMED, PCALayer, token_mask
@@ -105,6 +111,7 @@ class _Snapshot:
     Module buffers and parameter data are kept as the tensors they are; PCA
     layers replace their buffers rather than modify them, and moving the model
     replaces tensors too, so putting the references back restores the model.
+    Train/eval flags are kept by ``kept_modes`` around the whole call.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[PCALayer]):
@@ -114,7 +121,6 @@ class _Snapshot:
                 dict(m._buffers),
                 dict(m._parameters),
                 {k: p.data for k, p in m._parameters.items() if p is not None},
-                m.training,
             )
             for m in model.modules()
         ]
@@ -126,14 +132,13 @@ class _Snapshot:
         return {name: t for name, t in buffers.items() if t is not None}
 
     def restore_modes(self) -> None:
-        for m, *_, training in self.modules:
-            m.training = training
+        """Put every PCA layer's mode back."""
         for layer, mode, _ in self.layers:
             layer.mode = mode
 
     def restore(self) -> None:
         with torch.no_grad():
-            for m, buffers, params, data, _ in self.modules:
+            for m, buffers, params, data in self.modules:
                 m._buffers.clear()
                 m._buffers.update(buffers)
                 m._parameters.clear()
@@ -215,25 +220,26 @@ def calibrate(
     _require_layers(layers)
 
     snapshot = _Snapshot(model, layers.values())
-    try:
-        if target is not None:
-            model.to(target)
-        else:
-            target = _model_device(model)
-        for layer in layers.values():
-            layer._fresh_statistics()
-            layer._sync_flags()
-            layer.mode = "collect"
-        model.eval()
-        batches = _stream(model, data, forward or run_batch, target, max_batches,
-                          max_samples, progress)  # fmt: skip
-        _combine(layers, snapshot, reset, batches)
-        for layer in layers.values():
-            layer.compute_eigenspace()
-    except BaseException:
-        snapshot.restore()
-        raise
-    snapshot.restore_modes()
+    with kept_modes(model):
+        try:
+            if target is not None:
+                model.to(target)
+            else:
+                target = _model_device(model)
+            for layer in layers.values():
+                layer._fresh_statistics()
+                layer._sync_flags()
+                layer.mode = "collect"
+            model.eval()
+            batches = _stream(model, data, forward or run_batch, target, max_batches,
+                              max_samples, progress)  # fmt: skip
+            _combine(layers, snapshot, reset, batches)
+            for layer in layers.values():
+                layer.compute_eigenspace()
+        except BaseException:
+            snapshot.restore()
+            raise
+        snapshot.restore_modes()
     _warn_undersampled(layers)
     return model
 
