@@ -112,9 +112,10 @@ def explained_fractions(eigenvalues: Tensor) -> Tensor:
 
 def explained_fraction(eigenvalues: Tensor, k: int) -> float:
     """Fraction of the total variance carried by the top ``k`` eigenvalues (1 if there is none)."""
-    if _cumulative_fraction(eigenvalues) is None:
+    fractions = _cumulative_fraction(eigenvalues)
+    if fractions is None:
         return 1.0
-    return 0.0 if k == 0 else float(explained_fractions(eigenvalues)[k - 1])
+    return 0.0 if k == 0 else float(fractions[k - 1].clamp_max(1.0))
 
 
 def projection_affine(basis: Tensor, center: Tensor, keepdim: bool = True) -> tuple[Tensor, Tensor]:

@@ -125,11 +125,11 @@ class _Snapshot:
             for m in model.modules()
         ]
         self.layers = [(layer, layer.mode, layer.epoch) for layer in layers]
+        self._buffers = {id(m): buffers for m, buffers, *_ in self.modules}
 
     def buffers_of(self, layer: PCALayer) -> dict[str, Tensor]:
         """The layer's buffers as they were before calibration."""
-        buffers = next(b for m, b, *_ in self.modules if m is layer)
-        return {name: t for name, t in buffers.items() if t is not None}
+        return {name: t for name, t in self._buffers[id(layer)].items() if t is not None}
 
     def restore_modes(self) -> None:
         """Put every PCA layer's mode back."""
