@@ -88,6 +88,21 @@ def test_applying_the_plan_compresses_to_the_planned_size():
         torch.testing.assert_close(small(x), wrapped(x), atol=1e-5, rtol=1e-4)
 
 
+def test_a_plan_applies_where_the_variance_fractions_round_to_one_before_the_width():
+    # a 4-input Linear has 4 real directions in 16 outputs, and rounding noise in a
+    # few more: the fraction the top 13 directions carry is 1.0, which as a
+    # threshold would keep all 16
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16)).eval()
+    wrapped = ps.calibrate(ps.pca_wrap(model), [torch.randn(512, 4)], progress=False)
+    layer = ps.pca_layers_of(wrapped)["0"]
+    assert explained_fraction(layer.eigenvalues, 13) == 1.0
+    plan = ps.budget_plan(wrapped, remove=0.5)
+    plan.loc[0, "k"] = 13
+    ps.apply_plan(wrapped, plan)
+    assert 4 < layer.in_dim <= 13
+
+
 def test_budget_by_macs_on_a_conv_net_and_an_include_filter():
     wrapped = ps.calibrate(ps.pca_wrap(warmed_resnet(), 0.99), torch.randn(64, 3, 8, 8).split(32),
                            progress=False)  # fmt: skip

@@ -41,6 +41,8 @@ from .sweep import _kept_thresholds, _metrics
 
 __all__ = ["apply_plan", "budget_plan"]
 
+_BELOW_ONE = float(np.nextafter(1.0, 0.0))
+
 PLAN_COLUMNS = ("layer", "width", "k", "action", "explained", "params_before", "params_after",
                 "macs_before", "macs_after")  # fmt: skip
 
@@ -310,8 +312,11 @@ def apply_plan(model: nn.Module, plan: pd.DataFrame) -> nn.Module:
     for name, k in zip(plan["layer"], plan["k"], strict=True):
         layer = layers[name]
         k = int(k)
+        # the fraction the top k carry; below 1, since 1 keeps every direction even
+        # where the fractions round to 1 before the last one
+        fraction = explained_fraction(layer.eigenvalues, k)
         thresholds[glob.escape(name)] = (
-            1.0 if k >= layer.width else max(explained_fraction(layer.eigenvalues, k), 1e-12)
+            1.0 if k >= layer.width else min(max(fraction, 1e-12), _BELOW_ONE)
         )
     set_threshold(model, thresholds)
     for name, k in zip(plan["layer"], plan["k"], strict=True):
