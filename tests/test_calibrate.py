@@ -154,7 +154,7 @@ def test_report_and_plot(tmp_path):
     assert (table["explained"] >= 0.95).all() and (table["threshold"] == 0.95).all()
     assert table["kind"].tolist() == ["conv2d"] * 5 + ["linear"] * 2
     assert table["follows"].tolist() == table["layer"].tolist()  # from the record of pca_wrap
-    assert set(table["attachment"]) == {"graph"}
+    assert set(table["attachment"]) == {"module"}
     fig = ps.plot_saturation(table, tmp_path / "sat.png")
     assert (tmp_path / "sat.png").stat().st_size > 5000
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == table["layer"].tolist()

@@ -72,8 +72,7 @@ def test_compressed_equals_projected_on_other_shapes(factory, shape):
 
 def test_hook_wrapped_and_hand_placed_layers_compress_too():
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="wrapped the chosen modules themselves"):
-        hooked = ps.pca_wrap(Branchy().eval(), 0.8)
+    hooked = ps.pca_wrap(Branchy().eval(), 0.8)
     ps.calibrate(hooked, torch.randn(200, 4).split(50), progress=False)
     _, table = assert_compressed_equals_projected(hooked, torch.randn(9, 4))
     assert table["layer"].tolist() == ["a", "b"]
@@ -141,8 +140,7 @@ class BranchyGrouped(nn.Module):
 
 def test_hooked_grouped_conv_becomes_module_plus_standalone_projection():
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="wrapped the chosen modules themselves"):
-        wrapped = ps.pca_wrap(BranchyGrouped().eval(), 0.8)
+    wrapped = ps.pca_wrap(BranchyGrouped().eval(), 0.8)
     ps.calibrate(wrapped, [torch.randn(8, 4, 6, 6) for _ in range(4)], progress=False)
     small, table = assert_compressed_equals_projected(wrapped, torch.randn(3, 4, 6, 6))
     rows = table.set_index("layer")

@@ -25,7 +25,7 @@ import pcasurgery as ps
 def test_layers_follow_every_conv_and_linear_in_forward_order():
     net = warmed_resnet()
     wrapped = ps.pca_wrap(net)
-    assert isinstance(wrapped, fx.GraphModule)
+    assert type(wrapped) is type(net) and not isinstance(wrapped, fx.GraphModule)
     layers = ps.pca_layers_of(wrapped)
     assert list(layers) == RESNET_TARGETS
     assert [type(m).__name__ for m in layers.values()] == ["Conv2DPCALayer"] * 5 + [
@@ -133,7 +133,7 @@ def test_a_shared_module_gets_one_layer_fed_by_every_call():
     ps.calibrate(wrapped, [x], progress=False)
     (layer,) = ps.pca_layers_of(wrapped).values()
     assert int(layer.sample_count) == 100  # two calls per example
-    assert sum(1 for n in wrapped.graph.nodes if n.target == "shared.pca") == 2
+    assert ps.layers.sites_of(wrapped)[0].layer_path == "shared.pca"
 
 
 def test_linear_on_tokens():
@@ -147,22 +147,22 @@ def test_linear_on_tokens():
     torch.testing.assert_close(wrapped(x), net(x), atol=1e-5, rtol=1e-5)
 
 
-def test_untraceable_model_falls_back_to_hooks_and_behaves_the_same():
+def test_untraceable_model_is_wrapped_the_same_way_and_behaves_the_same():
     torch.manual_seed(0)
     branchy = Branchy().eval()
     straight = Straight().eval()
     straight.load_state_dict(branchy.state_dict())
-    with pytest.warns(
-        UserWarning, match="torch.fx cannot trace Branchy .* wrapped the chosen modules themselves"
-    ):
-        hooked = ps.pca_wrap(branchy, 0.9)
+    hooked = ps.pca_wrap(branchy, 0.9)  # fx cannot trace it: only the order is registration order
     traced = ps.pca_wrap(straight, 0.9)
-    assert not isinstance(hooked, fx.GraphModule)
-    assert isinstance(hooked.a, ps.layers.Projected) and hooked.a.weight is hooked.a.module.weight
+    assert type(hooked) is Branchy and isinstance(hooked.a, nn.Linear)
+    assert (
+        type(hooked.a).__name__ == "ProjectedLinear"
+        and hooked.a.pca is ps.pca_layers_of(hooked)["a"]
+    )
     sites = ps.layers.sites_of(hooked)
     assert [(s.name, s.layer_path, s.follows, s.attachment) for s in sites] == [
-        ("a", "a.pca", "a.module", "wrapper"),
-        ("b", "b.pca", "b.module", "wrapper"),
+        ("a", "a.pca", "a", "module"),
+        ("b", "b.pca", "b", "module"),
     ]
     assert list(ps.pca_layers_of(hooked)) == list(ps.pca_layers_of(traced)) == ["a", "b"]
     x = torch.randn(40, 4)
@@ -230,8 +230,7 @@ class RareBranch(Branchy):
 
 def test_calibration_names_layers_that_saw_no_data():
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="wrapped the chosen modules themselves"):
-        hooked = ps.pca_wrap(RareBranch().eval(), 0.9)
+    hooked = ps.pca_wrap(RareBranch().eval(), 0.9)
     with pytest.raises(ValueError, match=r"PCA layers b saw no data: .* exclude"):
         ps.calibrate(hooked, [torch.randn(8, 4)], progress=False)
 
@@ -266,17 +265,15 @@ def test_module_level_wrapping_covers_every_registration_and_loads_old_checkpoin
 
     torch.manual_seed(0)
     model = Aliased().eval()
-    with pytest.warns(UserWarning, match="cannot trace"):
-        wrapped = ps.pca_wrap(model, 0.5)
-    assert wrapped.alias is wrapped.a and isinstance(wrapped.a, ps.layers.Projected)
+    wrapped = ps.pca_wrap(model, 0.5)
+    assert wrapped.alias is wrapped.a and type(wrapped.a).__name__ == "ProjectedLinear"
     assert list(ps.pca_layers_of(wrapped)) == ["a", "b"]
     x = torch.randn(64, 4)
     ps.calibrate(wrapped, [x], progress=False)
     assert ps.pca_layers_of(wrapped)["a"].samples == 128  # both calls
-    # a checkpoint with the bare module's keys (as hook-wrapped models saved them) loads
-    old_layout = {k.replace(".module.", "."): v for k, v in wrapped.state_dict().items()}
+    # the state_dict keys are the model's own, plus each PCA layer's under <module>.pca
+    old_layout = wrapped.state_dict()
     assert "a.weight" in old_layout and "a.pca.eigenvalues" in old_layout
-    with pytest.warns(UserWarning, match="cannot trace"):
-        fresh = ps.pca_wrap(model, 0.5)
+    fresh = ps.pca_wrap(model, 0.5)
     fresh.load_state_dict(old_layout)
     torch.testing.assert_close(fresh.eval()(x), wrapped.eval()(x))

@@ -13,9 +13,10 @@ mean, or zero without centring), the layer maps ``z -> V V^T (z - c) + c``
   - *folded*: the same layer with ``W' = V V^T W``, ``b' = V V^T (b - c) + c``;
   - *down-projection* (``keepdim=False``): the ``k``-output layer alone;
 
-  and, in models rewritten with ``torch.fx``, a BatchNorm2d in eval mode that
-  directly follows a compressed Conv2d is folded into it (the up-projection, or
-  the folded convolution); models wrapped at module level keep their BatchNorm;
+  and a BatchNorm2d in eval mode that alone reads a compressed Conv2d's output
+  (found on the model's ``torch.fx`` graph) is folded into it (the
+  up-projection, or the folded convolution), leaving an ``nn.Identity`` in its
+  place; models ``torch.fx`` cannot trace keep their BatchNorms;
 * **anywhere else** (after an activation, an add, a grouped conv, a layer placed
   by hand) the projection becomes a standalone affine map in the PCA layer's
   place: factorised ``width -> k -> width`` when smaller, else one
@@ -40,7 +41,7 @@ from torch import Tensor, fx, nn
 from ..layers.kinds import is_conv1d, linear_like
 from ..layers.network import _calibrated_layers
 from ..layers.pca import Conv2DPCALayer, PCALayer
-from ..layers.sites import Projected, Site, clear_sites, sites_of
+from ..layers.sites import Projected, Site, SiteTracer, clear_sites, sites_of, unfollow
 from .counting import count_params
 
 __all__ = ["LowRank", "compress", "compression_plan"]
@@ -301,7 +302,7 @@ def compression_plan(model: nn.Module) -> pd.DataFrame:
     """
     layers = _calibrated_layers(model, "plan compression")
     rows = []
-    bns = _fusable_batchnorms(model) if isinstance(model, fx.GraphModule) else {}
+    bns = _fusable_batchnorms(model)
     for site in sites_of(model):
         layer = layers[site.name]
         module = _followed(model, site)
@@ -338,7 +339,7 @@ def compress(model: nn.Module) -> nn.Module:
     for layer in layers.values():
         layer._ensure_current()
     out = copy.deepcopy(model)
-    bns = _fusable_batchnorms(out) if isinstance(out, fx.GraphModule) else {}
+    bns = _fusable_batchnorms(out)
     rows = [_compress_site(out, site, bns.get(site.name)) for site in sites_of(out)]
     if isinstance(out, fx.GraphModule):
         out.graph.lint()
@@ -371,6 +372,22 @@ def _compress_site(root: nn.Module, site: Site, bn: nn.BatchNorm2d | None) -> di
         new = _standalone(layer, _plan_layer(layer, None))
         _swap(root, layer, new)  # the call node's target path now holds the plain map
         return _row(site, layer, _plan_layer(layer, None).action, 0, new, False)
+    if site.attachment == "module":
+        followed = root.get_submodule(site.name)
+        if module is not None:
+            plan = _plan_layer(layer, module)
+            new = _compress_pair(layer, module, plan)
+            before = count_params(module)
+            if bn is not None:
+                _fuse_batchnorm(new, bn)
+                _swap(root, bn, nn.Identity())
+                before += count_params(bn)
+            _swap(root, followed, new)
+            return _row(site, layer, plan.action, before, new, bn is not None)
+        plan = _plan_layer(layer, None)
+        standalone = _standalone(layer, plan)
+        _swap(root, followed, nn.Sequential(unfollow(followed), standalone))
+        return _row(site, layer, plan.action, 0, standalone, False)
     if site.attachment == "wrapper":
         wrapper = root.get_submodule(site.name)
         assert isinstance(wrapper, Projected)
@@ -389,19 +406,33 @@ def _compress_site(root: nn.Module, site: Site, bn: nn.BatchNorm2d | None) -> di
     return _row(site, layer, plan.action, 0, new, False)
 
 
-def _fusable_batchnorms(gm: fx.GraphModule) -> dict[str, nn.BatchNorm2d]:
-    """``{site name: BatchNorm2d}`` for graph sites whose projection feeds only an eval BatchNorm2d."""
-    modules = dict(gm.named_modules())
+def _fusable_batchnorms(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """``{site name: BatchNorm2d}`` for sites after a Conv2d read only by an eval BatchNorm2d.
+
+    Read off the model's graph (traced when it is not a ``GraphModule``); a
+    model that cannot be traced keeps its BatchNorms.
+    """
+    if isinstance(model, fx.GraphModule):
+        graph = model.graph
+    else:
+        try:
+            graph = SiteTracer().trace(model)
+        except Exception:  # noqa: BLE001 - untraceable: nothing is fused
+            return {}
+    modules = dict(model.named_modules())
     found = {}
-    for site in sites_of(gm):
-        if site.attachment != "graph" or not isinstance(_followed(gm, site), nn.Conv2d):
+    for site in sites_of(model):
+        if site.attachment not in ("graph", "module"):
             continue
-        nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == site.layer_path]
+        if not isinstance(_followed(model, site), nn.Conv2d):
+            continue
+        target = site.layer_path if site.attachment == "graph" else site.name
+        nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == target]
         if len(nodes) != 1 or len(nodes[0].users) != 1:
             continue
         user = next(iter(nodes[0].users))
         bn = modules.get(str(user.target)) if user.op == "call_module" else None
-        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == user.target]
+        calls = [n for n in graph.nodes if n.op == "call_module" and n.target == user.target]
         if isinstance(bn, nn.BatchNorm2d) and len(calls) == 1 and _fusable_batchnorm(bn):
             found[site.name] = bn
     return found

@@ -18,7 +18,7 @@ def is_conv1d(module: object) -> bool:
     weight = getattr(module, "weight", None)
     return (
         isinstance(module, nn.Module)
-        and type(module).__name__ == "Conv1D"
+        and getattr(type(module), "_pcasurgery_base", type(module)).__name__ == "Conv1D"
         and isinstance(getattr(module, "nf", None), int)
         and isinstance(weight, Tensor)
         and weight.dim() == 2

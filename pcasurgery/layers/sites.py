@@ -8,28 +8,37 @@ working it out again from the graph or from hooks.
 
 Attachments:
 
-* ``"graph"``: the model was rewritten with ``torch.fx``; a call of the PCA
-  layer follows every call of the module ``follows`` and is the only reader of
-  its output.
-* ``"wrapper"``: the model could not be traced; the module was replaced, at
-  every place it is registered, by a :class:`Projected` wrapper that runs it and
-  then its PCA layer. ``follows`` is the wrapped module (``<name>.module``).
+* ``"module"``: the module's class was swapped for a subclass whose forward
+  runs the module's own forward and then its PCA layer (its child ``pca``), as
+  ``torch.nn.utils.parametrize`` does for parameters. Every call of the module
+  is covered, whatever the model's forward does, and the model keeps its class,
+  methods and attributes. ``follows`` is the module itself.
+* ``"wrapper"``: a module whose class cannot be swapped (an instance-level
+  ``forward``, say) was replaced, at every place it is registered, by a
+  :class:`Projected` wrapper that runs it and then its PCA layer. ``follows``
+  is the wrapped module (``<name>.module``).
+* ``"graph"``: a ``torch.fx`` graph calls the PCA layer after the module
+  (models rewritten by earlier versions).
 * ``"manual"``: a PCA layer placed by hand; it follows nothing known.
+
+In eval mode a module followed by its PCA layer runs folded: one call of the
+module with the projection multiplied into its weights (``pcasurgery.layers.folding``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
 
+from .folding import folded_forward
 from .pca import PCALayer
 
-__all__ = ["ATTACHMENTS", "Projected", "Site", "sites_of"]
+__all__ = ["ATTACHMENTS", "Projected", "Site", "SiteTracer", "follow", "sites_of", "unfollow"]
 
-ATTACHMENTS = ("graph", "wrapper", "manual")
+ATTACHMENTS = ("module", "wrapper", "graph", "manual")
 SITES_ATTRIBUTE = "pca_sites"
 
 
@@ -44,7 +53,8 @@ class Site:
         layer_path: where the PCA layer is registered in the model.
         follows: qualified name of the module whose output it projects directly,
             or None when it follows nothing known (placed by hand).
-        attachment: ``"graph"``, ``"wrapper"`` or ``"manual"`` (module docstring).
+        attachment: ``"module"``, ``"wrapper"``, ``"graph"`` or ``"manual"``
+            (module docstring).
     """
 
     name: str
@@ -74,13 +84,100 @@ class Projected(nn.Module):
         self.register_forward_pre_hook(_observed)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.pca(self.module(*args, **kwargs))
+        out = folded_forward(self.module, self.pca, args, kwargs)
+        return self.pca(self.module(*args, **kwargs)) if out is None else out
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("module"), name)
+
+
+class _Followed:
+    """Mixin of the classes :func:`follow` swaps in: the module's forward, then its PCA layer."""
+
+    _pcasurgery_base: type[nn.Module]
+    _modules: dict[str, nn.Module]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        pca = self._modules[self.__dict__[_CHILD]]
+        assert isinstance(pca, PCALayer)
+        out = folded_forward(self, pca, args, kwargs)  # type: ignore[arg-type]
+        return pca(super().forward(*args, **kwargs)) if out is None else out  # type: ignore[misc]
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # the swapped class is made at run time: pickle the base class and rebuild it
+        state = {k: v for k, v in self.__dict__.items() if k != _FOLD_CACHE}
+        return (_rebuild_followed, (self._pcasurgery_base,), state)
+
+
+_CHILD = "_pcasurgery_child"  # instance attribute: the name of the PCA layer's child
+_FOLD_CACHE = "_pcasurgery_fold"  # see folding.py; never copied or pickled
+_FOLLOWED_CLASSES: dict[type, type] = {}
+
+
+def _followed_class(base: type[nn.Module]) -> type[nn.Module]:
+    cls = _FOLLOWED_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"Projected{base.__name__}", (_Followed, base), {"_pcasurgery_base": base})
+        cls.__module__ = __name__
+        _FOLLOWED_CLASSES[base] = cls
+    return cls
+
+
+def _rebuild_followed(base: type[nn.Module]) -> nn.Module:
+    cls = _followed_class(base)
+    return cls.__new__(cls)
+
+
+def follow(module: nn.Module, pca: PCALayer) -> tuple[nn.Module, str, str]:
+    """Make ``module`` run ``pca`` after its own forward, at every place it is registered.
+
+    The module's class is swapped for a subclass (``ProjectedLinear``, say) and
+    ``pca`` becomes its child ``pca`` (``pca_1``, ... if that name is taken).
+    Where the class cannot be swapped, a :class:`Projected` wrapper is returned
+    instead, to be registered in the module's place.
+
+    Returns:
+        ``(module to register, PCA layer's path relative to it, attachment)``.
+    """
+    base = type(module)
+    if isinstance(module, _Followed) or "forward" in module.__dict__:
+        return _wrapper(module, pca)
+    child, i = "pca", 0
+    while hasattr(module, child):
+        i += 1
+        child = f"pca_{i}"
+    try:
+        module.__class__ = _followed_class(base)
+    except TypeError:  # an incompatible layout (__slots__, a C++ class)
+        return _wrapper(module, pca)
+    module.__dict__[_CHILD] = child
+    module.add_module(child, pca)
+    # see Projected.__init__: calls of the module must not be bypassed by fast paths
+    module.register_forward_pre_hook(_observed)
+    return module, child, "module"
+
+
+def _wrapper(module: nn.Module, pca: PCALayer) -> tuple[nn.Module, str, str]:
+    wrapper = Projected(module, pca)
+    wrapper.train(module.training)
+    return wrapper, "pca", "wrapper"
+
+
+def unfollow(module: nn.Module) -> nn.Module:
+    """The module without its PCA layer: a swapped module gets its class back (in place)."""
+    if isinstance(module, Projected):
+        return module.module
+    if isinstance(module, _Followed):
+        del module._modules[module.__dict__.pop(_CHILD)]
+        module.__dict__.pop(_FOLD_CACHE, None)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _observed:
+                del module._forward_pre_hooks[key]
+        module.__class__ = module._pcasurgery_base
+    return module
 
 
 def _observed(module: nn.Module, args: Any) -> None:
@@ -96,6 +193,21 @@ def _wrapped_keys(module: Projected, state_dict, prefix, *args) -> None:
             rest = key[len(prefix) :]
             if "." not in rest or rest.split(".", 1)[0] in module.module._modules:
                 state_dict[prefix + "module." + rest] = state_dict.pop(key)
+
+
+class SiteTracer(fx.Tracer):
+    """An ``fx.Tracer`` that keeps PCA layers, modules they follow and ``leaves`` as leaves."""
+
+    def __init__(self, leaves: Iterable[nn.Module] = ()):
+        super().__init__()
+        self._leaves = {id(m) for m in leaves}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            isinstance(m, (PCALayer, Projected, _Followed))
+            or id(m) in self._leaves
+            or super().is_leaf_module(m, module_qualified_name)
+        )
 
 
 # GraphModule.__deepcopy__ rebuilds the module and keeps only the attributes

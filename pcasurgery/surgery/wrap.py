@@ -1,15 +1,17 @@
 """``pca_wrap``: put a PCA layer after the output of chosen modules.
 
-The rewrite uses ``torch.fx``: the model is traced (chosen modules are leaves),
-a ``call_module`` node of a PCA layer is inserted after each call of a chosen
-module, and every user of that output is rewired to read the projection; the
-PCA layer is registered as a child named ``pca`` of the module it follows
-(``features.0.pca``). Models that ``torch.fx`` cannot trace (data-dependent
-control flow, say) are wrapped at module level instead: each chosen module is
-replaced, wherever it is registered, by a ``Projected`` wrapper (the module,
-then its PCA layer, again at ``features.0.pca``).
+The model is deep-copied and each chosen module becomes, in place, a module of
+a subclass of its own class (``ProjectedLinear`` for ``nn.Linear``) whose
+forward runs the module's own forward and then the PCA layer, registered as
+the module's child ``pca`` (``features.0.pca``). Every call of the module is
+covered, whatever the model's forward does (Python control flow, direct calls
+of ``module.forward``), and the copy keeps the model's class, methods and
+attributes (``forward_features``, ``generate``, ``num_classes``). ``torch.fx``
+is used only to read the forward order (and to leave out chosen modules that
+the forward never calls); a model it cannot trace keeps registration order.
+A module whose class cannot be swapped is replaced by a ``Projected`` wrapper.
 
-Either way ``pca_wrap`` records each site it creates on the wrapped model
+``pca_wrap`` records each site it creates on the wrapped model
 (``pcasurgery.layers.sites``), and every later step reads that record.
 
 A module called at several places (weight sharing) gets one PCA layer, applied
@@ -26,33 +28,18 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .._validation import check_bool, check_module, check_patterns, check_threshold
 from ..layers.kinds import is_conv1d, linear_like, output_width
 from ..layers.pca import Conv2DPCALayer, LinearPCALayer, PCALayer
-from ..layers.sites import Projected, Site, record_sites
+from ..layers.sites import Site, SiteTracer, follow, record_sites
 
 __all__ = ["pca_wrap"]
 
 log = logging.getLogger("pcasurgery")
 
 SUPPORTED_TARGETS = (nn.Linear, nn.Conv2d)
-
-
-class _PCATracer(fx.Tracer):
-    """An ``fx.Tracer`` that keeps PCA layers (and any extra modules given) as leaves."""
-
-    def __init__(self, leaves: Iterable[nn.Module] = ()):
-        super().__init__()
-        self._leaves = {id(m) for m in leaves}
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (
-            isinstance(m, PCALayer)
-            or id(m) in self._leaves
-            or super().is_leaf_module(m, module_qualified_name)
-        )
 
 
 def _check_targets(targets: object) -> tuple[type, ...]:
@@ -243,10 +230,11 @@ def pca_wrap(
             it changes the shapes the next layers see.
 
     Returns:
-        A ``torch.fx.GraphModule`` (or, when tracing fails, a deep copy of the
-        model whose chosen modules are ``Projected`` wrappers), with the record
-        of its sites (``pcasurgery.layers.sites_of``); ``pca_layers_of`` lists
-        its PCA layers.
+        A deep copy of ``model``, of its class, with its methods and attributes;
+        each chosen module is of a subclass of its own class (``ProjectedLinear``)
+        whose forward runs the PCA layer (its child ``pca``) after the module's.
+        The copy carries the record of its sites (``pcasurgery.layers.sites_of``);
+        ``pca_layers_of`` lists its PCA layers in forward order.
 
     Raises:
         TypeError, ValueError: bad arguments, or no module matches.
@@ -292,78 +280,44 @@ def pca_wrap(
     chosen = [(name, m) for name, m in chosen if name not in unreached]
     layers = {name: _make_layer(name, m, threshold, centering, keepdim) for name, m in chosen}
 
-    try:
-        graph = _PCATracer(m for _, m in chosen).trace(wrapped)
-    except Exception as err:  # noqa: BLE001 - any tracing failure means: wrap modules instead
-        log.debug("torch.fx could not trace %s", type(model).__name__, exc_info=True)
-        _warn_unreached(unreached)
-        if not layers:
-            raise ValueError("none of the chosen modules is called as a module") from err
-        warnings.warn(
-            f"torch.fx cannot trace {type(model).__name__} (its forward has Python control "
-            "flow or operations on values), so pcasurgery wrapped the chosen modules "
-            "themselves: each is replaced by the module followed by its PCA layer. Every call "
-            "of those modules is covered, whatever the forward does; the model keeps its class "
-            "and methods. (The tracer's error is logged at debug level on the 'pcasurgery' "
-            "logger.)",
-            UserWarning,
-            stacklevel=2,
-        )
-        return _wrap_modules(wrapped, chosen, layers)
-    return _rewrite_graph(model, wrapped, graph, layers, unreached)
-
-
-def _wrap_modules(
-    wrapped: nn.Module, chosen: list[tuple[str, nn.Module]], layers: dict[str, PCALayer]
-) -> nn.Module:
-    """Replace every chosen module, wherever it is registered, by ``Projected(module, layer)``."""
+    order, untraced = _forward_order(wrapped, chosen)
+    if untraced is not None:
+        log.debug("torch.fx could not trace %s: PCA layers are listed in registration order "
+                  "rather than forward order (%s)", type(model).__name__, untraced)  # fmt: skip
+    unreached += [name for name in layers if name not in order]
+    _warn_unreached(unreached)
+    if not order:
+        raise ValueError("none of the chosen modules is called as a module")
+    modules = dict(chosen)
     sites = []
-    for name, module in chosen:
-        wrapper = Projected(module, layers[name])
-        wrapper.train(module.training)
-        for parent, child in _registrations(wrapped, module):
-            setattr(parent, child, wrapper)
-        sites.append(Site(name, f"{name}.pca", f"{name}.module", "wrapper"))
+    for name in order:
+        module = modules[name]
+        registrations = _registrations(wrapped, module)
+        attached, child, attachment = follow(module, layers[name])
+        for parent, attribute in registrations:
+            setattr(parent, attribute, attached)
+        follows = name if attachment == "module" else f"{name}.module"
+        sites.append(Site(name, f"{name}.{child}", follows, attachment))
     record_sites(wrapped, sites)
     return wrapped
 
 
-def _rewrite_graph(
-    model: nn.Module,
-    wrapped: nn.Module,
-    graph: fx.Graph,
-    layers: dict[str, PCALayer],
-    unreached: list[str],
-) -> fx.GraphModule:
-    """Insert a call of each PCA layer after every call of its module and rewire the users."""
+def _forward_order(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]]
+) -> tuple[list[str], str | None]:
+    """The chosen modules' names in the order the forward calls them, and why not if unknown.
+
+    ``torch.fx`` traces the model symbolically (the chosen modules are leaves);
+    a chosen module the trace never calls is left out. When the model cannot be
+    traced, the order is the registration order and the reason is returned.
+    """
+    try:
+        graph = SiteTracer(m for _, m in chosen).trace(model)
+    except Exception as err:  # noqa: BLE001 - any tracing failure: keep registration order
+        return [name for name, _ in chosen], f"{type(err).__name__}: {err}"
+    names = {name for name, _ in chosen}
     order: list[str] = []
     for node in graph.nodes:
-        if node.op == "call_module" and node.target in layers and node.target not in order:
+        if node.op == "call_module" and node.target in names and node.target not in order:
             order.append(str(node.target))
-    unreached += [name for name in layers if name not in order]
-    _warn_unreached(unreached)
-    if not order:
-        raise ValueError("none of the chosen modules is called as a module in the traced graph")
-    gm = fx.GraphModule(wrapped, graph, class_name=type(model).__name__)
-    paths = {}
-    for name in order:
-        module = gm.get_submodule(name)
-        child, i = "pca", 0
-        while hasattr(module, child):
-            i += 1
-            child = f"pca_{i}"
-        module.add_module(child, layers[name])
-        paths[name] = f"{name}.{child}"
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or node.target not in paths:
-            continue
-        with gm.graph.inserting_after(node):
-            projected = gm.graph.call_module(paths[str(node.target)], (node,))
-        for user in list(node.users):
-            if user is not projected:
-                user.replace_input_with(node, projected)
-    gm.graph.lint()
-    gm.recompile()
-    gm.training = wrapped.training  # submodules are the copies, with their own flags
-    record_sites(gm, [Site(name, paths[name], name, "graph") for name in order])
-    return gm
+    return order, None

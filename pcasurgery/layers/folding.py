@@ -1,0 +1,118 @@
+"""A module and the PCA layer after it, run as one call with the projection folded in.
+
+A PCA layer's projection is affine, ``y -> P y + q``. After a layer
+``y = W x + b`` the pair is the layer ``x -> (P W) x + (P b + q)``: the same
+shape as the module (``keepdim=True``) or smaller (``keepdim=False``), so a
+projecting forward costs what the plain forward costs. In eval mode, with no
+gradient needed, a followed ``nn.Linear``, ``nn.Conv2d`` (``groups=1``) or
+transformers ``Conv1D`` runs folded. The folded weights are cached on the
+module (never saved, copied or pickled) and rebuilt when the module's weights
+or the layer's projection change: the cache is keyed on the identity, version
+counter and storage of each of the four tensors, which every change of
+threshold, centring, random directions, a ``.to()`` or an optimiser step
+alters. The cache holds one extra copy of the module's weights.
+
+Training (the layer collects), stale statistics, gradients, hooks on the PCA
+layer (``count_macs``, tracking, a user's own), subclasses with their own
+forward, and tracing or export run the module and the layer apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .kinds import is_conv1d
+from .pca import PCALayer, _exporting
+
+__all__ = ["folded_forward"]
+
+_CACHE = "_pcasurgery_fold"
+
+
+def _kind(module: nn.Module) -> str | None:
+    """How ``module`` folds: ``"linear"``, ``"conv2d"``, ``"conv1d"`` or None (it does not)."""
+    base = getattr(type(module), "_pcasurgery_base", type(module))
+    if isinstance(module, nn.Linear) and base.forward is nn.Linear.forward:
+        return "linear"
+    if isinstance(module, nn.Conv2d) and base.forward is nn.Conv2d.forward and module.groups == 1:
+        return "conv2d"
+    if is_conv1d(module) and base.__name__ == "Conv1D":
+        return "conv1d"
+    return None
+
+
+def _hooked(pca: PCALayer) -> bool:
+    """Whether a hook watches the PCA layer's calls (they must see it run)."""
+    from torch.nn.modules import module as _module
+
+    return bool(
+        pca._forward_hooks
+        or pca._forward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+    )
+
+
+def _token(t: Tensor | None) -> tuple:
+    return (None,) if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
+
+
+def _fold(kind: str, weight: Tensor, bias: Tensor | None, p: Tensor, q: Tensor):
+    """``(P W, P b + q)`` in float64, cast back to the weight's dtype."""
+    w = weight.detach().to(torch.float64)
+    p64, q64 = p.to(torch.float64), q.to(torch.float64)
+    b = None if bias is None else bias.detach().to(torch.float64)
+    if kind == "conv1d":  # y = x W + b with W (in, out)
+        folded_w = w @ p64.T
+    else:
+        folded_w = (p64 @ w.reshape(w.shape[0], -1)).reshape(p.shape[0], *w.shape[1:])
+    folded_b = q64 if b is None else p64 @ b + q64
+    return folded_w.to(weight.dtype), folded_b.to(weight.dtype)
+
+
+def folded_forward(
+    module: nn.Module, pca: PCALayer, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Tensor | None:
+    """``pca(module(x))`` as one call of ``module`` with folded weights, or None where that does not apply."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+        return None
+    if pca._collecting() or not pca._has_spectrum or pca._stale or _exporting() or _hooked(pca):
+        return None
+    kind = _kind(module)
+    if kind is None:
+        return None
+    x = args[0]
+    weight, bias = module.weight, module.bias
+    p, q = pca.projection_weight, pca.projection_bias
+    if not isinstance(weight, Tensor) or x.dtype != weight.dtype or p.dtype != weight.dtype:
+        return None
+    if bias is not None and not isinstance(bias, Tensor):
+        return None
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return None
+    tensors = (weight, bias, p, q)
+    key = tuple(_token(t) for t in tensors)
+    cached = module.__dict__.get(_CACHE)
+    if (
+        cached is None
+        or cached[1] != key
+        or any(a is not b for a, b in zip(cached[0], tensors, strict=True))
+    ):
+        with torch.inference_mode(False), torch.no_grad():
+            folded = _fold(kind, weight, bias, p, q)
+        cached = (tensors, key, folded)
+        module.__dict__[_CACHE] = cached
+    w, b = cached[2]
+    if kind == "linear":
+        return F.linear(x, w, b)
+    if kind == "conv2d":
+        assert isinstance(module, nn.Conv2d)
+        return module._conv_forward(x, w, b)
+    out = torch.addmm(b, x.reshape(-1, x.shape[-1]), w)
+    return out.reshape(*x.shape[:-1], w.shape[1])

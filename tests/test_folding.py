@@ -1,0 +1,190 @@
+"""Module-level attachment: the model keeps its class; in eval the projection runs folded.
+
+References are computed apart, in float64: the module's own map, then
+``(y - c) V V^T + c`` from the layer's basis and centre.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import GPT2Block
+from torch import nn
+
+import pcasurgery as ps
+from pcasurgery.layers.folding import _CACHE
+
+
+def reference(module: nn.Module, layer: ps.LinearPCALayer, x: torch.Tensor) -> torch.Tensor:
+    """``layer(module(x))`` computed in float64 from the layer's basis and centre."""
+    w, b = module.weight.double(), module.bias.double()
+    if isinstance(module, nn.Conv2d):
+        y = F.conv2d(x.double(), w, b, module.stride, module.padding).movedim(1, -1)
+    elif isinstance(module, nn.Linear):
+        y = x.double() @ w.T + b
+    else:  # Conv1D: y = x W + b
+        y = x.double() @ w + b
+    v, c = layer.basis.double(), layer.center().double()
+    out = (y - c) @ v @ v.T + c if layer.keepdim else (y - c) @ v
+    return out.movedim(-1, 1) if isinstance(module, nn.Conv2d) else out
+
+
+class Net(nn.Module):
+    """A small classifier with methods of its own, as timm and transformers models have."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 16, 10)
+        self.num_classes = 10
+
+    def forward_features(self, x):
+        return torch.relu(self.conv(x)).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.forward_features(x))
+
+    def reset_classifier(self, classes: int) -> None:
+        self.fc = nn.Linear(8 * 16, classes)
+        self.num_classes = classes
+
+
+def calibrated_net(threshold: float = 0.9, keepdim: bool = True) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    net = Net().eval()
+    wrapped = ps.pca_wrap(net, threshold, keepdim=keepdim, include="conv" if not keepdim else None)
+    ps.calibrate(wrapped, [torch.randn(16, 3, 4, 4) for _ in range(4)], progress=False)
+    return net, wrapped
+
+
+def test_the_wrapped_model_keeps_its_class_methods_and_attributes():
+    net, wrapped = calibrated_net()
+    assert type(wrapped) is Net and wrapped.num_classes == 10
+    x = torch.randn(2, 3, 4, 4)
+    features = wrapped.forward_features(x)  # runs the projection after conv
+    conv, layer = wrapped.conv, ps.pca_layers_of(wrapped)["conv"]
+    expected = torch.relu(reference(conv, layer, x)).flatten(1).float()
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    assert isinstance(wrapped.conv, nn.Conv2d) and type(wrapped.conv).__name__ == "ProjectedConv2d"
+    small = ps.compress(wrapped)
+    assert type(small) is Net
+    torch.testing.assert_close(small.forward_features(x), features, atol=1e-5, rtol=1e-5)
+    small.reset_classifier(3)
+    assert small(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("keepdim", [True, False])
+def test_eval_runs_folded_and_equals_the_projection_of_the_output(keepdim):
+    _, wrapped = calibrated_net(keepdim=keepdim)
+    x = torch.randn(5, 3, 4, 4)
+    for name in ["conv"] if not keepdim else ["conv", "fc"]:
+        module = wrapped.get_submodule(name)
+        layer = ps.pca_layers_of(wrapped)[name]
+        inputs = x if name == "conv" else torch.randn(5, 128)
+        with torch.no_grad():
+            out = module(inputs)
+        assert _CACHE in module.__dict__  # it ran folded
+        expected = reference(module, layer, inputs).float()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        if not keepdim:
+            assert out.shape[1] == layer.in_dim
+
+
+def test_gpt2_conv1d_runs_folded_too():
+    torch.manual_seed(0)
+    block = GPT2Block().eval()
+    wrapped = ps.pca_wrap(block, 0.9)
+    ps.calibrate(wrapped, torch.randn(16, 12, 16).split(4), progress=False)
+    x = torch.randn(3, 12, 16)
+    module, layer = wrapped.c_fc, ps.pca_layers_of(wrapped)["c_fc"]
+    with torch.no_grad():
+        out = module(x)
+    assert _CACHE in module.__dict__
+    torch.testing.assert_close(out, reference(module, layer, x).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_folded_weights_follow_every_change_of_weights_and_projection():
+    _, wrapped = calibrated_net()
+    fc, layer = wrapped.fc, ps.pca_layers_of(wrapped)["fc"]
+    x = torch.randn(7, 128)
+
+    def check():
+        with torch.no_grad():
+            out = fc(x)
+        expected = reference(fc, layer, x).to(x.dtype)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    check()
+    layer.threshold = 0.5
+    check()
+    layer.centering = False
+    check()
+    layer.inject_random_directions(0)
+    check()
+    with torch.no_grad():
+        fc.weight.mul_(2.0)  # in place, as an optimiser step
+        fc.bias.add_(1.0)
+    check()
+    fc.weight = nn.Parameter(torch.randn_like(fc.weight))  # a new tensor
+    check()
+    wrapped.double()
+    x = x.double()
+    check()
+
+
+def test_training_gradients_and_hooks_run_the_separate_map():
+    _, wrapped = calibrated_net()
+    fc, layer = wrapped.fc, ps.pca_layers_of(wrapped)["fc"]
+    x = torch.randn(4, 128)
+    out = fc(x)  # eval, but gradients are wanted: not folded
+    assert _CACHE not in fc.__dict__
+    out.sum().backward()
+    assert fc.weight.grad is not None and fc.weight.grad.abs().sum() > 0
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        fc(x)
+    handle.remove()
+    assert seen == [(4, 10)] and _CACHE not in fc.__dict__
+    wrapped.train()
+    with torch.no_grad():
+        fc(x)  # training mode collects
+    assert int(layer.sample_count) == 4 and _CACHE not in fc.__dict__  # a fresh phase
+
+
+def test_the_cache_is_never_copied_or_pickled_and_the_state_dict_is_unchanged():
+    _, wrapped = calibrated_net()
+    with torch.no_grad():
+        wrapped(torch.randn(2, 3, 4, 4))
+    assert _CACHE in wrapped.fc.__dict__
+    keys = set(wrapped.state_dict())
+    assert not any("fold" in k for k in keys)
+    for clone in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
+        assert _CACHE not in clone.fc.__dict__ and type(clone.fc) is type(wrapped.fc)
+        assert set(clone.state_dict()) == keys
+        x = torch.randn(3, 3, 4, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), wrapped(x))
+
+
+def test_a_saved_whole_model_loads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    _, wrapped = calibrated_net()
+    x = torch.randn(3, 3, 4, 4)
+    torch.save({"model": wrapped, "x": x, "y": wrapped(x).detach()}, tmp_path / "m.pt")
+    code = (
+        "import sys, torch; sys.path.insert(0, 'tests');"
+        "import test_folding;"  # the class Net lives there, as a user's model class would
+        f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False);"
+        "m = d['model'];"
+        "assert type(m.fc).__name__ == 'ProjectedLinear', type(m.fc);"
+        "torch.testing.assert_close(m(d['x']), d['y']); print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr

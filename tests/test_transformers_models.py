@@ -1,0 +1,93 @@
+"""Models from the ``transformers`` library (tiny random configs, no download).
+
+A causal LM of the Llama family, GPT-2 (``Conv1D`` projections, tied output
+layer) and a BERT encoder: wrap the blocks, calibrate on padded tokenizer-style
+batches, keep the model's class and methods (``generate``), compress to the
+projecting model's outputs, export the encoder with dynamic batch and sequence.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import pcasurgery as ps
+
+transformers = pytest.importorskip("transformers")
+
+
+def token_batches(vocab: int, count: int = 4, batch: int = 4, length: int = 24):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, vocab, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, length // 2 :] = 0  # right padding, as a tokenizer pads
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def llama():
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config), "model.layers.*"
+
+
+def gpt2():
+    config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config), "transformer.h.*"
+
+
+@pytest.mark.parametrize("build", [llama, gpt2], ids=["llama", "gpt2"])
+def test_a_causal_lm_keeps_its_class_and_generate(build):
+    torch.manual_seed(0)
+    model, blocks = build()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied output layer is left alone, with a warning
+        wrapped = ps.pca_wrap(model, 0.9, include=blocks)
+    assert type(wrapped) is type(model)
+    layers = ps.pca_layers_of(wrapped)
+    assert len(layers) == (14 if build is llama else 8)
+    ps.calibrate(wrapped, token_batches(96), progress=False)
+    assert all(layer.samples == 16 for layer in layers.values())
+    assert all(int(layer.sample_count) == 16 * 24 - 4 * 12 for layer in layers.values())  # no pads
+    prompt = torch.randint(3, 96, (2, 5))
+    with torch.no_grad():
+        projected = wrapped(input_ids=prompt).logits
+        generated = wrapped.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (2, 9)
+    small = ps.compress(wrapped)
+    assert type(small) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=prompt).logits, projected, atol=1e-4, rtol=1e-4)
+        assert torch.equal(small.generate(prompt, max_new_tokens=4, do_sample=False), generated)
+    assert ps.count_params(small) < ps.count_params(model)
+
+
+def test_a_bert_encoder_compresses_and_exports_with_dynamic_batch_and_sequence(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.BertModel(config).eval()
+    wrapped = ps.pca_wrap(model, 0.9, include="encoder.layer.*")
+    assert type(wrapped) is type(model) and len(ps.pca_layers_of(wrapped)) == 12
+    batches = token_batches(96)
+    ps.calibrate(wrapped, batches, progress=False)
+    small = ps.compress(wrapped)
+    example = batches[0]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            small(**example).last_hidden_state,
+            wrapped(**example).last_hidden_state,
+            atol=1e-4,
+            rtol=1e-4,
+        )
+    ps.export_onnx(small, example, tmp_path / "bert.onnx")  # checked at other shapes too
