@@ -156,6 +156,42 @@ def uniform_plan(wrapped: nn.Module, remove: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def heal(
+    student: nn.Module, teacher: nn.Module, ids: list[int], steps: int, seed: int = 0
+) -> float:
+    """Distil ``teacher`` into ``student`` in place: ``steps`` AdamW steps on 2 windows of 256.
+
+    The loss is the KL divergence from the teacher's next-token distribution,
+    on windows drawn from the calibration text; only the decoder blocks train.
+    Returns the seconds it took.
+    """
+    g = torch.Generator().manual_seed(seed)
+    params = list(student.get_submodule("model.layers").parameters())
+    optimiser = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
+    student.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 257, (2,), generator=g).tolist()
+        batch = torch.tensor([ids[s : s + 256] for s in starts])
+        with torch.no_grad():
+            target = nn.functional.log_softmax(teacher(input_ids=batch, use_cache=False).logits, -1)
+        logits = student(input_ids=batch, use_cache=False).logits
+        loss = (
+            nn.functional.kl_div(
+                nn.functional.log_softmax(logits, -1),
+                target,
+                log_target=True,
+                reduction="batchmean",
+            )
+            / batch.shape[1]
+        )
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    student.eval()
+    return time.perf_counter() - start
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -187,7 +223,10 @@ def bench_smollm2(args) -> dict[str, float]:
         return {}
     tokenizer, model = loaded
     calib_text, held_text = split_text()
-    calib = batches(windows(tokenizer(calib_text).input_ids, 16, 256), 4)
+    calib_ids = tokenizer(calib_text).input_ids
+    calib = batches(windows(calib_ids, 16, 256), 4)
+    # the metric that refines a plan: perplexity on two other calibration windows
+    refine = batches(windows(calib_ids[len(calib_ids) // 64 :], 2, 256), 2)
     held = batches(windows(tokenizer(held_text).input_ids, args.windows, 256), 4)
     dense_ppl = perplexity(model, held)
     dense_params = block_params(model)
@@ -219,17 +258,37 @@ def bench_smollm2(args) -> dict[str, float]:
 
     scales = input_scales(model, names, calib)
     rows = []
-    for remove in BUDGETS:
+    for remove in args.budgets:
         start = time.perf_counter()
         plan = ps.budget_plan(wrapped, remove=remove)
         plan_s = time.perf_counter() - start
+        if args.refine:
+            start = time.perf_counter()
+            refined = ps.budget_plan(
+                wrapped, remove=remove, evaluate=lambda m: -perplexity(m, refine)
+            )
+            refine_s = time.perf_counter() - start
         ranks = dict(zip(plan["layer"], plan["k"].astype(int), strict=True))
         ps.apply_plan(wrapped, plan)
         compressed = ps.compress(wrapped)
         ours_params = block_params(compressed)
         row = {"budget": remove, "plan_s": plan_s, "removed": 1 - ours_params / dense_params,
                "pca": perplexity(compressed, held) / dense_ppl}  # fmt: skip
+        if args.heal:
+            row["heal_s"] = heal(compressed, model, calib_ids, args.heal)
+            row["pca_healed"] = perplexity(compressed, held) / dense_ppl
         del compressed
+        if args.refine:
+            ps.apply_plan(wrapped, refined)
+            compressed = ps.compress(wrapped)
+            row["refine_s"] = refine_s
+            row["pca_refined"] = perplexity(compressed, held) / dense_ppl
+            if args.heal:
+                heal(compressed, model, calib_ids, args.heal)
+                row["pca_refined_healed"] = perplexity(compressed, held) / dense_ppl
+            del compressed
+            print(f"  budget {remove:.0%}: refined plan ({refine_s:.0f} s, {len(ranks) + 3} metric calls): "
+                  f"ppl/dense {row['pca_refined']:.3f}", flush=True)  # fmt: skip
         row["svd"] = perplexity(low_rank_weights(model, ranks), held) / dense_ppl
         row["asvd"] = perplexity(low_rank_weights(model, ranks, scales), held) / dense_ppl
         rows.append(row)
@@ -358,6 +417,19 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--model", choices=("smollm2", "minilm", "both"), default="both")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens")
+    parser.add_argument(
+        "--refine",
+        action="store_true",
+        help="also refine each plan with perplexity on 2 calibration windows",
+    )
+    parser.add_argument(
+        "--heal",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="distillation steps on calibration text after compression (0: none)",
+    )
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:

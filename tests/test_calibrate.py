@@ -288,3 +288,29 @@ def test_padding_never_enters_the_statistics():
     up = ps.pca_layers_of(with_padding)["up"]
     assert int(up.sample_count) == sum(lengths) and up.samples == len(lengths)
     assert int(ps.pca_layers_of(with_padding)["pool"].sample_count) == len(lengths)
+
+
+def test_eigenspaces_computed_side_by_side_match_numpy_and_keep_the_thread_count():
+    from pcasurgery.layers.pca import compute_eigenspaces
+
+    torch.manual_seed(0)
+    widths = [5, 40, 17, 40, 3]
+    data = [torch.randn(300, w) @ torch.randn(w, w) + 3.0 for w in widths]
+    pooled = [ps.LinearPCALayer(w, 0.9) for w in widths]
+    alone = [ps.LinearPCALayer(w, 0.9) for w in widths]
+    for a, b, x in zip(pooled, alone, data, strict=True):
+        a.collect(x)
+        b.collect(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compute_eigenspaces(pooled)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, x in zip(pooled, alone, data, strict=True):
+        b.compute_eigenspace()
+        expected = np.linalg.eigvalsh(np.cov(x.double().numpy().T, bias=True))[::-1]
+        np.testing.assert_allclose(a.eigenvalues.numpy(), expected, atol=1e-5 * expected[0])
+        assert a.in_dim == b.in_dim
+        torch.testing.assert_close(a.projection_weight, b.projection_weight)

@@ -13,6 +13,7 @@ from sklearn.decomposition import PCA
 
 from pcasurgery import Conv2DPCALayer, LinearPCALayer, NotCalibratedError
 from pcasurgery.core import spectrum
+from pcasurgery.core.spectrum import explained_fractions
 
 
 def fitted_linear(x: np.ndarray, batch: int = 250, **kwargs) -> LinearPCALayer:
@@ -283,3 +284,22 @@ def test_checkpoints_written_before_the_newer_buffers_still_load():
     torch.testing.assert_close(fresh.eval()(x[:4]), layer(x[:4]))
     with pytest.raises(RuntimeError, match="Missing key.*eigenvalues"):
         LinearPCALayer(6).load_state_dict({k: v for k, v in old.items() if k != "eigenvalues"})
+
+
+def test_a_threshold_with_the_same_k_keeps_the_projection_and_a_new_k_rebuilds_it():
+    torch.manual_seed(0)
+    layer = LinearPCALayer(12, 0.9)
+    layer.collect(torch.randn(400, 12) @ torch.diag(torch.linspace(3.0, 0.1, 12)))
+    layer.compute_eigenspace()
+    k, weight = layer.in_dim, layer.projection_weight
+    fractions = explained_fractions(layer.eigenvalues)
+    layer.threshold = float(fractions[k - 1]) - 1e-9  # still k directions
+    assert layer.in_dim == k and layer.projection_weight is weight
+    layer.threshold = float(fractions[k - 1]) + 1e-9  # one more
+    assert layer.in_dim == k + 1 and layer.projection_weight is not weight
+    v = layer.eigenvectors[:, : k + 1]
+    torch.testing.assert_close(layer.projection_weight.double(), v @ v.T, atol=1e-6, rtol=0)
+    layer.inject_random_directions(0)
+    layer.threshold = layer.threshold  # restores the PCA projection, same k or not
+    assert not bool(layer.random_directions)
+    torch.testing.assert_close(layer.projection_weight.double(), v @ v.T, atol=1e-6, rtol=0)

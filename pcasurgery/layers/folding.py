@@ -61,17 +61,30 @@ def _token(t: Tensor | None) -> tuple:
     return (None,) if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
 
 
-def _fold(kind: str, weight: Tensor, bias: Tensor | None, p: Tensor, q: Tensor):
-    """``(P W, P b + q)`` in float64, cast back to the weight's dtype."""
-    w = weight.detach().to(torch.float64)
-    p64, q64 = p.to(torch.float64), q.to(torch.float64)
-    b = None if bias is None else bias.detach().to(torch.float64)
-    if kind == "conv1d":  # y = x W + b with W (in, out)
-        folded_w = w @ p64.T
+def _fold(kind: str, weight: Tensor, bias: Tensor | None, pca: PCALayer) -> tuple[Tensor, Tensor]:
+    """``(P W, P b + q)`` in the weight's dtype (at least float32).
+
+    With ``V`` the kept basis and ``c`` the centre, ``P = V V^T`` and
+    ``q = c - P c`` (``keepdim=False``: ``P = V^T``, ``q = -V^T c``); the product
+    is taken through ``V`` (``V (V^T W)``) where that is cheaper than through ``P``.
+    """
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.detach().to(dtype)
+    w = w.T if kind == "conv1d" else w.reshape(w.shape[0], -1)  # (outputs, inputs)
+    b = torch.zeros_like(w[:, 0]) if bias is None else bias.detach().to(dtype)
+    v, c = pca.basis.to(w.device, dtype), pca.center().to(w.device, dtype)
+    if not pca.keepdim:
+        folded_w, folded_b = v.T @ w, v.T @ (b - c)
+    elif 2 * v.shape[1] < v.shape[0]:
+        folded_w, folded_b = v @ (v.T @ w), v @ (v.T @ (b - c)) + c
     else:
-        folded_w = (p64 @ w.reshape(w.shape[0], -1)).reshape(p.shape[0], *w.shape[1:])
-    folded_b = q64 if b is None else p64 @ b + q64
-    return folded_w.to(weight.dtype), folded_b.to(weight.dtype)
+        p = pca.projection_weight.to(dtype)
+        folded_w, folded_b = p @ w, p @ b + pca.projection_bias.to(dtype)
+    if kind == "conv1d":
+        folded_w = folded_w.T
+    else:
+        folded_w = folded_w.reshape(folded_w.shape[0], *weight.shape[1:])
+    return folded_w.to(weight.dtype).contiguous(), folded_b.to(weight.dtype)
 
 
 def folded_forward(
@@ -105,7 +118,7 @@ def folded_forward(
         or any(a is not b for a, b in zip(cached[0], tensors, strict=True))
     ):
         with torch.inference_mode(False), torch.no_grad():
-            folded = _fold(kind, weight, bias, p, q)
+            folded = _fold(kind, weight, bias, pca)
         cached = (tensors, key, folded)
         module.__dict__[_CACHE] = cached
     w, b = cached[2]

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -364,7 +365,11 @@ class PCALayer(nn.Module):
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        self._put("_threshold", check_threshold(value))
+        value = check_threshold(value)
+        current = self._has_spectrum and not self._stale and not bool(self.random_directions)
+        self._put("_threshold", value)
+        if current and _s.intrinsic_dimensionality(self.eigenvalues, value) == int(self.rank):
+            return  # the same k: the projection stands
         self._refresh()
 
     @property
@@ -549,6 +554,11 @@ class PCALayer(nn.Module):
             NotCalibratedError: the layer has seen no data.
             NonFiniteError: the statistics contain NaN or infinite values (a ``ValueError``).
         """
+        matrix = self._matrix_to_decompose()
+        self._install_spectrum(*_s.eigh_descending(matrix))
+
+    def _matrix_to_decompose(self) -> Tensor:
+        """The covariance (or second moment) to decompose, checked."""
         if self._empty:
             raise NotCalibratedError(
                 f"PCA layer {self.name!r} has no statistics yet: run calibration "
@@ -561,11 +571,14 @@ class PCALayer(nn.Module):
                     f"PCA layer {self.name!r} received NaN or infinite activations; "
                     "its statistics cannot be decomposed"
                 )
-            matrix = _m.covariance(state) if self.centering else _m.second_moment(state)
-            values, vectors = _s.eigh_descending(matrix)
+            return _m.covariance(state) if self.centering else _m.second_moment(state)
+
+    @torch.no_grad()
+    def _install_spectrum(self, values: Tensor, vectors: Tensor) -> None:
+        with torch.inference_mode(False):
             self._put("eigenvalues", values)
             self._put("eigenvectors", vectors)
-            self._put("mean", _m.mean(state))
+            self._put("mean", _m.mean(self.statistics()))
             self._put("computed_count", self.sample_count)
             self._computed = self._n
             self._update_projection()
@@ -822,3 +835,38 @@ class Conv2DPCALayer(PCALayer):
             b[None, :, None].expand(n, -1, h * wd), w.expand(n, -1, -1), x.view(n, c, h * wd)
         )
         return out.view(n, -1, h, wd)
+
+
+def compute_eigenspaces(layers: Iterable[PCALayer]) -> None:
+    """``compute_eigenspace`` for each layer, the CPU decompositions side by side.
+
+    Each float64 ``eigh`` on the CPU runs with one LAPACK thread, in a pool of
+    as many workers as ``torch.get_num_threads()``, widest layers first. On a
+    shared machine a multi-threaded ``eigh`` stalls whenever one of its
+    threads is descheduled; independent one-thread decompositions do not, and
+    on an idle one they keep every core busy too. Decompositions on a GPU run
+    where their statistics live, one after another.
+    """
+    jobs = [(layer, layer._matrix_to_decompose()) for layer in layers]
+    on_cpu = sorted(
+        (job for job in jobs if job[1].device.type == "cpu"), key=lambda job: -job[0].width
+    )
+    workers = min(torch.get_num_threads(), len(on_cpu))
+    results: dict[int, tuple[Tensor, Tensor]] = {}
+    if workers > 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="pcasurgery-eigh") as pool:
+                futures = {id(layer): pool.submit(_one_thread_eigh, m) for layer, m in on_cpu}
+                results = {key: future.result() for key, future in futures.items()}
+        finally:
+            torch.set_num_threads(threads)
+    for layer, matrix in jobs:
+        spectrum = results.get(id(layer))
+        layer._install_spectrum(*(spectrum or _s.eigh_descending(matrix)))
+
+
+def _one_thread_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    torch.set_num_threads(1)  # the worker's own OpenMP/MKL setting
+    return _s.eigh_descending(matrix)

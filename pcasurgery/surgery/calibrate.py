@@ -48,7 +48,7 @@ from .._validation import (
 )
 from ..core import moments as _m
 from ..layers.network import _require_layers, pca_layers_of
-from ..layers.pca import _MOMENTS, _SUMMED, PCALayer, token_mask
+from ..layers.pca import _MOMENTS, _SUMMED, PCALayer, compute_eigenspaces, token_mask
 
 __all__ = ["all_reduce_statistics", "calibrate"]
 
@@ -234,8 +234,7 @@ def calibrate(
             batches = _stream(model, data, forward or run_batch, target, max_batches,
                               max_samples, progress)  # fmt: skip
             _combine(layers, snapshot, reset, batches)
-            for layer in layers.values():
-                layer.compute_eigenspace()
+            compute_eigenspaces(layers.values())
         except BaseException:
             snapshot.restore()
             raise
