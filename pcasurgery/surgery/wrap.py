@@ -11,6 +11,12 @@ is used only to read the forward order (and to leave out chosen modules that
 the forward never calls); a model it cannot trace keeps registration order.
 A module whose class cannot be swapped is replaced by a ``Projected`` wrapper.
 
+``nn.MultiheadAttention`` never calls its projections as modules (the query,
+key and value projections are one packed parameter, and ``out_proj``'s weight
+is used directly): where its projections are wanted, it is replaced by a
+``SplitAttention`` (``surgery/attention.py``) that computes the same function
+with ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` as Linear modules.
+
 ``pca_wrap`` records each site it creates on the wrapped model
 (``pcasurgery.layers.sites``), and every later step reads that record.
 
@@ -34,6 +40,7 @@ from .._validation import check_bool, check_module, check_patterns, check_thresh
 from ..layers.kinds import is_conv1d, linear_like, output_width
 from ..layers.pca import Conv2DPCALayer, LinearPCALayer, PCALayer
 from ..layers.sites import Site, SiteTracer, follow, record_sites
+from .attention import split_attention
 
 __all__ = ["pca_wrap"]
 
@@ -85,12 +92,19 @@ def _select_targets(
         chosen_type = any(isinstance(module, t) for t in targets) or (conv1d and is_conv1d(module))
         if not name or not chosen_type:
             continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            continue
-        chosen.append((name, module))
+        if _matches(name, include, exclude):
+            chosen.append((name, module))
     return chosen
+
+
+def _matches(name: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    """Whether a module name passes the ``include`` and ``exclude`` globs."""
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return exclude is None or not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # of a SplitAttention
 
 
 def _warn_coverage(model: nn.Module) -> None:
@@ -222,6 +236,9 @@ def pca_wrap(
         model: the network.
         threshold: fraction of variance each PCA layer keeps, in (0, 1].
         targets: module types to follow (``nn.Linear``, ``nn.Conv2d`` or subclasses).
+            With ``nn.Linear``, an ``nn.MultiheadAttention`` whose projections
+            match ``include``/``exclude`` (``"attn.q_proj"``...) is split into
+            Linear projections that get PCA layers; the copy computes the same function.
         include: globs on qualified module names (``"layer1.*"``); when given,
             only matching modules are wrapped.
         exclude: globs of modules not to wrap; they win over ``include``.
@@ -262,6 +279,12 @@ def pca_wrap(
         )
 
     wrapped = copy.deepcopy(model)
+    if any(issubclass(nn.Linear, t) for t in types):  # attention whose projections are wanted
+
+        def wanted(name: str) -> bool:
+            return any(_matches(f"{name}.{p}", include_p, exclude_p) for p in _PROJECTIONS)
+
+        split_attention(wrapped, wanted)
     chosen = _select_targets(wrapped, types, include_p, exclude_p)
     if not chosen:
         raise ValueError(
