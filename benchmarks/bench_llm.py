@@ -235,7 +235,7 @@ def bench_smollm2(args) -> dict[str, float]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapped = ps.pca_wrap(model, include="model.layers.*")
+        wrapped = ps.pca_wrap(model, include="model.layers.*", centering=not args.uncentred)
     names = [site.name for site in sites_of(wrapped)]
 
     def plain():
@@ -256,7 +256,7 @@ def bench_smollm2(args) -> dict[str, float]:
           f"plain forwards over the same tokens {plain_s:.1f} s: {calib_s / plain_s:.2f}x; "
           f"first projecting forward / plain {first_forward / base_forward:.2f}x")  # fmt: skip
 
-    scales = input_scales(model, names, calib)
+    scales = input_scales(model, names, calib) if args.weight_svd else None
     rows = []
     for remove in args.budgets:
         start = time.perf_counter()
@@ -289,11 +289,14 @@ def bench_smollm2(args) -> dict[str, float]:
             del compressed
             print(f"  budget {remove:.0%}: refined plan ({refine_s:.0f} s, {len(ranks) + 3} metric calls): "
                   f"ppl/dense {row['pca_refined']:.3f}", flush=True)  # fmt: skip
-        row["svd"] = perplexity(low_rank_weights(model, ranks), held) / dense_ppl
-        row["asvd"] = perplexity(low_rank_weights(model, ranks, scales), held) / dense_ppl
+        if args.weight_svd:
+            row["svd"] = perplexity(low_rank_weights(model, ranks), held) / dense_ppl
+            row["asvd"] = perplexity(low_rank_weights(model, ranks, scales), held) / dense_ppl
         rows.append(row)
         print(f"  budget {remove:.0%}: plan {plan_s:.2f} s, removed {row['removed']:.1%}; "
-              f"ppl/dense PCA {row['pca']:.3f}, SVD {row['svd']:.3f}, ASVD {row['asvd']:.3f}", flush=True)  # fmt: skip
+              f"ppl/dense PCA {row['pca']:.3f}, SVD {row.get('svd', math.nan):.3f}, "
+              f"ASVD {row.get('asvd', math.nan):.3f}; healed {row.get('pca_healed', math.nan):.3f}",
+              flush=True)  # fmt: skip
 
     # SVD-LLM = uncentred output PCA (tests/test_svd_llm_equivalence.py), with its
     # own uniform allocation and with the spectral plan's.
@@ -318,7 +321,7 @@ def bench_smollm2(args) -> dict[str, float]:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for row in rows:
         goal = GOALS.get(row["budget"])
-        others = min(row["svd"], row["asvd"], row["svdllm"])
+        others = min(row.get("svd", math.inf), row.get("asvd", math.inf), row["svdllm"])
         verdict = (
             ""
             if goal is None
@@ -430,6 +433,13 @@ def main(argv=None) -> dict[str, float]:
         help="distillation steps on calibration text after compression (0: none)",
     )
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--uncentred", action="store_true", help="PCA without centring (SVD-LLM's)")
+    parser.add_argument(
+        "--no-weight-svd",
+        dest="weight_svd",
+        action="store_false",
+        help="skip the truncated-SVD and ASVD baselines",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
