@@ -196,18 +196,23 @@ def _wrapped_keys(module: Projected, state_dict, prefix, *args) -> None:
 
 
 class SiteTracer(fx.Tracer):
-    """An ``fx.Tracer`` that keeps PCA layers, modules they follow and ``leaves`` as leaves."""
+    """An ``fx.Tracer`` whose leaves are PCA layers, the modules they follow and ``leaves``.
+
+    ``torch.nn`` modules are leaves as usual, except those that hold one of
+    ``leaves`` or a followed module (an ``nn.TransformerEncoderLayer`` whose
+    ``linear1`` is chosen, say): the trace goes through them.
+    """
 
     def __init__(self, leaves: Iterable[nn.Module] = ()):
         super().__init__()
         self._leaves = {id(m) for m in leaves}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (
-            isinstance(m, (PCALayer, Projected, _Followed))
-            or id(m) in self._leaves
-            or super().is_leaf_module(m, module_qualified_name)
-        )
+        if isinstance(m, (PCALayer, Projected, _Followed)) or id(m) in self._leaves:
+            return True
+        if any(isinstance(c, (Projected, _Followed)) or id(c) in self._leaves for c in m.modules()):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 # GraphModule.__deepcopy__ rebuilds the module and keeps only the attributes
