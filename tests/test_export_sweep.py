@@ -66,6 +66,16 @@ def test_export_errors(tmp_path, monkeypatch):
         r"\[\(2, 12\), \(5, 12\)\]",
     ):
         ps.export_onnx(net, torch.randn(2, 12), tmp_path / "m.onnx")
+    # outputs of scale 1e-10: an error of 1e-12 is 1 % of them, and fails
+    tiny = nn.Sequential(MLP(), nn.Flatten()).eval()
+    with torch.no_grad():
+        tiny[0].out.weight.mul_(1e-10)
+        tiny[0].out.bias.mul_(1e-10)
+    monkeypatch.setattr(export_module, "run_onnx", lambda p, *i: [o + 1e-12 for o in real(p, *i)])
+    with pytest.raises(ps.OnnxCheckError, match="differs from PyTorch by up to 1e-12"):
+        ps.export_onnx(tiny, torch.randn(2, 12), tmp_path / "m.onnx")
+    monkeypatch.setattr(export_module, "run_onnx", real)
+    ps.export_onnx(tiny, torch.randn(2, 12), tmp_path / "m.onnx")  # and passes as it is
 
 
 def test_sweep_rows_restoration_and_monotonic_k(monkeypatch, wrapped_resnet):

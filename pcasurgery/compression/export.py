@@ -93,6 +93,11 @@ def _quiet(verbose: bool):
 _RTOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
+def _smallest(dtype: torch.dtype) -> float:
+    """The smallest positive normal number of a floating dtype (0 for integers)."""
+    return float(torch.finfo(dtype).tiny) if dtype.is_floating_point else 0.0
+
+
 def _check_opset(opset: object) -> int | None:
     if opset is None:
         return None
@@ -178,7 +183,8 @@ def export_onnx(
         check: run the file in onnxruntime on the example, on another batch
             size and (for token inputs) on another sequence length, and raise
             unless every output is within
-            ``rtol * max(1, max |output|)`` of PyTorch's, where ``rtol`` is 1e-4
+            ``rtol * max |output|`` of PyTorch's (relative to each output's own
+            scale, however small; integer outputs must match), where ``rtol`` is 1e-4
             for float32 and wider outputs, 1e-2 for float16 and 5e-2 for bfloat16.
         opset: ONNX opset version (the exporter's default when None). The
             exporter writes opset 18 and converts to others; an opset newer than
@@ -297,7 +303,7 @@ def _check_in_onnxruntime(
                 )
             error = float((out64 - ref64).abs().max()) if ref64.numel() else 0.0
             scale = float(ref64.abs().max()) if ref64.numel() else 0.0
-            tolerance = _RTOL.get(ref.dtype, 1e-4) * max(1.0, scale)
+            tolerance = _RTOL.get(ref.dtype, 1e-4) * max(scale, _smallest(ref.dtype))
             if not error <= tolerance:
                 raise OnnxCheckError(
                     f"onnxruntime output {i} differs from PyTorch by up to {error:.3g} "
