@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -277,3 +278,30 @@ def test_module_level_wrapping_covers_every_registration_and_loads_old_checkpoin
     fresh = ps.pca_wrap(model, 0.5)
     fresh.load_state_dict(old_layout)
     torch.testing.assert_close(fresh.eval()(x), wrapped.eval()(x))
+
+
+def test_wide_layers_are_announced_before_anything_is_allocated(monkeypatch):
+    import warnings
+
+    from pcasurgery.surgery import wrap
+
+    net = nn.Sequential(nn.Linear(4, 600), nn.Linear(600, 30))
+    assert wrap.layer_bytes(600) == 600 * 600 * 28
+    monkeypatch.setattr(wrap, "LARGE_BYTES", 10_000_000)  # the 600-wide layer: 10.1 MB
+    real = wrap._make_layer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seen_at_allocation = []
+
+        def make(*args, **kwargs):
+            seen_at_allocation.append(len(caught))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(wrap, "_make_layer", make)
+        ps.pca_wrap(net)
+    assert seen_at_allocation == [1, 1]  # the warning came before the first layer
+    assert re.search(r"will hold 0\.0 GiB .*\n  - 0: width 600, 0\.01 GiB", str(caught[0].message))
+    monkeypatch.setattr(wrap, "LARGE_BYTES", 1 << 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ps.pca_wrap(net)  # quiet below the limit

@@ -179,6 +179,40 @@ def _without_tied(
     return [(name, m) for name, m in chosen if name not in tied]
 
 
+LARGE_BYTES = 1 << 30  # PCA layers holding more than this in all are announced
+
+
+def layer_bytes(width: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a PCA layer of ``width`` holds: three float64 ``width**2`` matrices
+    (the second moments, the eigenvectors, and the covariance while it is
+    decomposed) and the ``width**2`` projection in the module's dtype."""
+    return width * width * (3 * 8 + torch.empty((), dtype=dtype).element_size())
+
+
+def _announce_memory(chosen: list[tuple[str, nn.Module]]) -> None:
+    """Warn, before anything is allocated, when the PCA layers will hold more than 1 GiB."""
+    sizes = []
+    for name, module in chosen:
+        weight = getattr(module, "weight", None)
+        dtype = (
+            weight.dtype
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point()
+            else torch.float32
+        )
+        sizes.append((layer_bytes(output_width(module), dtype), name, output_width(module)))
+    total = sum(size for size, _, _ in sizes)
+    if total > LARGE_BYTES:
+        widest = "".join(f"\n  - {n}: width {w}, {b / 2**30:.2f} GiB"
+                         for b, n, w in sorted(sizes, reverse=True)[:5])  # fmt: skip
+        warnings.warn(
+            f"the {len(sizes)} PCA layers will hold {total / 2**30:.1f} GiB (width**2 float64 "
+            f"statistics and eigenvectors per layer), on the device of the modules they follow; "
+            f"the widest:{widest}\nexclude wide layers (exclude=...) if that is too much",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _make_layer(name: str, module: nn.Module, threshold: float, centering: bool, keepdim: bool):
     width = output_width(module)
     if isinstance(module, nn.Conv2d):
@@ -301,6 +335,7 @@ def pca_wrap(
     attention = {n for n, m in wrapped.named_modules() if isinstance(m, nn.MultiheadAttention)}
     unreached = [name for name, _ in chosen if name.rpartition(".")[0] in attention]
     chosen = [(name, m) for name, m in chosen if name not in unreached]
+    _announce_memory(chosen)
     layers = {name: _make_layer(name, m, threshold, centering, keepdim) for name, m in chosen}
 
     order, untraced = _forward_order(wrapped, chosen)
