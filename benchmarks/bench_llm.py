@@ -274,7 +274,7 @@ def bench_smollm2(args) -> dict[str, float]:
         ours_params = block_params(compressed)
         row = {"budget": remove, "plan_s": plan_s, "removed": 1 - ours_params / dense_params,
                "pca": perplexity(compressed, held) / dense_ppl}  # fmt: skip
-        if args.heal:
+        if args.heal and not args.refine:  # with --refine, the refined plan is healed
             row["heal_s"] = heal(compressed, model, calib_ids, args.heal)
             row["pca_healed"] = perplexity(compressed, held) / dense_ppl
         del compressed
@@ -283,12 +283,14 @@ def bench_smollm2(args) -> dict[str, float]:
             compressed = ps.compress(wrapped)
             row["refine_s"] = refine_s
             row["pca_refined"] = perplexity(compressed, held) / dense_ppl
-            if args.heal:
-                heal(compressed, model, calib_ids, args.heal)
-                row["pca_refined_healed"] = perplexity(compressed, held) / dense_ppl
-            del compressed
             print(f"  budget {remove:.0%}: refined plan ({refine_s:.0f} s, {len(ranks) + 3} metric calls): "
                   f"ppl/dense {row['pca_refined']:.3f}", flush=True)  # fmt: skip
+            if args.heal:
+                row["heal_s"] = heal(compressed, model, calib_ids, args.heal)
+                row["pca_refined_healed"] = perplexity(compressed, held) / dense_ppl
+                print(f"  budget {remove:.0%}: refined plan healed ({args.heal} steps, "
+                      f"{row['heal_s']:.0f} s): ppl/dense {row['pca_refined_healed']:.3f}", flush=True)  # fmt: skip
+            del compressed
         if args.weight_svd:
             row["svd"] = perplexity(low_rank_weights(model, ranks), held) / dense_ppl
             row["asvd"] = perplexity(low_rank_weights(model, ranks, scales), held) / dense_ppl
