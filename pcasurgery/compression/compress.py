@@ -38,10 +38,19 @@ import pandas as pd
 import torch
 from torch import Tensor, fx, nn
 
-from ..layers.kinds import is_conv1d, linear_like
+from ..layers.folding import folded_affine
+from ..layers.kinds import is_conv1d, linear_like, weight_matrix
 from ..layers.network import _calibrated_layers
 from ..layers.pca import Conv2DPCALayer, PCALayer
-from ..layers.sites import Projected, Site, SiteTracer, clear_sites, sites_of, unfollow
+from ..layers.sites import (
+    Projected,
+    Site,
+    SiteTracer,
+    clear_sites,
+    replace_module,
+    sites_of,
+    unfollow,
+)
 from .counting import count_params
 
 __all__ = ["LowRank", "compress", "compression_plan"]
@@ -192,30 +201,14 @@ def _set(layer: Dense, weight: Tensor, bias: Tensor) -> Dense:
     return layer
 
 
-def _weights64(module: Dense) -> tuple[Tensor, Tensor]:
-    """``(W, b)`` in float64 with ``W`` as (outputs, inputs) (a Conv1D's is transposed)."""
-    weight = module.weight.detach().to(torch.float64)
-    if is_conv1d(module):
-        weight = weight.T
-    w = weight.reshape(weight.shape[0], -1)
-    b = module.bias
-    b = (
-        torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-        if b is None
-        else b.detach().to(torch.float64)
-    )
-    return w, b
-
-
 def _compress_pair(layer: PCALayer, module: Dense, plan: LayerPlan) -> nn.Module:
     """The plain layers computing ``layer(module(x))``."""
     v = layer.basis.to(module.weight.device)
     c = layer.center().to(module.weight.device)
-    w, b = _weights64(module)
+    w, b = weight_matrix(module, torch.float64)
     k = v.shape[1]
     if plan.action == "folded":
-        p = v @ v.T
-        return _set(_like(module, layer.width), p @ w, p @ (b - c) + c)
+        return _set(_like(module, layer.width), *folded_affine(w, b, layer))
     down = _set(_like(module, k), v.T @ w, v.T @ (b - c))
     if plan.action == "down-projection":
         return down
@@ -247,7 +240,7 @@ def _fuse_batchnorm(layer: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
     if bn.affine:
         scale = scale * bn.weight.detach().to(torch.float64)
         shift = shift * bn.weight.detach().to(torch.float64) + bn.bias.detach().to(torch.float64)
-    w, b = _weights64(last)
+    w, b = weight_matrix(last, torch.float64)
     _set(last, scale[:, None] * w, scale * b + shift)
     return layer
 
@@ -261,14 +254,6 @@ def _fusable_batchnorm(module: nn.Module) -> bool:
         and module.running_mean is not None
         and module.running_var is not None
     )
-
-
-def _swap(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` is registered in ``root``."""
-    for _, parent in list(root.named_modules(remove_duplicate=False)):
-        for child, m in list(parent._modules.items()):
-            if m is old:
-                setattr(parent, child, new)
 
 
 def _followed(model: nn.Module, site: Site) -> Dense | None:
@@ -370,7 +355,7 @@ def _compress_site(root: nn.Module, site: Site, bn: nn.BatchNorm2d | None) -> di
         if module is not None:
             return _compress_graph_pair(root, site, layer, module, bn)
         new = _standalone(layer, _plan_layer(layer, None))
-        _swap(root, layer, new)  # the call node's target path now holds the plain map
+        replace_module(root, layer, new)  # the call node's target path now holds the plain map
         return _row(site, layer, _plan_layer(layer, None).action, 0, new, False)
     if site.attachment == "module":
         followed = root.get_submodule(site.name)
@@ -380,13 +365,13 @@ def _compress_site(root: nn.Module, site: Site, bn: nn.BatchNorm2d | None) -> di
             before = count_params(module)
             if bn is not None:
                 _fuse_batchnorm(new, bn)
-                _swap(root, bn, nn.Identity())
+                replace_module(root, bn, nn.Identity())
                 before += count_params(bn)
-            _swap(root, followed, new)
+            replace_module(root, followed, new)
             return _row(site, layer, plan.action, before, new, bn is not None)
         plan = _plan_layer(layer, None)
         standalone = _standalone(layer, plan)
-        _swap(root, followed, nn.Sequential(unfollow(followed), standalone))
+        replace_module(root, followed, nn.Sequential(unfollow(followed), standalone))
         return _row(site, layer, plan.action, 0, standalone, False)
     if site.attachment == "wrapper":
         wrapper = root.get_submodule(site.name)
@@ -394,15 +379,15 @@ def _compress_site(root: nn.Module, site: Site, bn: nn.BatchNorm2d | None) -> di
         if module is not None:
             plan = _plan_layer(layer, module)
             new = _compress_pair(layer, module, plan)
-            _swap(root, wrapper, new)
+            replace_module(root, wrapper, new)
             return _row(site, layer, plan.action, count_params(module), new, False)
         plan = _plan_layer(layer, None)
         standalone = _standalone(layer, plan)
-        _swap(root, wrapper, nn.Sequential(wrapper.module, standalone))
+        replace_module(root, wrapper, nn.Sequential(wrapper.module, standalone))
         return _row(site, layer, plan.action, 0, standalone, False)
     plan = _plan_layer(layer, None)
     new = _standalone(layer, plan)
-    _swap(root, layer, new)
+    replace_module(root, layer, new)
     return _row(site, layer, plan.action, 0, new, False)
 
 
@@ -459,5 +444,5 @@ def _compress_graph_pair(
         assert bn is not None
         _fuse_batchnorm(new, bn)
         before += count_params(bn)
-    _swap(gm, module, new)
+    replace_module(gm, module, new)
     return _row(site, layer, plan.action, before, new, fused)

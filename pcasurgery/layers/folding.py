@@ -24,11 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
-from .kinds import is_conv1d
+from .kinds import is_conv1d, weight_matrix
 from .pca import PCALayer, _exporting
 
-__all__ = ["folded_forward"]
+__all__ = ["folded_affine", "folded_forward"]
 
 _CACHE = "_pcasurgery_fold"
 
@@ -47,8 +48,6 @@ def _kind(module: nn.Module) -> str | None:
 
 def _hooked(pca: PCALayer) -> bool:
     """Whether a hook watches the PCA layer's calls (they must see it run)."""
-    from torch.nn.modules import module as _module
-
     return bool(
         pca._forward_hooks
         or pca._forward_pre_hooks
@@ -61,25 +60,29 @@ def _token(t: Tensor | None) -> tuple:
     return (None,) if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
 
 
-def _fold(kind: str, weight: Tensor, bias: Tensor | None, pca: PCALayer) -> tuple[Tensor, Tensor]:
-    """``(P W, P b + q)`` in the weight's dtype (at least float32).
+def folded_affine(w: Tensor, b: Tensor, pca: PCALayer) -> tuple[Tensor, Tensor]:
+    """``(P W, P b + q)``: the projection of ``pca`` after ``x -> W x + b``, as one affine map.
 
-    With ``V`` the kept basis and ``c`` the centre, ``P = V V^T`` and
-    ``q = c - P c`` (``keepdim=False``: ``P = V^T``, ``q = -V^T c``); the product
-    is taken through ``V`` (``V (V^T W)``) where that is cheaper than through ``P``.
+    ``W`` is (outputs, inputs) and the result is computed in its dtype. With
+    ``V`` the kept basis and ``c`` the centre, ``P = V V^T`` and ``q = c - P c``
+    (``keepdim=False``: ``P = V^T``, ``q = -V^T c``); the product is taken
+    through ``V`` (``V (V^T W)``) where that is cheaper than through ``P``.
     """
-    dtype = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.detach().to(dtype)
-    w = w.T if kind == "conv1d" else w.reshape(w.shape[0], -1)  # (outputs, inputs)
-    b = torch.zeros_like(w[:, 0]) if bias is None else bias.detach().to(dtype)
-    v, c = pca.basis.to(w.device, dtype), pca.center().to(w.device, dtype)
+    v, c = pca.basis.to(w.device, w.dtype), pca.center().to(w.device, w.dtype)
     if not pca.keepdim:
-        folded_w, folded_b = v.T @ w, v.T @ (b - c)
-    elif 2 * v.shape[1] < v.shape[0]:
-        folded_w, folded_b = v @ (v.T @ w), v @ (v.T @ (b - c)) + c
-    else:
-        p = pca.projection_weight.to(dtype)
-        folded_w, folded_b = p @ w, p @ b + pca.projection_bias.to(dtype)
+        return v.T @ w, v.T @ (b - c)
+    if 2 * v.shape[1] < v.shape[0]:
+        return v @ (v.T @ w), v @ (v.T @ (b - c)) + c
+    p = v @ v.T
+    return p @ w, p @ (b - c) + c
+
+
+def _fold(kind: str, module: nn.Module, pca: PCALayer) -> tuple[Tensor, Tensor]:
+    """The folded ``(weight, bias)`` in the module's own layout and dtype (computed in float32 or wider)."""
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    w, b = weight_matrix(module, torch.promote_types(weight.dtype, torch.float32))
+    folded_w, folded_b = folded_affine(w, b, pca)
     if kind == "conv1d":
         folded_w = folded_w.T
     else:
@@ -118,7 +121,7 @@ def folded_forward(
         or any(a is not b for a, b in zip(cached[0], tensors, strict=True))
     ):
         with torch.inference_mode(False), torch.no_grad():
-            folded = _fold(kind, weight, bias, pca)
+            folded = _fold(kind, module, pca)
         cached = (tensors, key, folded)
         module.__dict__[_CACHE] = cached
     w, b = cached[2]

@@ -8,9 +8,10 @@ Wherever ``nn.Linear`` is a target, a ``Conv1D`` is one too.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["is_conv1d", "linear_like", "output_width"]
+__all__ = ["is_conv1d", "linear_like", "output_width", "weight_matrix"]
 
 
 def is_conv1d(module: object) -> bool:
@@ -40,3 +41,20 @@ def output_width(module: nn.Module) -> int:
     if is_conv1d(module):
         return int(module.nf)  # type: ignore[arg-type]
     raise TypeError(f"{type(module).__name__} is not a Linear, Conv1D or Conv2d")
+
+
+def weight_matrix(module: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(W, b)`` of a Linear, Conv1D or Conv2d in ``dtype``, detached.
+
+    ``W`` is (outputs, inputs): a Conv1D's weight transposed, a convolution's
+    kernel flattened; ``b`` is zeros when the module has no bias.
+    """
+    weight, bias = module.weight, module.bias
+    if not isinstance(weight, Tensor) or not (bias is None or isinstance(bias, Tensor)):
+        raise TypeError(f"{type(module).__name__} has no weight/bias tensors to fold")
+    weight = weight.detach().to(dtype)
+    if is_conv1d(module):
+        weight = weight.T
+    w = weight.reshape(weight.shape[0], -1)
+    b = torch.zeros_like(w[:, 0]) if bias is None else bias.detach().to(dtype)
+    return w, b

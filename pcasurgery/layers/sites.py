@@ -36,7 +36,16 @@ from torch import fx, nn
 from .folding import folded_forward
 from .pca import PCALayer
 
-__all__ = ["ATTACHMENTS", "Projected", "Site", "SiteTracer", "follow", "sites_of", "unfollow"]
+__all__ = [
+    "ATTACHMENTS",
+    "Projected",
+    "Site",
+    "SiteTracer",
+    "follow",
+    "replace_module",
+    "sites_of",
+    "unfollow",
+]
 
 ATTACHMENTS = ("module", "wrapper", "graph", "manual")
 SITES_ATTRIBUTE = "pca_sites"
@@ -164,6 +173,14 @@ def _wrapper(module: nn.Module, pca: PCALayer) -> tuple[nn.Module, str, str]:
     wrapper = Projected(module, pca)
     wrapper.train(module.training)
     return wrapper, "pca", "wrapper"
+
+
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is registered in ``root`` (every parent and attribute)."""
+    for _, parent in list(root.named_modules(remove_duplicate=False)):
+        for child, m in list(parent._modules.items()):
+            if m is old:
+                setattr(parent, child, new)
 
 
 def unfollow(module: nn.Module) -> nn.Module:

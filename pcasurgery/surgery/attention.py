@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.sites import replace_module
+
 __all__ = ["SplitAttention", "split_attention"]
 
 
@@ -163,10 +165,6 @@ def split_attention(root: nn.Module, wanted) -> list[str]:
     replaced = []
     for name, module in list(root.named_modules()):
         if isinstance(module, nn.MultiheadAttention) and supported(module) and wanted(name):
-            split = SplitAttention(module)
-            for _, parent in list(root.named_modules(remove_duplicate=False)):
-                for child, m in list(parent._modules.items()):
-                    if m is module:
-                        setattr(parent, child, split)
+            replace_module(root, module, SplitAttention(module))
             replaced.append(name)
     return replaced

@@ -39,7 +39,7 @@ from torch import nn
 from .._validation import check_bool, check_module, check_patterns, check_threshold
 from ..layers.kinds import is_conv1d, linear_like, output_width
 from ..layers.pca import Conv2DPCALayer, LinearPCALayer, PCALayer
-from ..layers.sites import Site, SiteTracer, follow, record_sites
+from ..layers.sites import Site, SiteTracer, follow, record_sites, replace_module
 from .attention import split_attention
 
 __all__ = ["pca_wrap"]
@@ -241,16 +241,6 @@ def _warn_unreached(names: list[str]) -> None:
         )
 
 
-def _registrations(root: nn.Module, module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every ``(parent, attribute)`` under which ``module`` is registered in ``root``."""
-    return [
-        (parent, child)
-        for _, parent in root.named_modules(remove_duplicate=False)
-        for child, m in parent._modules.items()
-        if m is module
-    ]
-
-
 def pca_wrap(
     model: nn.Module,
     threshold: float = 0.99,
@@ -350,10 +340,9 @@ def pca_wrap(
     sites = []
     for name in order:
         module = modules[name]
-        registrations = _registrations(wrapped, module)
         attached, child, attachment = follow(module, layers[name])
-        for parent, attribute in registrations:
-            setattr(parent, attribute, attached)
+        if attached is not module:  # a Projected wrapper takes the module's place
+            replace_module(wrapped, module, attached)
         follows = name if attachment == "module" else f"{name}.module"
         sites.append(Site(name, f"{name}.{child}", follows, attachment))
     record_sites(wrapped, sites)
