@@ -75,14 +75,24 @@ def test_reshift_is_exact_algebra():
     )
 
 
-def test_channelwise_layout_equals_rows_of_pixels():
+@pytest.mark.parametrize(
+    "size, channels_last",
+    [((4, 3), False), ((2, 2), False), ((4, 3), True)],  # per-image products, one product of rows
+)
+def test_channelwise_layout_equals_rows_of_pixels(size, channels_last):
     rng = np.random.default_rng(1)
-    x = (rng.normal(size=(6, 5, 4, 3)) * np.arange(1, 6)[None, :, None, None] + 100).astype(
+    x = (rng.normal(size=(6, 5, *size)) * np.arange(1, 6)[None, :, None, None] + 100).astype(
         np.float32
     )
-    conv = stream(x, batch=2, channel_dim=1)
+    if channels_last:
+        t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+        conv = m.empty_moments(5)
+        for i in range(0, 6, 2):
+            m._accumulate(conv, t[i : i + 2], channel_dim=1)
+    else:
+        conv = stream(x, batch=2, channel_dim=1)
     rows = x.transpose(0, 2, 3, 1).reshape(-1, 5)
-    assert int(conv.count) == 6 * 4 * 3
+    assert int(conv.count) == 6 * size[0] * size[1]
     np.testing.assert_allclose(
         m.covariance(conv).numpy(),
         np.cov(rows.astype(np.float64), rowvar=False, bias=True),

@@ -123,9 +123,14 @@ def _batch_moments(
     if subtract is None:
         subtract = bool(shift64.any())
     s = shift64.to(dtype)
-    if cd == x.dim() - 1:
-        # (..., width): one row per sample.
-        rows = x.reshape(-1, width).to(dtype)
+    lead, trail = math.prod(x.shape[:cd]), math.prod(x.shape[cd + 1 :])
+    last = x.movedim(cd, -1)
+    if last.is_contiguous() or trail < 2 * width:
+        # one row per sample, and one (width x samples) @ (samples x width) product: for
+        # (..., width) and channels-last maps a free view; for NCHW maps with fewer
+        # positions per image than twice the width, a copy that costs far less than
+        # the per-image products would
+        rows = last.reshape(-1, width).to(dtype)
         rows = rows - s if subtract else rows
         total_sq = (rows.T @ rows).to(torch.float64)
         count = rows.shape[0]
@@ -133,7 +138,6 @@ def _batch_moments(
     else:
         # (lead..., width, trail...), e.g. NCHW: a batched (width x trail) @ (trail x width)
         # product over the leading positions, with no permute copy.
-        lead, trail = math.prod(x.shape[:cd]), math.prod(x.shape[cd + 1 :])
         view = x.reshape(lead, width, trail)
         total_sq = torch.zeros(width, width, dtype=torch.float64, device=x.device)
         step = max(1, _PRODUCT_BYTES // (4 * width * width))  # bound the (step, w, w) products
