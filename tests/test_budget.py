@@ -89,13 +89,14 @@ def test_applying_the_plan_compresses_to_the_planned_size():
 
 
 def test_a_plan_applies_where_the_variance_fractions_round_to_one_before_the_width():
-    # a 4-input Linear has 4 real directions in 16 outputs, and rounding noise in a
-    # few more: the fraction the top 13 directions carry is 1.0, which as a
-    # threshold would keep all 16
+    # 16 features of rank 4 have 4 real directions, and rounding noise in a few
+    # more: the fraction the top 13 directions carry is 1.0, which as a threshold
+    # would keep all 16
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16)).eval()
-    wrapped = ps.calibrate(ps.pca_wrap(model), [torch.randn(512, 4)], progress=False)
-    layer = ps.pca_layers_of(wrapped)["0"]
+    model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16)).eval()
+    wrapped = ps.calibrate(ps.pca_wrap(model, include=["1"]), [torch.randn(512, 4)],
+                           progress=False)  # fmt: skip
+    layer = ps.pca_layers_of(wrapped)["1"]
     assert explained_fraction(layer.eigenvalues, 13) == 1.0
     plan = ps.budget_plan(wrapped, remove=0.5)
     plan.loc[0, "k"] = 13

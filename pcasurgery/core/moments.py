@@ -42,6 +42,7 @@ __all__ = [
     "all_reduce_moments",
     "covariance",
     "empty_moments",
+    "map_moments",
     "mean",
     "merge_moments",
     "reshift",
@@ -233,6 +234,25 @@ def reshift(m: Moments, shift: Tensor) -> Moments:
     cross = torch.outer(delta, m.total)
     total_sq = m.total_sq + cross + cross.T + n * torch.outer(delta, delta)
     return Moments(m.count.clone(), shift.clone(), total, total_sq)
+
+
+def map_moments(m: Moments, weight: Tensor, bias: Tensor | None = None) -> Moments:
+    """The moments of ``y = weight @ x + bias`` from those of ``x`` (exact algebra in float64).
+
+    Around the shift ``weight @ shift + bias``, ``y - shift_y = weight (x - shift)``:
+    the sums map through ``weight`` and the products through ``weight . weight^T``,
+    so the shift's protection against cancellation carries over.
+
+    Args:
+        m: moments of ``x`` (width ``r``).
+        weight: ``(d, r)``.
+        bias: ``(d,)``, or None for zero.
+    """
+    w = weight.to(device=m.shift.device, dtype=torch.float64)
+    shift = w @ m.shift
+    if bias is not None:
+        shift = shift + bias.to(shift)
+    return Moments(m.count.clone(), shift, w @ m.total, w @ m.total_sq @ w.T)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

@@ -20,6 +20,7 @@ __all__ = [
     "cov_trace",
     "diag_trace",
     "eigh_descending",
+    "eigh_through",
     "embed",
     "explained_fraction",
     "explained_fractions",
@@ -52,14 +53,41 @@ def eigh_descending(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """
     _check_square(matrix)
     values, vectors = torch.linalg.eigh(matrix.to(torch.float64))
-    values = values.flip(0).clamp_min(0.0)
-    vectors = vectors.flip(1)
-    if vectors.numel():
-        pivots = vectors.abs().argmax(dim=0)
-        signs = torch.sign(vectors.gather(0, pivots[None, :]))
-        signs[signs == 0] = 1.0
-        vectors = vectors * signs
-    return values, vectors
+    return values.flip(0).clamp_min(0.0), _fix_signs(vectors.flip(1))
+
+
+def _fix_signs(vectors: Tensor) -> Tensor:
+    """Each column times the sign of its largest-magnitude entry (scikit-learn's convention)."""
+    if not vectors.numel():
+        return vectors
+    pivots = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors.gather(0, pivots[None, :]))
+    signs[signs == 0] = 1.0
+    return vectors * signs
+
+
+def eigh_through(a: Tensor, inner: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of ``a @ inner @ a.T`` without forming or decomposing it.
+
+    ``a`` is ``(d, r)`` with ``r < d`` and ``inner`` a symmetric PSD ``(r, r)``
+    matrix: the covariance of a layer's input, say, with ``a`` its weight, so
+    that the product is the covariance of the layer's output. With the thin QR
+    ``a = Q R``, ``a inner a^T = Q (R inner R^T) Q^T``: one ``r``-wide ``eigh``
+    and orthogonal maps (no loss of precision), instead of a ``d``-wide one.
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``: float64 ``(d,)`` descending (the last
+        ``d - r`` are zero) and ``(d, r)``, the eigenvectors of the non-zero
+        part as columns, signs fixed as in :func:`eigh_descending`.
+    """
+    d, r = a.shape
+    if inner.shape != (r, r) or r >= d:
+        raise ValueError(f"eigh_through needs a (d, r) with r < d and inner (r, r), got "
+                         f"{tuple(a.shape)} and {tuple(inner.shape)}")  # fmt: skip
+    q, upper = torch.linalg.qr(a.to(torch.float64))
+    small = upper @ inner.to(torch.float64) @ upper.T
+    values, vectors = eigh_descending((small + small.T) / 2)
+    return torch.cat([values, values.new_zeros(d - r)]), _fix_signs(q @ vectors)
 
 
 def _cumulative_fraction(eigenvalues: Tensor) -> Tensor | None:

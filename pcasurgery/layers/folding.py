@@ -26,24 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from .kinds import is_conv1d, weight_matrix
+from .kinds import affine_kind, weight_matrix
 from .pca import PCALayer, _exporting
 
 __all__ = ["folded_affine", "folded_forward"]
 
 _CACHE = "_pcasurgery_fold"
-
-
-def _kind(module: nn.Module) -> str | None:
-    """How ``module`` folds: ``"linear"``, ``"conv2d"``, ``"conv1d"`` or None (it does not)."""
-    base = getattr(type(module), "_pcasurgery_base", type(module))
-    if isinstance(module, nn.Linear) and base.forward is nn.Linear.forward:
-        return "linear"
-    if isinstance(module, nn.Conv2d) and base.forward is nn.Conv2d.forward and module.groups == 1:
-        return "conv2d"
-    if is_conv1d(module) and base.__name__ == "Conv1D":
-        return "conv1d"
-    return None
 
 
 def _hooked(pca: PCALayer) -> bool:
@@ -98,7 +86,7 @@ def folded_forward(
         return None
     if pca._collecting() or not pca._has_spectrum or pca._stale or _exporting() or _hooked(pca):
         return None
-    kind = _kind(module)
+    kind = affine_kind(module)
     if kind is None:
         return None
     x = args[0]

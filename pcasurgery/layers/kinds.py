@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_conv1d", "linear_like", "output_width", "weight_matrix"]
+__all__ = ["affine_kind", "is_conv1d", "linear_like", "output_width", "weight_matrix"]
 
 
 def is_conv1d(module: object) -> bool:
@@ -58,3 +58,20 @@ def weight_matrix(module: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor
     w = weight.reshape(weight.shape[0], -1)
     b = torch.zeros_like(w[:, 0]) if bias is None else bias.detach().to(dtype)
     return w, b
+
+
+def affine_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv2d"`` or ``"conv1d"`` when the module computes its own affine map.
+
+    That is an ``nn.Linear``, an ``nn.Conv2d`` with ``groups=1`` or a ``Conv1D``
+    whose class (or the class ``pca_wrap`` swapped in for it) runs the stock
+    forward; None for anything else (a subclass with its own forward, say).
+    """
+    base = getattr(type(module), "_pcasurgery_base", type(module))
+    if isinstance(module, nn.Linear) and base.forward is nn.Linear.forward:
+        return "linear"
+    if isinstance(module, nn.Conv2d) and base.forward is nn.Conv2d.forward and module.groups == 1:
+        return "conv2d"
+    if is_conv1d(module) and base.__name__ == "Conv1D":
+        return "conv1d"
+    return None

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,7 +123,9 @@ _STATE: tuple[_StateSpec, ...] = (
     _StateSpec("_centering", _scalar, torch.bool),
     _StateSpec("_keepdim", _scalar, torch.bool, optional=True),
     _StateSpec("eigenvalues", _vector, _F64),
-    _StateSpec("eigenvectors", _square, _F64),
+    # the eigenvectors computed so far, leading first: all of them, or those of the
+    # non-zero eigenvalues when the spectrum came from a layer's input (layers.through)
+    _StateSpec("eigenvectors", lambda w, keep: (w, 0), _F64, resizable=True),
     _StateSpec("mean", _vector, _F64),
     _StateSpec("rank", _scalar, _I64),
     _StateSpec("random_directions", _scalar, torch.bool),
@@ -186,6 +189,9 @@ class PCALayer(nn.Module):
     channel_dim: int = -1
     kind: str = "linear"
     num = 0  # the seed's counter, used for default layer names
+    # calibration only: where the followed module's inputs are collected instead
+    # of this layer's (a layers.through.InputStatistics); never saved or copied
+    _through: Any = None
 
     # The buffers of _STATE, for type checkers (nn.Module resolves them at run time).
     sample_count: Tensor
@@ -557,20 +563,25 @@ class PCALayer(nn.Module):
         matrix = self._matrix_to_decompose()
         self._install_spectrum(*_s.eigh_descending(matrix))
 
-    def _matrix_to_decompose(self) -> Tensor:
-        """The covariance (or second moment) to decompose, checked."""
+    def _check_statistics(self) -> _m.Moments:
+        """The statistics, checked: there are some, and they are finite."""
         if self._empty:
             raise NotCalibratedError(
                 f"PCA layer {self.name!r} has no statistics yet: run calibration "
                 "(pcasurgery.calibrate) or forward data in training mode first"
             )
+        state = self.statistics()
+        if not (torch.isfinite(state.total).all() and torch.isfinite(state.total_sq).all()):
+            raise NonFiniteError(
+                f"PCA layer {self.name!r} received NaN or infinite activations; "
+                "its statistics cannot be decomposed"
+            )
+        return state
+
+    def _matrix_to_decompose(self) -> Tensor:
+        """The covariance (or second moment) to decompose, checked."""
         with torch.inference_mode(False):
-            state = self.statistics()
-            if not (torch.isfinite(state.total).all() and torch.isfinite(state.total_sq).all()):
-                raise NonFiniteError(
-                    f"PCA layer {self.name!r} received NaN or infinite activations; "
-                    "its statistics cannot be decomposed"
-                )
+            state = self._check_statistics()
             return _m.covariance(state) if self.centering else _m.second_moment(state)
 
     @torch.no_grad()
@@ -599,8 +610,21 @@ class PCALayer(nn.Module):
         with torch.inference_mode(False):
             k = _s.intrinsic_dimensionality(self.eigenvalues, self.threshold)
             self._put("rank", k)
-            self._set_projection(self.eigenvectors[:, :k])
+            self._set_projection(self._leading_vectors(k))
             self._put("random_directions", False)
+
+    def _leading_vectors(self, k: int) -> Tensor:
+        """The top ``k`` eigenvectors, completing the computed ones where ``k`` asks for more.
+
+        Directions beyond those computed carry no variance (eigenvalue 0), so any
+        orthonormal completion is an eigenbasis; only ``threshold=1`` reaches them.
+        """
+        vectors = self.eigenvectors
+        if k > vectors.shape[1]:
+            q, _ = torch.linalg.qr(vectors, mode="complete")
+            vectors = torch.cat([vectors, q[:, vectors.shape[1] :]], 1)
+            self._put("eigenvectors", vectors)
+        return vectors[:, :k]
 
     def center(self) -> Tensor:
         """The point the projection is taken around: the mean, or zero when not centring."""
@@ -837,36 +861,61 @@ class Conv2DPCALayer(PCALayer):
         return out.view(n, -1, h, wd)
 
 
-def compute_eigenspaces(layers: Iterable[PCALayer]) -> None:
-    """``compute_eigenspace`` for each layer, the CPU decompositions side by side.
+def compute_eigenspaces(
+    layers: Iterable[PCALayer], through: Mapping[PCALayer, Any] | None = None
+) -> None:
+    """``compute_eigenspace`` for each layer, the CPU layers side by side.
 
-    Each float64 ``eigh`` on the CPU runs with one LAPACK thread, in a pool of
-    as many workers as ``torch.get_num_threads()``, widest layers first. On a
-    shared machine a multi-threaded ``eigh`` stalls whenever one of its
-    threads is descheduled; independent one-thread decompositions do not, and
-    on an idle one they keep every core busy too. Decompositions on a GPU run
-    where their statistics live, one after another.
+    Each CPU layer's whole computation (its matrix, the float64 decomposition
+    with one LAPACK thread, its projection) runs in a pool of as many workers
+    as ``torch.get_num_threads()``, largest first. On a shared machine a
+    multi-threaded ``eigh`` stalls whenever one of its threads is descheduled;
+    independent one-thread decompositions do not, and on an idle one they keep
+    every core busy too. Layers on a GPU run where their statistics live, one
+    after another.
+
+    Args:
+        layers: the layers.
+        through: for layers whose statistics are exactly a module's input
+            moments mapped through its weights, that module's
+            ``layers.through.InputStatistics``: their spectra come from the
+            narrower input (``eigenspace``) instead of the layer's width.
     """
-    jobs = [(layer, layer._matrix_to_decompose()) for layer in layers]
+    through = through or {}
+    jobs = [(layer, through.get(layer)) for layer in layers]
+    for layer, _ in jobs:  # fail before any layer changes
+        with torch.inference_mode(False):
+            layer._check_statistics()
     on_cpu = sorted(
-        (job for job in jobs if job[1].device.type == "cpu"), key=lambda job: -job[0].width
+        (job for job in jobs if job[0].shift.device.type == "cpu"),
+        key=lambda job: -(job[0].width if job[1] is None else job[1].width),
     )
     workers = min(torch.get_num_threads(), len(on_cpu))
-    results: dict[int, tuple[Tensor, Tensor]] = {}
+    done: set[int] = set()
     if workers > 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="pcasurgery-eigh") as pool:
-                futures = {id(layer): pool.submit(_one_thread_eigh, m) for layer, m in on_cpu}
-                results = {key: future.result() for key, future in futures.items()}
+                futures = [pool.submit(_one_thread, layer, source) for layer, source in on_cpu]
+                for future in futures:
+                    future.result()
         finally:
             torch.set_num_threads(threads)
-    for layer, matrix in jobs:
-        spectrum = results.get(id(layer))
-        layer._install_spectrum(*(spectrum or _s.eigh_descending(matrix)))
+        done = {id(layer) for layer, _ in on_cpu}
+    for layer, source in jobs:
+        if id(layer) not in done:
+            _install(layer, source)
 
 
-def _one_thread_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+def _install(layer: PCALayer, source: Any) -> None:
+    """Decompose the layer's statistics (through ``source`` where given) and install the result."""
+    if source is None:
+        layer.compute_eigenspace()
+    else:
+        layer._install_spectrum(*source.eigenspace(layer.centering))
+
+
+def _one_thread(layer: PCALayer, source: Any) -> None:
     torch.set_num_threads(1)  # the worker's own OpenMP/MKL setting
-    return _s.eigh_descending(matrix)
+    _install(layer, source)

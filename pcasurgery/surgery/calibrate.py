@@ -49,6 +49,8 @@ from .._validation import (
 from ..core import moments as _m
 from ..layers.network import _require_layers, pca_layers_of
 from ..layers.pca import _MOMENTS, _SUMMED, PCALayer, compute_eigenspaces, token_mask
+from ..layers.sites import sites_of
+from ..layers.through import InputStatistics, input_statistics
 
 __all__ = ["all_reduce_statistics", "calibrate"]
 
@@ -230,17 +232,42 @@ def calibrate(
                 layer._fresh_statistics()
                 layer._sync_flags()
                 layer.mode = "collect"
+            inputs = _input_side(model)
             model.eval()
             batches = _stream(model, data, forward or run_batch, target, max_batches,
                               max_samples, progress)  # fmt: skip
+            for source in inputs.values():
+                source.install()
             _combine(layers, snapshot, reset, batches)
-            compute_eigenspaces(layers.values())
+            # a spectrum comes from the input where the statistics are that input's alone
+            alone = {layer: source for layer, source in inputs.items()
+                     if not _distributed() and source.count == layer._n}  # fmt: skip
+            compute_eigenspaces(layers.values(), alone)
         except BaseException:
             snapshot.restore()
             raise
+        finally:
+            for layer in layers.values():
+                layer._through = None
         snapshot.restore_modes()
     _warn_undersampled(layers)
     return model
+
+
+def _input_side(model: nn.Module) -> dict[PCALayer, InputStatistics]:
+    """Have the PCA layers after widening modules collect those modules' inputs (``layers.through``)."""
+    chosen: dict[PCALayer, InputStatistics] = {}
+    for site in sites_of(model):
+        if site.attachment != "module" or site.follows is None:
+            continue
+        layer, module = model.get_submodule(site.layer_path), model.get_submodule(site.follows)
+        if not isinstance(layer, PCALayer):
+            continue
+        source = input_statistics(module, layer)
+        if source is not None:
+            layer._through = source
+            chosen[layer] = source
+    return chosen
 
 
 def _warn_undersampled(layers: Mapping[str, PCALayer]) -> None:

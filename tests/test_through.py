@@ -1,0 +1,242 @@
+"""A widening layer's output statistics collected on its input (``layers.through``).
+
+Calibration collects the PCA layer after a Linear, Conv1D or 1x1 Conv2d with
+fewer inputs than outputs on the module's input and decomposes an ``in``-wide
+problem; everything the layer ends with must equal what collecting its outputs
+gives (independent references: numpy on the float64 outputs, and the layer
+collecting its outputs itself in training mode).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from models import Conv1D
+from torch import nn
+
+import pcasurgery as ps
+from pcasurgery.core import moments as _m
+from pcasurgery.core import spectrum as _s
+from pcasurgery.layers.pca import PCALayer
+
+
+def _projector(vectors: np.ndarray, k: int) -> np.ndarray:
+    v = vectors[:, :k]
+    return v @ v.T
+
+
+def test_map_moments_equals_the_moments_of_the_mapped_data():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 5)) * 0.01 + 1e4  # a mean far from zero: shifts matter
+    w, b = rng.standard_normal((9, 5)), rng.standard_normal(9)
+    state = _m.empty_moments(5)
+    _m._accumulate(state, torch.from_numpy(x))
+    mapped = _m.map_moments(state, torch.from_numpy(w), torch.from_numpy(b))
+    y = x @ w.T + b
+    np.testing.assert_allclose(_m.mean(mapped).numpy(), y.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(_m.covariance(mapped).numpy(), np.cov(y.T, bias=True),
+                               rtol=1e-7, atol=1e-12 * np.abs(np.cov(y.T)).max())  # fmt: skip
+    np.testing.assert_allclose(_m.second_moment(mapped).numpy(), y.T @ y / len(y), rtol=1e-10)
+    assert int(mapped.count) == 300
+
+
+@pytest.mark.parametrize("r", [1, 4, 11])
+def test_eigh_through_equals_the_eigendecomposition_of_the_product(r):
+    rng = np.random.default_rng(r)
+    a = rng.standard_normal((12, r))
+    f = rng.standard_normal((r, r)) * np.logspace(0, -3, r)
+    inner = f @ f.T
+    values, vectors = _s.eigh_through(torch.from_numpy(a), torch.from_numpy(inner))
+    ref_values, ref_vectors = np.linalg.eigh(a @ inner @ a.T)
+    ref_values, ref_vectors = ref_values[::-1], ref_vectors[:, ::-1]
+    assert values.shape == (12,) and vectors.shape == (12, r)
+    np.testing.assert_allclose(values.numpy(), np.clip(ref_values, 0, None),
+                               atol=1e-12 * ref_values[0])  # fmt: skip
+    np.testing.assert_allclose(vectors.T.numpy() @ vectors.numpy(), np.eye(r), atol=1e-12)
+    for k in range(1, r + 1):
+        np.testing.assert_allclose(_projector(vectors.numpy(), k), _projector(ref_vectors, k),
+                                   atol=1e-8)  # fmt: skip
+    pivots = np.abs(vectors.numpy()).argmax(0)
+    assert (vectors.numpy()[pivots, range(r)] > 0).all()  # the sign convention of eigh_descending
+    with pytest.raises(ValueError, match="r < d"):
+        _s.eigh_through(torch.ones(3, 3), torch.eye(3))
+
+
+def _reference(outputs: np.ndarray, centering: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(eigenvalues, eigenvectors, mean)`` of outputs ``(n, d)`` by numpy, descending."""
+    mean = outputs.mean(0)
+    matrix = np.cov(outputs.T, bias=True) if centering else outputs.T @ outputs / len(outputs)
+    values, vectors = np.linalg.eigh(matrix)
+    return np.clip(values[::-1], 0, None), vectors[:, ::-1], mean
+
+
+def _widening_linear(bias: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 20, bias=bias), nn.Tanh(), nn.Linear(20, 4)).double().eval()
+
+
+@pytest.mark.parametrize("centering", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_widening_linear_is_calibrated_on_its_input_exactly(centering, bias):
+    model = _widening_linear(bias)
+    x = torch.randn(400, 6, dtype=torch.float64) * 2 + 3
+    wrapped = ps.pca_wrap(model, 0.99, centering=centering)
+    ps.calibrate(wrapped, x.split(64), progress=False)
+    layer = wrapped.get_submodule("0.pca")
+    rank = 6 if centering or not bias else 7
+    assert layer.eigenvectors.shape == (20, rank)  # decomposed through the 6 inputs
+    with torch.no_grad():
+        outputs = model[0](x).numpy()
+    values, vectors, mean = _reference(outputs, centering)
+    np.testing.assert_allclose(layer.eigenvalues.numpy(), values, atol=1e-11 * values[0])
+    np.testing.assert_allclose(layer.mean.numpy(), mean, rtol=1e-12, atol=1e-12)
+    k = layer.in_dim
+    assert k == ps.core.intrinsic_dimensionality(torch.from_numpy(values.copy()), 0.99)
+    np.testing.assert_allclose(layer.transformation_matrix.numpy(), _projector(vectors, k),
+                               atol=1e-9)  # fmt: skip
+    moments = (
+        _m.covariance(layer.statistics()) if centering else _m.second_moment(layer.statistics())
+    )
+    np.testing.assert_allclose(moments.numpy(), np.cov(outputs.T, bias=True) if centering
+                               else outputs.T @ outputs / len(outputs), atol=1e-10)  # fmt: skip
+    assert layer.samples == 400 and layer.positions == 1 and layer._through is None
+    # the layer after the narrowing module collected its outputs as before
+    assert wrapped.get_submodule("2.pca").eigenvectors.shape == (4, 4)
+
+
+def test_input_side_calibration_equals_collecting_the_outputs_in_float32():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 48), nn.GELU(), nn.Linear(48, 96)).eval()
+    data = [torch.randn(64, 8) * 5 + 100 for _ in range(6)]  # a large mean: float32 shifts
+    fast = ps.calibrate(ps.pca_wrap(model, 0.95), data, progress=False)
+    slow = ps.pca_wrap(model, 0.95).train()  # training mode: the layers collect their outputs
+    with torch.no_grad():
+        for batch in data:
+            slow(batch)
+    slow.eval()
+    for name in ("0", "2"):
+        a, b = ps.pca_layers_of(fast)[name], ps.pca_layers_of(slow)[name]
+        b.compute_eigenspace()
+        assert a.eigenvectors.shape[1] == 8 if name == "0" else 48
+        ca, cb = _m.covariance(a.statistics()), _m.covariance(b.statistics())
+        assert float((ca - cb).norm() / cb.norm()) < 1e-5  # the contract's accuracy
+        assert a.in_dim == b.in_dim
+        torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-5)
+        pa, pb = a.transformation_matrix, b.transformation_matrix
+        assert float((pa - pb).norm() / pb.norm()) < 1e-3
+    x = torch.randn(16, 8) * 5 + 100
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), slow(x), rtol=1e-3, atol=1e-2)
+        small = ps.compress(fast)
+        torch.testing.assert_close(small(x), fast(x), rtol=1e-4, atol=1e-3)
+
+
+def test_a_strided_1x1_convolution_and_a_conv1d_are_calibrated_on_their_inputs():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1, stride=2), nn.ReLU(), nn.Conv2d(16, 4, 3)).double()
+    x = torch.randn(8, 3, 9, 9, dtype=torch.float64)
+    wrapped = ps.calibrate(ps.pca_wrap(model, 0.99), [x[:4], x[4:]], progress=False)
+    layer = wrapped.get_submodule("0.pca")
+    assert layer.eigenvectors.shape == (16, 3)
+    with torch.no_grad():
+        out = model[0](x)
+    rows = out.permute(0, 2, 3, 1).reshape(-1, 16).numpy()
+    values, _, mean = _reference(rows, True)
+    np.testing.assert_allclose(layer.eigenvalues.numpy(), values, atol=1e-11 * values[0])
+    np.testing.assert_allclose(layer.mean.numpy(), mean, atol=1e-12)
+    assert layer.positions == 25 and layer.samples == 8
+
+    gpt = nn.Sequential(Conv1D(24, 5), nn.ReLU(), Conv1D(3, 24)).double()
+    tokens = torch.randn(4, 7, 5, dtype=torch.float64)
+    wrapped = ps.calibrate(ps.pca_wrap(gpt, 0.99), [tokens], progress=False)
+    layer = wrapped.get_submodule("0.pca")
+    assert layer.eigenvectors.shape == (24, 5)
+    with torch.no_grad():
+        rows = gpt[0](tokens).reshape(-1, 24).numpy()
+    values, _, _ = _reference(rows, True)
+    np.testing.assert_allclose(layer.eigenvalues.numpy(), values, atol=1e-11 * values[0])
+    assert layer.positions == 7 and layer.samples == 4
+
+
+def test_padding_stays_out_of_input_side_statistics():
+    torch.manual_seed(3)
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 6)
+            self.up = nn.Linear(6, 12)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.up(self.embed(input_ids))
+
+    model = Tokens().double().eval()
+    ids = torch.randint(1, 50, (3, 9))
+    lengths = [9, 5, 2]
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    padded = ps.calibrate(ps.pca_wrap(model, 0.9, include=["up"]),
+                          [{"input_ids": ids, "attention_mask": mask}], progress=False)  # fmt: skip
+    unpadded = ps.calibrate(ps.pca_wrap(model, 0.9, include=["up"]),
+                            [{"input_ids": ids[i : i + 1, :n]} for i, n in enumerate(lengths)],
+                            progress=False)  # fmt: skip
+    a, b = padded.get_submodule("up.pca"), unpadded.get_submodule("up.pca")
+    assert a.eigenvectors.shape == (12, 6)
+    assert a._n == b._n == sum(lengths)
+    torch.testing.assert_close(_m.covariance(a.statistics()), _m.covariance(b.statistics()),
+                               rtol=1e-9, atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-9, atol=1e-12)
+
+
+def test_threshold_one_and_later_changes_complete_the_basis():
+    model = _widening_linear(True)
+    wrapped = ps.calibrate(ps.pca_wrap(model, 0.9), [torch.randn(200, 6, dtype=torch.float64)],
+                           progress=False)  # fmt: skip
+    layer: PCALayer = wrapped.get_submodule("0.pca")
+    assert layer.eigenvectors.shape == (20, 6)
+    layer.threshold = 1.0
+    assert layer.in_dim == 20 and layer.eigenvectors.shape == (20, 20)
+    torch.testing.assert_close(layer.transformation_matrix, torch.eye(20, dtype=torch.float64))
+    v = layer.eigenvectors
+    torch.testing.assert_close(v.T @ v, torch.eye(20, dtype=torch.float64))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped[0](x), model[0](x))
+    layer.threshold = 0.9
+    layer.centering = False  # recomputed from the stored (output) statistics
+    assert layer.eigenvectors.shape == (20, 20) and layer.in_dim <= 7
+    state = wrapped.state_dict()
+    again = ps.pca_wrap(model, 0.5)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again(x), wrapped(x))
+
+
+def test_calibrating_again_without_reset_adds_to_the_input_side_statistics():
+    model = _widening_linear(True)
+    data = torch.randn(300, 6, dtype=torch.float64) + 2
+    once = ps.calibrate(ps.pca_wrap(model, 0.99), [data], progress=False)
+    twice = ps.calibrate(ps.pca_wrap(model, 0.99), [data[:100]], progress=False)
+    ps.calibrate(twice, [data[100:]], reset=False, progress=False)
+    a, b = once.get_submodule("0.pca"), twice.get_submodule("0.pca")
+    assert b._n == 300 and b.samples == 300
+    torch.testing.assert_close(b.eigenvalues, a.eigenvalues, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(b.transformation_matrix, a.transformation_matrix, atol=1e-8,
+                               rtol=0)  # fmt: skip
+
+
+def test_a_non_finite_input_names_the_layer_and_leaves_the_model_as_it_was():
+    model = _widening_linear(True)
+    wrapped = ps.calibrate(ps.pca_wrap(model, 0.99), [torch.randn(50, 6, dtype=torch.float64)],
+                           progress=False)  # fmt: skip
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    bad = torch.randn(50, 6, dtype=torch.float64)
+    bad[3, 2] = float("nan")
+    with pytest.raises(ps.NonFiniteError, match="PCA layer '0' received NaN"):
+        ps.calibrate(wrapped, [bad], progress=False)
+    after = wrapped.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]) or (value.isnan().all() and after[key].isnan().all())
+    assert all(layer._through is None for layer in ps.pca_layers_of(wrapped).values())
