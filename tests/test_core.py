@@ -168,6 +168,18 @@ def test_projection_affine_matches_sklearn_transform(keepdim):
     np.testing.assert_allclose(out, expected, atol=1e-8)
 
 
+def test_a_narrower_projection_is_the_float64_one_rounded_built_by_blocks(monkeypatch):
+    monkeypatch.setattr(s, "_BLOCK_BYTES", 8 * 10 * 3)  # blocks of 3 rows of 10
+    basis, _ = torch.linalg.qr(torch.randn(10, 4, dtype=torch.float64))
+    center = torch.randn(10, dtype=torch.float64) * 100
+    weight, bias = s.projection_affine(basis, center)
+    narrow_w, narrow_b = s.projection_affine(basis, center, dtype=torch.float32)
+    assert narrow_w.dtype == narrow_b.dtype == torch.float32
+    torch.testing.assert_close(narrow_w, weight.float(), rtol=0, atol=0)
+    torch.testing.assert_close(narrow_b, bias.float(), rtol=0, atol=0)
+    torch.testing.assert_close(bias, center - basis @ basis.T @ center)
+
+
 def test_random_orthogonal_is_haar_special_orthogonal_and_seedable():
     q = s.random_orthogonal(7, 3)
     np.testing.assert_allclose(q @ q.T, np.eye(7), atol=1e-12)

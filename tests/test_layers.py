@@ -99,11 +99,7 @@ def test_conv_layer_is_channelwise_and_one_1x1_convolution(keepdim):
     pca = PCA(n_components=0.95, svd_solver="full").fit(rows)
     assert layer.in_dim == pca.n_components_
     out = (
-        layer(t)
-        .double()
-        .numpy()
-        .transpose(0, 2, 3, 1)
-        .reshape(-1, layer.projection_weight.shape[0])
+        layer(t).double().numpy().transpose(0, 2, 3, 1).reshape(-1, 8 if keepdim else layer.in_dim)
     )
     expected = pca.inverse_transform(pca.transform(rows)) if keepdim else pca.transform(rows)
     np.testing.assert_allclose(out, expected, atol=1e-4)
@@ -303,3 +299,37 @@ def test_a_threshold_with_the_same_k_keeps_the_projection_and_a_new_k_rebuilds_i
     layer.threshold = layer.threshold  # restores the PCA projection, same k or not
     assert not bool(layer.random_directions)
     torch.testing.assert_close(layer.projection_weight.double(), v @ v.T, atol=1e-6, rtol=0)
+
+
+def test_squares_are_allocated_with_the_first_batch_and_released_on_reset():
+    layer = LinearPCALayer(64, threshold=0.9)
+    assert layer.shifted_sum_sq.numel() == 0 and layer.projection_weight.numel() == 0
+    assert layer.eigenvectors.numel() == 0  # nothing width x width before data
+    assert layer.statistics().total_sq.shape == (64, 64)  # read as zeros
+    layer(torch.randn(100, 64))
+    assert layer.shifted_sum_sq.shape == (64, 64)
+    layer.reset_statistics()
+    assert layer.shifted_sum_sq.numel() == 0
+    fresh = LinearPCALayer(64, threshold=0.9)
+    fresh.load_state_dict(layer.state_dict())  # an empty checkpoint loads as it is
+    assert fresh.shifted_sum_sq.numel() == 0 and not fresh.is_calibrated
+
+
+@pytest.mark.parametrize("keepdim", [True, False])
+def test_a_projection_onto_few_directions_is_held_as_two_skinny_maps(keepdim):
+    x = decaying_data(2000, 32, offset=3.0, decay=0.5)
+    layer = fitted_linear(x, threshold=0.9, keepdim=keepdim)
+    k = layer.in_dim
+    assert 2 * k < 32 and layer.projection_weight.shape == (k, 32)
+    v = layer.basis
+    torch.testing.assert_close(layer.transformation_matrix.double(), v @ v.T, atol=1e-6, rtol=0)
+    t = torch.from_numpy(x[:50])
+    c = layer.mean
+    expected = ((t.double() - c) @ v @ v.T + c) if keepdim else (t.double() - c) @ v
+    torch.testing.assert_close(layer(t).double(), expected, atol=1e-4, rtol=0)
+    copy = LinearPCALayer(32, threshold=0.3, keepdim=keepdim)
+    copy.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(copy.eval()(t), layer(t))
+    layer.threshold = 1.0  # more than half the width: one fused map again
+    assert layer.in_dim * 2 >= 32
+    assert layer.projection_weight.shape == ((32, 32) if keepdim else (layer.in_dim, 32))

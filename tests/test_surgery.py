@@ -300,7 +300,7 @@ def test_wide_layers_are_announced_before_anything_is_allocated(monkeypatch):
         monkeypatch.setattr(wrap, "_make_layer", make)
         ps.pca_wrap(net)
     assert seen_at_allocation == [1, 1]  # the warning came before the first layer
-    assert re.search(r"will hold 0\.0 GiB .*\n  - 0: width 600, 0\.01 GiB", str(caught[0].message))
+    assert re.search(r"hold up to 0\.0 GiB .*\n  - 0: width 600, 0\.01 GiB", str(caught[0].message))
     monkeypatch.setattr(wrap, "LARGE_BYTES", 1 << 30)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

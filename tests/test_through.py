@@ -240,3 +240,16 @@ def test_a_non_finite_input_names_the_layer_and_leaves_the_model_as_it_was():
     for key, value in before.items():
         assert torch.equal(value, after[key]) or (value.isnan().all() and after[key].isnan().all())
     assert all(layer._through is None for layer in ps.pca_layers_of(wrapped).values())
+
+
+def test_a_wide_layer_holds_little_more_than_its_covariance():
+    # Linear(3, 2048): the statistics are one 2048 x 2048 float64 square; the
+    # eigenvectors (3 of them) and the projection (k x 2048) add next to nothing
+    model = nn.Sequential(nn.Linear(3, 2048)).eval()
+    wrapped = ps.pca_wrap(model, 0.99)
+    layer = wrapped.get_submodule("0.pca")
+    assert sum(b.numel() * b.element_size() for b in layer.buffers()) < 2**20  # nothing yet
+    ps.calibrate(wrapped, [torch.randn(1024, 3) for _ in range(3)], progress=False)
+    covariance = 2048 * 2048 * 8
+    held = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert layer.shifted_sum_sq.shape == (2048, 2048) and held < 1.01 * covariance

@@ -43,8 +43,8 @@ def macs_per_position(module: nn.Module) -> int:
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return (module.in_channels // module.groups) * kh * kw * module.out_channels
-    if isinstance(module, PCALayer):
-        return module.projection_weight.numel()
+    if isinstance(module, PCALayer):  # V^T then V when the projection is held factored
+        return module.projection_weight.numel() * (2 if module._factored else 1)
     return 0
 
 

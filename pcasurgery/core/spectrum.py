@@ -31,12 +31,21 @@ __all__ = [
 ]
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite, read off its sum (no per-element temporary).
+
+    A sum is non-finite iff some element is (or the sum overflows: float64
+    statistics would be unusable then too).
+    """
+    return bool(torch.isfinite(t.sum()))
+
+
 def _check_square(matrix: Tensor, name: str = "cov") -> None:
     if not isinstance(matrix, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(matrix).__name__}")
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {tuple(matrix.shape)}")
-    if not torch.isfinite(matrix).all():
+    if not all_finite(matrix):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
@@ -146,23 +155,36 @@ def explained_fraction(eigenvalues: Tensor, k: int) -> float:
     return 0.0 if k == 0 else float(fractions[k - 1].clamp_max(1.0))
 
 
-def projection_affine(basis: Tensor, center: Tensor, keepdim: bool = True) -> tuple[Tensor, Tensor]:
+def projection_affine(
+    basis: Tensor, center: Tensor, keepdim: bool = True, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
     """The affine map of a projection onto the span of ``basis`` around ``center``.
 
     With ``V = basis`` (orthonormal columns, ``(d, k)``) and ``mu = center``:
     ``keepdim=True`` maps ``x -> (x - mu) V V^T + mu`` and ``keepdim=False`` maps
     ``x -> (x - mu) V``. Both are returned as ``(weight, bias)`` for
     ``torch.nn.functional.linear`` (``x @ weight.T + bias``), one fused map.
+    Every entry is computed in float64 and then rounded to ``dtype``; the
+    ``(d, d)`` weight is built a block of rows at a time, so no float64 copy
+    of it is ever held when ``dtype`` is narrower.
     """
     basis = basis.to(torch.float64)
     center = center.to(torch.float64)
-    if keepdim:
-        weight = basis @ basis.T
-        bias = center - weight @ center
-    else:
+    if not keepdim:
         weight = basis.T.contiguous()
-        bias = -(weight @ center)
-    return weight, bias
+        return weight.to(dtype), (-(weight @ center)).to(dtype)
+    d = basis.shape[0]
+    bias = center - basis @ (basis.T @ center)
+    if dtype == torch.float64:
+        return basis @ basis.T, bias
+    weight = torch.empty(d, d, dtype=dtype, device=basis.device)
+    rows = max(1, _BLOCK_BYTES // (8 * max(d, 1)))
+    for start in range(0, d, rows):
+        weight[start : start + rows] = basis[start : start + rows] @ basis.T
+    return weight, bias.to(dtype)
+
+
+_BLOCK_BYTES = 64 * 2**20  # float64 rows of a projection built at a time
 
 
 def random_orthogonal(

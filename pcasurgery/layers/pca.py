@@ -22,7 +22,8 @@ Differences from the seed library, all deliberate:
 * an uncalibrated layer in eval mode passes its input through unchanged (the
   wrapped model computes the original function until it has seen data);
 * the eval-mode forward is one fused affine map (``F.linear`` / a 1x1
-  ``F.conv2d``) held in buffers, so ``state_dict`` round-trips and the layer
+  ``F.conv2d``), or two skinny ones through the ``k`` kept directions when
+  ``2k < width``, held in buffers, so ``state_dict`` round-trips and the layer
   exports to ONNX.
 
 Besides ``module.train()``/``eval()``, :attr:`mode` forces a behaviour:
@@ -77,7 +78,9 @@ class _StateSpec:
         reduce: how processes combine it: ``"moments"`` (the four fields of
             ``core.moments.Moments``, summed exactly around a common shift by
             ``all_reduce_moments``), ``"sum"`` (added), or None (kept per process).
-        resizable: its shape depends on ``k``; a checkpoint's shape is taken on load.
+        resizable: its shape depends on ``k`` or on whether there is data yet (the
+            squares are allocated when first needed); a checkpoint's shape is
+            taken on load.
         initial: the value it starts from (and returns to on reset).
         optional: added after checkpoints were first written; a checkpoint
             without it loads, keeping the initial value.
@@ -101,8 +104,8 @@ def _vector(width: int, keepdim: bool) -> tuple[int, ...]:
     return (width,)
 
 
-def _square(width: int, keepdim: bool) -> tuple[int, ...]:
-    return (width, width)
+def _unallocated(width: int, keepdim: bool) -> tuple[int, ...]:
+    return (0, 0)  # (width, width) once the first batch arrives (PCALayer._allocate_statistics)
 
 
 _F64, _I64 = torch.float64, torch.int64
@@ -111,7 +114,9 @@ _STATE: tuple[_StateSpec, ...] = (
     _StateSpec("sample_count", _scalar, _I64, statistic=True, reduce="moments"),
     _StateSpec("shift", _vector, _F64, statistic=True, reduce="moments"),
     _StateSpec("shifted_sum", _vector, _F64, statistic=True, reduce="moments"),
-    _StateSpec("shifted_sum_sq", _square, _F64, statistic=True, reduce="moments"),
+    _StateSpec(
+        "shifted_sum_sq", _unallocated, _F64, statistic=True, reduce="moments", resizable=True
+    ),  # fmt: skip
     _StateSpec("example_count", _scalar, _I64, statistic=True, reduce="sum"),
     # samples per input example in the last batch (h*w for convs, tokens for Linear)
     _StateSpec("sample_positions", _scalar, _I64, statistic=True, initial=1),
@@ -129,9 +134,10 @@ _STATE: tuple[_StateSpec, ...] = (
     _StateSpec("mean", _vector, _F64),
     _StateSpec("rank", _scalar, _I64),
     _StateSpec("random_directions", _scalar, torch.bool),
-    # the fused affine map of the projection, and the (width, k) basis it keeps
-    _StateSpec("projection_weight", lambda w, keep: (w if keep else 0, w), None, resizable=True),
-    _StateSpec("projection_bias", lambda w, keep: (w if keep else 0,), None, resizable=True),
+    # the affine map of the projection (V V^T, or V^T where that is smaller: see
+    # PCALayer._factored), and the (width, k) basis it keeps
+    _StateSpec("projection_weight", lambda w, keep: (0, w), None, resizable=True),
+    _StateSpec("projection_bias", lambda w, keep: (0,), None, resizable=True),
     _StateSpec("basis", lambda w, keep: (w, 0), _F64, resizable=True),
 )
 _SPEC = {spec.name: spec for spec in _STATE}
@@ -280,15 +286,33 @@ class PCALayer(nn.Module):
         return self._n > 0 and self._n != self._computed
 
     def statistics(self) -> _m.Moments:
-        """The accumulated moments (the buffers themselves; modify with care)."""
-        return _m.Moments(*(self._buffers[name] for name in _MOMENTS))  # type: ignore[arg-type]
+        """The accumulated moments (the buffers themselves; modify with care).
+
+        A layer that has seen no data holds no ``(width, width)`` square yet;
+        its moments are returned with a zero square then (not stored).
+        """
+        state = _m.Moments(*(self._buffers[name] for name in _MOMENTS))  # type: ignore[arg-type]
+        if state.total_sq.shape != (self.width, self.width):
+            square = torch.zeros(self.width, self.width, dtype=_F64, device=state.shift.device)
+            state = state._replace(total_sq=square)
+        return state
+
+    def _allocate_statistics(self) -> None:
+        """Allocate the ``(width, width)`` square, where the other statistics live, if it is not yet."""
+        if self.shifted_sum_sq.shape != (self.width, self.width):
+            with torch.inference_mode(False):  # a buffer that later updates may change in place
+                self._buffers["shifted_sum_sq"] = torch.zeros(
+                    self.width, self.width, dtype=_F64, device=self.shift.device
+                )
 
     def _fresh_statistics(self) -> None:
+        """Statistics of no data (the square is released until the next batch)."""
         for spec in _STATE:
             if spec.statistic:
                 current = self._buffers[spec.name]
                 assert current is not None
-                self._put(spec.name, torch.full_like(current, spec.initial))
+                shape = spec.shape(self.width, self.keepdim)
+                self._put(spec.name, torch.full(shape, spec.initial, dtype=current.dtype))
 
     def reset_statistics(self) -> None:
         """Forget the collected statistics; the current projection stays in place."""
@@ -304,7 +328,8 @@ class PCALayer(nn.Module):
                 f"{self.name}: statistics of width {state.shift.shape[0]} do not fit width {self.width}"
             )
         for name, value in zip(_MOMENTS, state, strict=True):
-            self._put(name, value)
+            if value is not self._buffers[name]:  # its own buffers: nothing to copy
+                self._put(name, value)
         if examples is not None:
             self._put("example_count", int(examples))
         if self._has_spectrum:
@@ -525,7 +550,7 @@ class PCALayer(nn.Module):
     def transformation_matrix(self) -> Tensor:
         """The ``(width, width)`` projector ``V_k V_k^T`` (random if directions were injected)."""
         self._ensure_current()
-        if self.keepdim:
+        if self.keepdim and not self._factored:
             return self.projection_weight.detach().clone()
         return self.projection_weight.T @ self.projection_weight
 
@@ -571,7 +596,7 @@ class PCALayer(nn.Module):
                 "(pcasurgery.calibrate) or forward data in training mode first"
             )
         state = self.statistics()
-        if not (torch.isfinite(state.total).all() and torch.isfinite(state.total_sq).all()):
+        if not (_s.all_finite(state.total) and _s.all_finite(state.total_sq)):
             raise NonFiniteError(
                 f"PCA layer {self.name!r} received NaN or infinite activations; "
                 "its statistics cannot be decomposed"
@@ -631,7 +656,9 @@ class PCALayer(nn.Module):
         return self._center()
 
     def _set_projection(self, basis: Tensor) -> None:
-        weight, bias = _s.projection_affine(basis, self._center(), self.keepdim)
+        dtype = self.projection_weight.dtype
+        fused = self.keepdim and 2 * basis.shape[1] >= self.width
+        weight, bias = _s.projection_affine(basis, self._center(), fused, dtype)
         for name, value in (
             ("projection_weight", weight),
             ("projection_bias", bias),
@@ -691,6 +718,7 @@ class PCALayer(nn.Module):
         positions = x[0].numel() // self.width if x.dim() > 1 and len(x) else 1
         examples = x.shape[0] if x.dim() > 1 else 1
         x = self._samples_of(x.detach())
+        self._allocate_statistics()
         try:
             added, self._subtract = _m._accumulate(
                 self.statistics(), x, self.channel_dim, self._subtract
@@ -710,10 +738,26 @@ class PCALayer(nn.Module):
         self._ensure_current()
         return self._affine(x)
 
+    @property
+    def _factored(self) -> bool:
+        """Whether the projection is held as ``V^T`` (``(k, width)``) rather than ``V V^T``.
+
+        With ``keepdim=True`` and ``2k < width`` the layer stores ``V^T`` and
+        ``-V^T mu`` and applies ``x -> ((x - mu) V) V^T + mu`` as two maps: fewer
+        operations and ``2 k width`` numbers instead of ``width^2``.
+        """
+        return self._keepdim_host and self.projection_weight.shape[0] < self.width
+
     def _affine(self, x: Tensor) -> Tensor:
         w, b = self.projection_weight, self.projection_bias
         if w.dtype != x.dtype:
             w, b = w.to(x.dtype), b.to(x.dtype)
+        if self._factored:
+            return self._map(self._map(x, w, b), w.T, self._center().to(x.dtype))
+        return self._map(x, w, b)
+
+    def _map(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        """The affine map ``(w, b)`` on the feature dimension."""
         return F.linear(x, w, b)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -845,10 +889,7 @@ class Conv2DPCALayer(PCALayer):
             )
         return x
 
-    def _affine(self, x: Tensor) -> Tensor:
-        w, b = self.projection_weight, self.projection_bias
-        if w.dtype != x.dtype:
-            w, b = w.to(x.dtype), b.to(x.dtype)
+    def _map(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
         if _exporting() or not x.is_contiguous():
             # one 1x1 convolution: what exporters and channels-last tensors want
             return F.conv2d(x, w[:, :, None, None], b)

@@ -183,9 +183,12 @@ LARGE_BYTES = 1 << 30  # PCA layers holding more than this in all are announced
 
 
 def layer_bytes(width: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes a PCA layer of ``width`` holds: three float64 ``width**2`` matrices
-    (the second moments, the eigenvectors, and the covariance while it is
-    decomposed) and the ``width**2`` projection in the module's dtype."""
+    """Bytes a PCA layer of ``width`` may hold at most, once calibrated: three float64
+    ``width**2`` matrices (the second moments, allocated with the first batch; the
+    eigenvectors; the covariance while it is decomposed) and a ``width**2``
+    projection in the module's dtype. Layers after widening modules keep only
+    ``in`` eigenvectors, and projections onto ``k < width / 2`` directions
+    ``k * width`` numbers, so they hold less."""
     return width * width * (3 * 8 + torch.empty((), dtype=dtype).element_size())
 
 
@@ -205,8 +208,9 @@ def _announce_memory(chosen: list[tuple[str, nn.Module]]) -> None:
         widest = "".join(f"\n  - {n}: width {w}, {b / 2**30:.2f} GiB"
                          for b, n, w in sorted(sizes, reverse=True)[:5])  # fmt: skip
         warnings.warn(
-            f"the {len(sizes)} PCA layers will hold {total / 2**30:.1f} GiB (width**2 float64 "
-            f"statistics and eigenvectors per layer), on the device of the modules they follow; "
+            f"the {len(sizes)} PCA layers may hold up to {total / 2**30:.1f} GiB once calibrated "
+            f"(width**2 float64 statistics and eigenvectors per layer, allocated by calibration), "
+            f"on the device of the modules they follow; "
             f"the widest:{widest}\nexclude wide layers (exclude=...) if that is too much",
             UserWarning,
             stacklevel=3,
