@@ -24,9 +24,11 @@ then ``report``) / the plain forwards over the same batches, the first
 projecting forward after that / a plain one (no eigen-work may hide there),
 and the steady projecting forward / plain. SmolLM2-135M's calibration is
 measured by benchmarks/bench_llm.py. The load average is printed with the ratios.
+``wide``: the peak memory of wrapping and calibrating ``Linear(4, 16384)``
+over the bytes of its float64 covariance (2 GiB), in a fresh process.
 
 Usage: python benchmarks/bench_calibration.py [--repeats 7] [--threads 2]
-           [--cases vgg resnet50 convnext llama-block]
+           [--cases vgg resnet50 convnext llama-block wide]
 """
 
 from __future__ import annotations
@@ -130,17 +132,57 @@ def real_cases(cases: list[str]) -> dict[str, float]:
     return out
 
 
+_WIDE = """
+import resource, sys, warnings, torch
+import pcasurgery as ps
+width = int(sys.argv[1])
+model = torch.nn.Sequential(torch.nn.Linear(4, width)).eval()
+batches = [torch.randn(1024, 4) for _ in range(8)]
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+before = rss()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    wrapped = ps.pca_wrap(model, 0.99)
+ps.calibrate(wrapped, batches, progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+layer = ps.pca_layers_of(wrapped)["0"]
+print(peak - before, width * width * 8, layer.in_dim, len(caught))
+"""
+
+
+def wide_case(width: int = 16384) -> dict[str, float]:
+    """Peak memory of wrapping and calibrating Linear(4, width), over the covariance's bytes.
+
+    Run in a fresh process: the growth of its peak resident memory from just
+    before ``pca_wrap`` to the end of ``calibrate`` (8 batches of 1024 rows).
+    """
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _WIDE, str(width)], capture_output=True,
+                         text=True, check=True).stdout.split()  # fmt: skip
+    grown, covariance, k, warned = (int(v) for v in out)
+    ratio = grown / covariance
+    print(f"Linear(4, {width}): peak memory of wrap + calibrate {grown / 2**30:.2f} GiB / covariance "
+          f"{covariance / 2**30:.2f} GiB = {ratio:.2f} (goal <= 1.5, warned first: "
+          f"{'yes' if warned else 'no'}); k = {k}", flush=True)  # fmt: skip
+    return {"wide memory": ratio}
+
+
 def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--cases", nargs="+", default=["vgg", "resnet50", "convnext"],
-                        choices=["vgg", "resnet50", "convnext", "llama-block"])  # fmt: skip
+                        choices=["vgg", "resnet50", "convnext", "llama-block", "wide"])  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     extra = real_cases(args.cases)
+    if "wide" in args.cases:
+        extra.update(wide_case())
     if "vgg" not in args.cases:
         return extra
     print(f"load average {os.getloadavg()[0]:.2f} before the VGG-style case")
