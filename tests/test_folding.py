@@ -107,6 +107,30 @@ def test_gpt2_conv1d_runs_folded_too():
     torch.testing.assert_close(out, reference(module, layer, x).float(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv1d"])
+@pytest.mark.parametrize("threshold", [0.6, 1.0])
+def test_few_kept_directions_run_as_the_compressed_pair_and_many_as_one_folded_map(kind, threshold):
+    torch.manual_seed(1)
+    if kind == "linear":
+        model, x = nn.Sequential(nn.Linear(24, 32)), torch.randn(64, 24)
+    elif kind == "conv2d":
+        model, x = nn.Sequential(nn.Conv2d(6, 20, 3, stride=2, padding=1)), torch.randn(8, 6, 9, 9)
+    else:
+        model, x = GPT2Block(), torch.randn(16, 12, 16)
+    features = x.shape[1] if kind == "conv2d" else x.shape[-1]
+    mix = torch.randn(features, features) * torch.logspace(0, -3, features)
+    data = (x.movedim(1, -1) @ mix).movedim(-1, 1) if kind == "conv2d" else x @ mix
+    wrapped = ps.calibrate(ps.pca_wrap(model.eval(), threshold), [data], progress=False)
+    name = {"linear": "0", "conv2d": "0", "conv1d": "c_fc"}[kind]
+    module, layer = wrapped.get_submodule(name), ps.pca_layers_of(wrapped)[name]
+    probe = data[:3]
+    with torch.no_grad():
+        out = module(probe)
+    parts = module.__dict__[_CACHE][2]
+    assert len(parts) == (4 if threshold < 1 else 2)  # (V^T W, V^T (b - c), V, c) or (P W, P b + q)
+    torch.testing.assert_close(out, reference(module, layer, probe).float(), atol=1e-4, rtol=1e-4)
+
+
 def test_the_folded_weights_follow_every_change_of_weights_and_projection():
     _, wrapped = calibrated_net()
     fc, layer = wrapped.fc, ps.pca_layers_of(wrapped)["fc"]

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import Tensor, fx, nn
 
-from ..layers.folding import folded_affine
+from ..layers.folding import factorising_pays, folded_affine
 from ..layers.kinds import is_conv1d, linear_like, weight_matrix
 from ..layers.network import _calibrated_layers
 from ..layers.pca import Conv2DPCALayer, PCALayer
@@ -92,11 +92,9 @@ def _plan_layer(layer: PCALayer, follows: Dense | None, k: int | None = None) ->
         down = k * (fan_in + bias)
         if not layer.keepdim:
             return LayerPlan("down-projection", down, k * fan_in)
-        factorised = down + width * (k + 1)
-        folded = width * (fan_in + 1)
-        if 0 < k and factorised < folded:
-            return LayerPlan("factorised", factorised, k * fan_in + width * k)
-        return LayerPlan("folded", folded, width * fan_in)
+        if factorising_pays(k, fan_in, width):
+            return LayerPlan("factorised", down + width * (k + 1), k * fan_in + width * k)
+        return LayerPlan("folded", width * (fan_in + 1), width * fan_in)
     if not layer.keepdim:
         return LayerPlan("standalone", k * (width + 1), k * width)
     factorised = k * (width + 1) + width * (k + 1)

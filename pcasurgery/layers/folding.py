@@ -29,7 +29,7 @@ from torch.nn.modules import module as _module
 from .kinds import affine_kind, weight_matrix
 from .pca import PCALayer, _exporting
 
-__all__ = ["folded_affine", "folded_forward"]
+__all__ = ["factorising_pays", "folded_affine", "folded_forward"]
 
 _CACHE = "_pcasurgery_fold"
 
@@ -65,17 +65,41 @@ def folded_affine(w: Tensor, b: Tensor, pca: PCALayer) -> tuple[Tensor, Tensor]:
     return p @ w, p @ (b - c) + c
 
 
-def _fold(kind: str, module: nn.Module, pca: PCALayer) -> tuple[Tensor, Tensor]:
-    """The folded ``(weight, bias)`` in the module's own layout and dtype (computed in float32 or wider)."""
+def factorising_pays(k: int, fan_in: int, width: int) -> bool:
+    """Whether ``fan_in -> k -> width`` (both with biases) is smaller than ``fan_in -> width``.
+
+    The rule ``compress`` factorises by, and the eval-mode fold runs by.
+    """
+    return 0 < k and k * (fan_in + 1) + width * (k + 1) < width * (fan_in + 1)
+
+
+def _fold(kind: str, module: nn.Module, pca: PCALayer) -> tuple[Tensor, ...]:
+    """The folded map in the module's own layout and dtype (computed in float32 or wider).
+
+    ``(weight, bias)``: the module with the projection multiplied in. Or, where
+    factorising pays (keepdim, few kept directions), ``(weight, bias, V, c)``:
+    the module's ``k``-output part ``V^T W``, ``V^T (b - c)``, then the layer's
+    own map ``h -> V h + c`` back to the width, what ``compress`` builds.
+    """
     weight = module.weight
     assert isinstance(weight, Tensor)
-    w, b = weight_matrix(module, torch.promote_types(weight.dtype, torch.float32))
-    folded_w, folded_b = folded_affine(w, b, pca)
+    dtype = weight.dtype
+    w, b = weight_matrix(module, torch.promote_types(dtype, torch.float32))
+    k = pca.basis.shape[1]
+    low_rank = pca.keepdim and factorising_pays(k, w.shape[1], w.shape[0])
+    if low_rank:
+        v, c = pca.basis.to(w.device, w.dtype), pca.center().to(w.device, w.dtype)
+        folded_w, folded_b = v.T @ w, v.T @ (b - c)
+    else:
+        folded_w, folded_b = folded_affine(w, b, pca)
     if kind == "conv1d":
         folded_w = folded_w.T
     else:
         folded_w = folded_w.reshape(folded_w.shape[0], *weight.shape[1:])
-    return folded_w.to(weight.dtype).contiguous(), folded_b.to(weight.dtype)
+    folded = (folded_w.to(dtype).contiguous(), folded_b.to(dtype))
+    if low_rank:
+        return folded + (v.to(dtype).contiguous(), c.to(dtype))
+    return folded
 
 
 def folded_forward(
@@ -112,11 +136,12 @@ def folded_forward(
             folded = _fold(kind, module, pca)
         cached = (tensors, key, folded)
         module.__dict__[_CACHE] = cached
-    w, b = cached[2]
+    w, b, *up = cached[2]
     if kind == "linear":
-        return F.linear(x, w, b)
-    if kind == "conv2d":
+        out = F.linear(x, w, b)
+    elif kind == "conv2d":
         assert isinstance(module, nn.Conv2d)
-        return module._conv_forward(x, w, b)
-    out = torch.addmm(b, x.reshape(-1, x.shape[-1]), w)
-    return out.reshape(*x.shape[:-1], w.shape[1])
+        out = module._conv_forward(x, w, b)
+    else:
+        out = torch.addmm(b, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
+    return pca._map(out, *up) if up else out

@@ -116,7 +116,7 @@ _STATE: tuple[_StateSpec, ...] = (
     _StateSpec("shifted_sum", _vector, _F64, statistic=True, reduce="moments"),
     _StateSpec(
         "shifted_sum_sq", _unallocated, _F64, statistic=True, reduce="moments", resizable=True
-    ),  # fmt: skip
+    ),
     _StateSpec("example_count", _scalar, _I64, statistic=True, reduce="sum"),
     # samples per input example in the last batch (h*w for convs, tokens for Linear)
     _StateSpec("sample_positions", _scalar, _I64, statistic=True, initial=1),
