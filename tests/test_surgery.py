@@ -215,9 +215,8 @@ def test_modules_used_only_through_their_weights_get_no_layer():
     with pytest.warns(UserWarning) as caught:
         wrapped = ps.pca_wrap(net, 1.0)
     messages = [str(w.message) for w in caught]
-    assert any(m.endswith("never called as modules (a parent uses their weights directly, as "
-                          "nn.MultiheadAttention does with out_proj), so they get no PCA layer:"
-                          "\n  - att.out_proj") for m in messages), messages  # fmt: skip
+    assert any(m.endswith("as nn.MultiheadAttention uses out_proj's weight), so they get no "
+                          "PCA layer:\n  - att.out_proj") for m in messages), messages  # fmt: skip
     assert any("MultiheadAttention (" in m and "no PCA layer can follow" in m for m in messages)
     assert list(ps.pca_layers_of(wrapped)) == ["inp", "out"]
     x = torch.randn(6, 5, 8)

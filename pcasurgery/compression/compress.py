@@ -355,7 +355,7 @@ def _compress_site(root: nn.Module, site: Site, bn: nn.BatchNorm2d | None) -> di
         new = _standalone(layer, _plan_layer(layer, None))
         replace_module(root, layer, new)  # the call node's target path now holds the plain map
         return _row(site, layer, _plan_layer(layer, None).action, 0, new, False)
-    if site.attachment == "module":
+    if site.attachment in ("module", "function"):
         followed = root.get_submodule(site.name)
         if module is not None:
             plan = _plan_layer(layer, module)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .._batches import model_inputs
 from .._errors import OnnxCheckError, add_context
 from .._validation import check_bool, check_module, check_positive_int, kept_modes
+from ..layers.sites import sites_of
 
 __all__ = ["export_onnx", "run_onnx"]
 
@@ -196,12 +197,20 @@ def export_onnx(
         The path written.
 
     Raises:
-        ValueError: a missing folder or an unsupported opset.
+        ValueError: a missing folder, an unsupported opset, or a wrapped model
+            with PCA layers after ``F.linear`` calls (export it compressed).
         Exception: whatever the model raises on ``example_inputs``, with its own
             type and the input shapes added as a note.
         OnnxCheckError: onnxruntime disagrees with PyTorch (max error and batch sizes said).
     """
     check_module(model)
+    functional = [site.name for site in sites_of(model) if site.attachment == "function"]
+    if functional:
+        raise ValueError(
+            f"model uses {', '.join(functional)} through F.linear on their weights; the ONNX "
+            "exporter does not see the PCA layers that follow those calls: export the "
+            "compressed model (pcasurgery.compress(model)) instead"
+        )
     args, kwargs = model_inputs(example_inputs)
     check_bool(dynamic_batch, "dynamic_batch")
     check_bool(check, "check")

@@ -17,6 +17,11 @@ Attachments:
   ``forward``, say) was replaced, at every place it is registered, by a
   :class:`Projected` wrapper that runs it and then its PCA layer. ``follows``
   is the wrapped module (``<name>.module``).
+* ``"function"``: as ``"module"``, for a Linear that the model never calls as a
+  module but whose weight it passes to ``F.linear`` (Swin's attention does
+  ``F.linear(x, self.qkv.weight, self.qkv.bias)``): the weight is a
+  :class:`FollowedWeight`, which turns every such call into a call of the
+  module, wherever in the model it happens.
 * ``"graph"``: a ``torch.fx`` graph calls the PCA layer after the module
   (models rewritten by earlier versions).
 * ``"manual"``: a PCA layer placed by hand; it follows nothing known.
@@ -27,27 +32,33 @@ module with the projection multiplied into its weights (``pcasurgery.layers.fold
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from torch import fx, nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
 
 from .folding import folded_forward
 from .pca import PCALayer
 
 __all__ = [
     "ATTACHMENTS",
+    "FollowedWeight",
     "Projected",
     "Site",
     "SiteTracer",
     "follow",
+    "follow_calls",
     "replace_module",
     "sites_of",
     "unfollow",
 ]
 
-ATTACHMENTS = ("module", "wrapper", "graph", "manual")
+ATTACHMENTS = ("module", "function", "wrapper", "graph", "manual")
 SITES_ATTRIBUTE = "pca_sites"
 
 
@@ -62,7 +73,7 @@ class Site:
         layer_path: where the PCA layer is registered in the model.
         follows: qualified name of the module whose output it projects directly,
             or None when it follows nothing known (placed by hand).
-        attachment: ``"module"``, ``"wrapper"``, ``"graph"`` or ``"manual"``
+        attachment: ``"module"``, ``"function"``, ``"wrapper"``, ``"graph"`` or ``"manual"``
             (module docstring).
     """
 
@@ -172,6 +183,77 @@ def follow(module: nn.Module, pca: PCALayer) -> tuple[nn.Module, str, str]:
     return module, child, "module"
 
 
+_MODULE = "_pcasurgery_module"  # a FollowedWeight's attribute: the module it is the weight of
+_OWN_CALL: ContextVar[object] = ContextVar("pcasurgery_own_call", default=None)
+
+
+class FollowedWeight(nn.Parameter):
+    """The weight of a followed Linear that the model uses through ``F.linear``.
+
+    ``F.linear(x, module.weight, module.bias)`` anywhere becomes ``module(x)``,
+    which runs the module's PCA layer (collecting, projecting or folded) after
+    the same map. Every other use is that of a plain ``nn.Parameter``, and so
+    are the results of every operation on it (``state_dict`` holds plain
+    tensors). Deep copies follow the copy of their module; pickles rebuild it.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and isinstance(args[1], FollowedWeight):
+            module = args[1].__dict__.get(_MODULE)
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (
+                module is not None
+                and _OWN_CALL.get() is not module
+                and module.weight is args[1]
+                and bias is module.bias
+            ):
+                token = _OWN_CALL.set(module)  # its own forward's F.linear runs plainly
+                try:
+                    return module(args[0])
+                finally:
+                    _OWN_CALL.reset(token)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> FollowedWeight:
+        if id(self) in memo:
+            return memo[id(self)]
+        result = FollowedWeight(self.data.clone(memory_format=torch.preserve_format),
+                                self.requires_grad)  # fmt: skip
+        memo[id(self)] = result
+        module = self.__dict__.get(_MODULE)
+        if module is not None:
+            result.__dict__[_MODULE] = copy.deepcopy(module, memo)
+        return result
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (_rebuild_weight, (self.data, self.requires_grad, self.__dict__.get(_MODULE)))
+
+
+def _rebuild_weight(data: Tensor, requires_grad: bool, module: nn.Module | None) -> FollowedWeight:
+    weight = FollowedWeight(data, requires_grad)
+    if module is not None:
+        weight.__dict__[_MODULE] = module
+    return weight
+
+
+def follow_calls(module: nn.Module) -> None:
+    """Make ``F.linear`` on ``module``'s weight (and bias) a call of ``module`` (already followed)."""
+    weight = module.weight
+    assert isinstance(weight, nn.Parameter)
+    followed = FollowedWeight(weight.data, weight.requires_grad)
+    followed.__dict__[_MODULE] = module
+    module._parameters["weight"] = followed
+
+
+def _plain_weight(module: nn.Module) -> None:
+    weight = module._parameters.get("weight")
+    if isinstance(weight, FollowedWeight):
+        module._parameters["weight"] = nn.Parameter(weight.data, weight.requires_grad)
+
+
 def _wrapper(module: nn.Module, pca: PCALayer) -> tuple[nn.Module, str, str]:
     wrapper = Projected(module, pca)
     wrapper.train(module.training)
@@ -191,6 +273,7 @@ def unfollow(module: nn.Module) -> nn.Module:
     if isinstance(module, Projected):
         return module.module
     if isinstance(module, _Followed):
+        _plain_weight(module)
         del module._modules[module.__dict__.pop(_CHILD)]
         module.__dict__.pop(_FOLD_CACHE, None)
         for key, hook in list(module._forward_pre_hooks.items()):

@@ -11,6 +11,11 @@ is used only to read the forward order (and to leave out chosen modules that
 the forward never calls); a model it cannot trace keeps registration order.
 A module whose class cannot be swapped is replaced by a ``Projected`` wrapper.
 
+A Linear that the forward never calls as a module but whose weight it passes
+to ``F.linear`` (Swin's attention) is followed at those calls: its weight
+becomes a ``FollowedWeight`` (``pcasurgery.layers.sites``) that turns
+``F.linear(x, module.weight, module.bias)`` into ``module(x)``.
+
 ``nn.MultiheadAttention`` never calls its projections as modules (the query,
 key and value projections are one packed parameter, and ``out_proj``'s weight
 is used directly): where its projections are wanted, it is replaced by a
@@ -37,9 +42,9 @@ import torch
 from torch import nn
 
 from .._validation import check_bool, check_module, check_patterns, check_threshold
-from ..layers.kinds import is_conv1d, linear_like, output_width
+from ..layers.kinds import affine_kind, is_conv1d, linear_like, output_width
 from ..layers.pca import Conv2DPCALayer, LinearPCALayer, PCALayer
-from ..layers.sites import Site, SiteTracer, follow, record_sites, replace_module
+from ..layers.sites import Site, SiteTracer, follow, follow_calls, record_sites, replace_module
 from .attention import split_attention
 
 __all__ = ["pca_wrap"]
@@ -237,9 +242,10 @@ def _warn_unreached(names: list[str]) -> None:
     if names:
         listing = "".join(f"\n  - {n}" for n in names)
         warnings.warn(
-            f"{len(names)} chosen module(s) are never called as modules (a parent uses their "
-            "weights directly, as nn.MultiheadAttention does with out_proj), so they get no "
-            f"PCA layer:{listing}",
+            f"{len(names)} chosen module(s) are never called as modules, nor their weights "
+            "passed to F.linear or another function, in the traced forward (unused, or used "
+            "as nn.MultiheadAttention uses out_proj's weight), so they get no PCA layer:"
+            f"{listing}",
             UserWarning,
             stacklevel=3,
         )
@@ -332,7 +338,7 @@ def pca_wrap(
     _announce_memory(chosen)
     layers = {name: _make_layer(name, m, threshold, centering, keepdim) for name, m in chosen}
 
-    order, untraced = _forward_order(wrapped, chosen)
+    order, functional, untraced = _forward_order(wrapped, chosen)
     if untraced is not None:
         log.debug("torch.fx could not trace %s: PCA layers are listed in registration order "
                   "rather than forward order (%s)", type(model).__name__, untraced)  # fmt: skip
@@ -347,7 +353,10 @@ def pca_wrap(
         attached, child, attachment = follow(module, layers[name])
         if attached is not module:  # a Projected wrapper takes the module's place
             replace_module(wrapped, module, attached)
-        follows = name if attachment == "module" else f"{name}.module"
+        elif name in functional:
+            follow_calls(module)
+            attachment = "function"
+        follows = f"{name}.module" if attachment == "wrapper" else name
         sites.append(Site(name, f"{name}.{child}", follows, attachment))
     record_sites(wrapped, sites)
     return wrapped
@@ -355,20 +364,35 @@ def pca_wrap(
 
 def _forward_order(
     model: nn.Module, chosen: list[tuple[str, nn.Module]]
-) -> tuple[list[str], str | None]:
-    """The chosen modules' names in the order the forward calls them, and why not if unknown.
+) -> tuple[list[str], set[str], str | None]:
+    """The chosen modules' names in the order the forward uses them, and why not if unknown.
 
-    ``torch.fx`` traces the model symbolically (the chosen modules are leaves);
-    a chosen module the trace never calls is left out. When the model cannot be
-    traced, the order is the registration order and the reason is returned.
+    ``torch.fx`` traces the model symbolically (the chosen modules are leaves).
+    A chosen module is used where the trace calls it, or, for a Linear never
+    called, where the trace passes its weight to a function (``F.linear``, or a
+    function the trace does not enter, as Swin's attention is): those are
+    returned apart, as the second item. A chosen module the trace never uses is
+    left out. When the model cannot be traced, the order is the registration
+    order and the reason is returned.
     """
     try:
         graph = SiteTracer(m for _, m in chosen).trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure: keep registration order
-        return [name for name, _ in chosen], f"{type(err).__name__}: {err}"
+        return [name for name, _ in chosen], set(), f"{type(err).__name__}: {err}"
     names = {name for name, _ in chosen}
-    order: list[str] = []
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target in names and node.target not in order:
-            order.append(str(node.target))
-    return order, None
+    position: dict[str, int] = {}
+    for i, node in enumerate(graph.nodes):
+        if node.op == "call_module" and node.target in names:
+            position.setdefault(str(node.target), i)
+    weights = {f"{name}.weight": name for name, m in chosen
+               if affine_kind(m) == "linear" and name not in position}  # fmt: skip
+    functional = set()
+    for i, node in enumerate(graph.nodes):
+        if node.op != "call_function":
+            continue
+        for arg in node.all_input_nodes:
+            name = weights.get(str(arg.target)) if arg.op == "get_attr" else None
+            if name is not None and name not in position:
+                position[name] = i
+                functional.add(name)
+    return sorted(position, key=position.__getitem__), functional, None
