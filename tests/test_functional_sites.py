@@ -134,3 +134,47 @@ def test_the_wrapped_model_asks_to_be_compressed_before_export(tmp_path):
     with pytest.raises(ValueError, match=r"attn.qkv, attn.proj through F.linear.*compress"):
         ps.export_onnx(wrapped, data[0][:2], tmp_path / "wrapped.onnx")
     ps.export_onnx(ps.compress(wrapped), data[0][:2], tmp_path / "small.onnx")  # checked
+
+
+def zeroed_key_bias(x, weight, bias):
+    """Swin V2's way (in torchvision's shifted_window_attention): the key's bias is zeroed."""
+    bias = bias.clone()
+    bias[8:16] = 0
+    return F.linear(x, weight, bias)
+
+
+torch.fx.wrap("zeroed_key_bias")
+
+
+class OtherBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        return zeroed_key_bias(x, self.qkv.weight, self.qkv.bias)
+
+
+def test_calls_with_another_bias_are_followed_by_the_layer_too():
+    torch.manual_seed(0)
+    model = OtherBias().eval()
+    wrapped = ps.pca_wrap(model, 0.9)
+    data = [torch.randn(32, 8) for _ in range(3)]
+    ps.calibrate(wrapped, data, progress=False)
+    layer = ps.pca_layers_of(wrapped)["qkv"]
+    with torch.no_grad():
+        rows = torch.cat([model(x) for x in data]).double()
+        reference = torch.cov(rows.T, correction=0)
+        torch.testing.assert_close(_m.covariance(layer.statistics()), reference, rtol=1e-5,
+                                   atol=1e-7)  # fmt: skip
+        x = torch.randn(4, 8)
+        torch.testing.assert_close(wrapped(x).double(), projected(layer, model(x)), atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+    # compress cannot fold into a bias the model makes itself: the module stays as it was
+    with pytest.warns(UserWarning, match="qkv: the model calls F.linear on its weight with a bias"):
+        small = ps.compress(wrapped)
+    assert small.compression_report["action"].tolist() == ["kept"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+    assert type(small.qkv) is nn.Linear
+    assert ps.compression_plan(wrapped)["action"].tolist() == ["kept"]

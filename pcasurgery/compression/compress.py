@@ -31,6 +31,7 @@ dtype and device of the layers they replace.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ from ..layers.kinds import is_conv1d, linear_like, weight_matrix
 from ..layers.network import _calibrated_layers
 from ..layers.pca import Conv2DPCALayer, PCALayer
 from ..layers.sites import (
+    OTHER_BIAS,
     Projected,
     Site,
     SiteTracer,
@@ -62,7 +64,7 @@ PLAN_COLUMNS = ("layer", "action", "k", "width", "params_before", "params_after"
 class LayerPlan:
     """How one PCA layer is compressed, and what it costs."""
 
-    action: str  # factorised | folded | down-projection | standalone | standalone-factorised
+    action: str  # factorised | folded | down-projection | standalone | standalone-factorised | kept
     params: int
     macs_per_position: int
 
@@ -87,6 +89,8 @@ def _plan_layer(layer: PCALayer, follows: Dense | None, k: int | None = None) ->
     """
     k = layer.in_dim if k is None else k
     width = layer.width
+    if follows is not None and follows.__dict__.get(OTHER_BIAS):  # see layers.sites
+        return LayerPlan("kept", width * (_fan_in(follows) + 1), width * _fan_in(follows))
     if follows is not None:
         fan_in, bias = _fan_in(follows), 1
         down = k * (fan_in + bias)
@@ -274,7 +278,9 @@ def compression_plan(model: nn.Module) -> pd.DataFrame:
     """What ``compress(model)`` will do, one row per PCA layer, without changing anything.
 
     Columns: ``layer``, ``action`` (``factorised``, ``folded``,
-    ``down-projection``, ``standalone``, ``standalone-factorised``), ``k``,
+    ``down-projection``, ``standalone``, ``standalone-factorised``, or ``kept``
+    for a Linear the model calls through ``F.linear`` with a bias of its own
+    making, left as it was), ``k``,
     ``width``, ``params_before`` (of the layer it rewrites; 0 for a standalone
     projection), ``params_after``, ``batchnorm_fused`` (a BatchNorm2d that
     ``compress`` will fold in).
@@ -357,6 +363,16 @@ def _compress_site(root: nn.Module, site: Site, bn: nn.BatchNorm2d | None) -> di
         return _row(site, layer, _plan_layer(layer, None).action, 0, new, False)
     if site.attachment in ("module", "function"):
         followed = root.get_submodule(site.name)
+        if module is not None and _plan_layer(layer, module).action == "kept":
+            warnings.warn(
+                f"{site.name}: the model calls F.linear on its weight with a bias of its own "
+                "making (as Swin V2 does), into which the projection cannot be folded; it stays "
+                "as it was",
+                UserWarning,
+                stacklevel=4,
+            )
+            replace_module(root, followed, unfollow(followed))
+            return _row(site, layer, "kept", count_params(module), module, False)
         if module is not None:
             plan = _plan_layer(layer, module)
             new = _compress_pair(layer, module, plan)

@@ -184,6 +184,9 @@ def follow(module: nn.Module, pca: PCALayer) -> tuple[nn.Module, str, str]:
 
 
 _MODULE = "_pcasurgery_module"  # a FollowedWeight's attribute: the module it is the weight of
+OTHER_BIAS = (
+    "_pcasurgery_other_bias"  # a module's flag: F.linear ran on its weight with another bias
+)
 _OWN_CALL: ContextVar[object] = ContextVar("pcasurgery_own_call", default=None)
 
 
@@ -192,7 +195,7 @@ class FollowedWeight(nn.Parameter):
 
     ``F.linear(x, module.weight, module.bias)`` anywhere becomes ``module(x)``,
     which runs the module's PCA layer (collecting, projecting or folded) after
-    the same map. Every other use is that of a plain ``nn.Parameter``, and so
+    the same map; with another bias, the PCA layer runs after that call. Every other use is that of a plain ``nn.Parameter``, and so
     are the results of every operation on it (``state_dict`` holds plain
     tensors). Deep copies follow the copy of their module; pickles rebuild it.
     """
@@ -202,16 +205,22 @@ class FollowedWeight(nn.Parameter):
         kwargs = kwargs or {}
         if func is F.linear and len(args) >= 2 and isinstance(args[1], FollowedWeight):
             module = args[1].__dict__.get(_MODULE)
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if (
-                module is not None
+                isinstance(module, _Followed)
                 and _OWN_CALL.get() is not module
                 and module.weight is args[1]
-                and bias is module.bias
             ):
-                token = _OWN_CALL.set(module)  # its own forward's F.linear runs plainly
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                token = _OWN_CALL.set(module)  # the F.linear calls below run plainly
                 try:
-                    return module(args[0])
+                    if bias is module.bias:
+                        return module(args[0])  # folded in eval
+                    # another bias (Swin V2 zeroes the key's): the map, then the layer;
+                    # compress cannot fold the layer into a bias the model changes
+                    module.__dict__[OTHER_BIAS] = True
+                    pca = module._modules[module.__dict__[_CHILD]]
+                    assert pca is not None
+                    return pca(F.linear(*args, **kwargs))
                 finally:
                     _OWN_CALL.reset(token)
         with torch._C.DisableTorchFunctionSubclass():

@@ -258,7 +258,8 @@ def _input_side(model: nn.Module) -> dict[PCALayer, InputStatistics]:
     """Have the PCA layers after widening modules collect those modules' inputs (``layers.through``)."""
     chosen: dict[PCALayer, InputStatistics] = {}
     for site in sites_of(model):
-        if site.attachment not in ("module", "function") or site.follows is None:
+        # ("function" sites may be called with other biases: their outputs are collected)
+        if site.attachment != "module" or site.follows is None:
             continue
         layer, module = model.get_submodule(site.layer_path), model.get_submodule(site.follows)
         if not isinstance(layer, PCALayer):
