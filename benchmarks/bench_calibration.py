@@ -86,7 +86,9 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def real_case(name: str, model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
+def real_case(
+    name: str, model: nn.Module, batches: list[torch.Tensor], goal: float = 1.5
+) -> dict[str, float]:
     """(calibrate + report), first projecting forward and steady projecting forward / plain."""
     model.eval()
 
@@ -109,7 +111,7 @@ def real_case(name: str, model: nn.Module, batches: list[torch.Tensor]) -> dict[
     widths = sorted((layer.width for layer in ps.pca_layers_of(wrapped).values()), reverse=True)
     print(f"{name}: {len(widths)} PCA layers (widest {widths[:3]}), load average {load:.2f} -> "
           f"{os.getloadavg()[0]:.2f}: calibrate+report {calibrate:.1f} s / plain {plain:.1f} s = "
-          f"{calibrate / plain:.2f}x (goal <= 1.5x); first projecting forward {first / plain_one:.2f}x "
+          f"{calibrate / plain:.2f}x (goal <= {goal:g}x); first projecting forward {first / plain_one:.2f}x "
           f"(goal <= 1.1x); steady projecting forward {steady:.2f}x", flush=True)  # fmt: skip
     return {f"{name} calibrate": calibrate / plain, f"{name} first": first / plain_one,
             f"{name} project": steady}  # fmt: skip
@@ -127,7 +129,12 @@ def real_cases(cases: list[str]) -> dict[str, float]:
         out.update(real_case("ConvNeXt-T", convnext_tiny(), images))
     if "llama-block" in cases:
         out.update(
-            real_case("Llama-7B block", LlamaBlock(), [torch.randn(1, 512, 4096) for _ in range(8)])
+            real_case(
+                "Llama-7B block",
+                LlamaBlock(),
+                [torch.randn(1, 512, 4096) for _ in range(8)],
+                goal=3.0,
+            )  # fmt: skip
         )
     return out
 
