@@ -110,7 +110,8 @@ def test_copies_pickles_and_checkpoints_keep_following_the_calls():
         assert loaded.attn.qkv.weight.__dict__["_pcasurgery_module"] is loaded.attn.qkv
     state = wrapped.state_dict()
     assert type(state["attn.qkv.weight"]) is torch.Tensor  # plain tensors in checkpoints
-    fresh = ps.pca_wrap(Net().eval(), 0.5)
+    with pytest.warns(UserWarning, match="attn.unused"):
+        fresh = ps.pca_wrap(Net().eval(), 0.5)
     fresh.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), expected)
