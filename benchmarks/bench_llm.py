@@ -161,40 +161,46 @@ def uniform_plan(wrapped: nn.Module, remove: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def heal(
-    student: nn.Module, teacher: nn.Module, ids: list[int], steps: int, seed: int = 0
-) -> float:
+def distil(student: nn.Module, trained: str, lr: float, steps: int, step_loss) -> float:
+    """``steps`` AdamW steps on ``student``'s submodule ``trained``, each on ``step_loss(generator)``.
+
+    The generator is seeded (0) once. Returns the seconds it took; ``student``
+    is left in eval mode.
+    """
+    g = torch.Generator().manual_seed(0)
+    params = list(student.get_submodule(trained).parameters())
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    student.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step_loss(g)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    student.eval()
+    return time.perf_counter() - start
+
+
+def heal(student: nn.Module, teacher: nn.Module, ids: list[int], steps: int) -> float:
     """Distil ``teacher`` into ``student`` in place: ``steps`` AdamW steps on 2 windows of 256.
 
     The loss is the KL divergence from the teacher's next-token distribution,
     on windows drawn from the calibration text; only the decoder blocks train.
     Returns the seconds it took.
     """
-    g = torch.Generator().manual_seed(seed)
-    params = list(student.get_submodule("model.layers").parameters())
-    optimiser = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
-    student.train()
-    start = time.perf_counter()
-    for _ in range(steps):
+
+    def step_loss(g: torch.Generator) -> torch.Tensor:
         starts = torch.randint(0, len(ids) - 257, (2,), generator=g).tolist()
         batch = torch.tensor([ids[s : s + 256] for s in starts])
         with torch.no_grad():
             target = nn.functional.log_softmax(teacher(input_ids=batch, use_cache=False).logits, -1)
         logits = student(input_ids=batch, use_cache=False).logits
-        loss = (
-            nn.functional.kl_div(
-                nn.functional.log_softmax(logits, -1),
-                target,
-                log_target=True,
-                reduction="batchmean",
-            )
-            / batch.shape[1]
+        kl = nn.functional.kl_div(
+            nn.functional.log_softmax(logits, -1), target, log_target=True, reduction="batchmean"
         )
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    student.eval()
-    return time.perf_counter() - start
+        return kl / batch.shape[1]
+
+    return distil(student, "model.layers", 2e-5, steps, step_loss)
 
 
 def timed(fn) -> float:
@@ -438,32 +444,23 @@ def bench_minilm(args) -> dict[str, float]:
     return results
 
 
-def heal_encoder(
-    student: nn.Module, teacher: nn.Module, data: list[dict], steps: int, seed: int = 0
-) -> float:
+def heal_encoder(student: nn.Module, teacher: nn.Module, data: list[dict], steps: int) -> float:
     """Distil ``teacher``'s token states into ``student`` in place: ``steps`` AdamW steps.
 
     Each step takes one calibration batch (32 lines); the loss is the mean
     squared error of the last hidden states over real tokens, relative to the
     teacher's mean square. Only the encoder layers train. Returns the seconds.
     """
-    g = torch.Generator().manual_seed(seed)
-    params = list(student.get_submodule("encoder.layer").parameters())
-    optimiser = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-    student.train()
-    start = time.perf_counter()
-    for _ in range(steps):
+
+    def step_loss(g: torch.Generator) -> torch.Tensor:
         batch = data[int(torch.randint(0, len(data), (1,), generator=g))]
         mask = batch["attention_mask"][..., None].float()
         with torch.no_grad():
             target = teacher(**batch).last_hidden_state
         out = student(**batch).last_hidden_state
-        loss = (((out - target) ** 2) * mask).sum() / ((target**2) * mask).sum()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    student.eval()
-    return time.perf_counter() - start
+        return (((out - target) ** 2) * mask).sum() / ((target**2) * mask).sum()
+
+    return distil(student, "encoder.layer", 2e-4, steps, step_loss)
 
 
 def onnx_speed(original, compressed, example, folder: Path, threads: int) -> float:
