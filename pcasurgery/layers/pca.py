@@ -603,10 +603,10 @@ class PCALayer(nn.Module):
             )
         return state
 
-    def _matrix_to_decompose(self) -> Tensor:
-        """The covariance (or second moment) to decompose, checked."""
+    def _matrix_to_decompose(self, checked: bool = False) -> Tensor:
+        """The covariance (or second moment) to decompose, checked unless ``checked`` already."""
         with torch.inference_mode(False):
-            state = self._check_statistics()
+            state = self.statistics() if checked else self._check_statistics()
             return _m.covariance(state) if self.centering else _m.second_moment(state)
 
     @torch.no_grad()
@@ -950,9 +950,9 @@ def compute_eigenspaces(
 
 
 def _install(layer: PCALayer, source: Any) -> None:
-    """Decompose the layer's statistics (through ``source`` where given) and install the result."""
+    """Decompose the layer's checked statistics (through ``source`` where given), install the result."""
     if source is None:
-        layer.compute_eigenspace()
+        layer._install_spectrum(*_s.eigh_descending(layer._matrix_to_decompose(checked=True)))
     else:
         layer._install_spectrum(*source.eigenspace(layer.centering))
 
