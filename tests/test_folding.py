@@ -84,10 +84,10 @@ def test_eval_runs_folded_and_equals_the_projection_of_the_output(keepdim):
     for name in ["conv"] if not keepdim else ["conv", "fc"]:
         module = wrapped.get_submodule(name)
         layer = ps.pca_layers_of(wrapped)[name]
-        inputs = x if name == "conv" else torch.randn(5, 128)
+        inputs = x if name == "conv" else torch.randn(200, 128)  # at least fan-in rows
         with torch.no_grad():
             out = module(inputs)
-        assert _CACHE in module.__dict__  # it ran folded
+        assert module.__dict__[_CACHE][2] is not None  # it ran folded
         expected = reference(module, layer, inputs).float()
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         if not keepdim:
@@ -103,7 +103,7 @@ def test_gpt2_conv1d_runs_folded_too():
     module, layer = wrapped.c_fc, ps.pca_layers_of(wrapped)["c_fc"]
     with torch.no_grad():
         out = module(x)
-    assert _CACHE in module.__dict__
+    assert module.__dict__[_CACHE][2] is not None
     torch.testing.assert_close(out, reference(module, layer, x).float(), atol=1e-5, rtol=1e-5)
 
 
@@ -123,7 +123,7 @@ def test_few_kept_directions_run_as_the_compressed_pair_and_many_as_one_folded_m
     wrapped = ps.calibrate(ps.pca_wrap(model.eval(), threshold), [data], progress=False)
     name = {"linear": "0", "conv2d": "0", "conv1d": "c_fc"}[kind]
     module, layer = wrapped.get_submodule(name), ps.pca_layers_of(wrapped)[name]
-    probe = data[:3]
+    probe = data if kind == "linear" else data[:3]  # at least fan-in rows: folded
     with torch.no_grad():
         out = module(probe)
     parts = module.__dict__[_CACHE][2]
@@ -134,11 +134,12 @@ def test_few_kept_directions_run_as_the_compressed_pair_and_many_as_one_folded_m
 def test_the_folded_weights_follow_every_change_of_weights_and_projection():
     _, wrapped = calibrated_net()
     fc, layer = wrapped.fc, ps.pca_layers_of(wrapped)["fc"]
-    x = torch.randn(7, 128)
+    x = torch.randn(200, 128)  # more rows than fc's 128 inputs: it folds at once
 
     def check():
         with torch.no_grad():
             out = fc(x)
+        assert fc.__dict__[_CACHE][2] is not None
         expected = reference(fc, layer, x).to(x.dtype)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
@@ -158,6 +159,21 @@ def test_the_folded_weights_follow_every_change_of_weights_and_projection():
     wrapped.double()
     x = x.double()
     check()
+
+
+def test_small_batches_run_apart_until_folding_pays():
+    _, wrapped = calibrated_net()
+    fc, layer = wrapped.fc, ps.pca_layers_of(wrapped)["fc"]
+    for i, rows in enumerate([50, 50, 50]):  # fc has 128 inputs: the third batch folds
+        x = torch.randn(rows, 128)
+        with torch.no_grad():
+            out = fc(x)
+        torch.testing.assert_close(out, reference(fc, layer, x).float(), atol=1e-5, rtol=1e-5)
+        assert (fc.__dict__[_CACHE][2] is not None) == (i == 2)
+    layer.threshold = 0.5  # a new projection: apart again until 128 more rows
+    with torch.no_grad():
+        fc(torch.randn(50, 128))
+    assert fc.__dict__[_CACHE][2] is None
 
 
 def test_training_gradients_and_hooks_run_the_separate_map():

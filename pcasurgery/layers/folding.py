@@ -5,12 +5,14 @@ A PCA layer's projection is affine, ``y -> P y + q``. After a layer
 shape as the module (``keepdim=True``) or smaller (``keepdim=False``), so a
 projecting forward costs what the plain forward costs. In eval mode, with no
 gradient needed, a followed ``nn.Linear``, ``nn.Conv2d`` (``groups=1``) or
-transformers ``Conv1D`` runs folded. The folded weights are cached on the
-module (never saved, copied or pickled) and rebuilt when the module's weights
-or the layer's projection change: the cache is keyed on the identity, version
-counter and storage of each of the four tensors, which every change of
-threshold, centring, random directions, a ``.to()`` or an optimiser step
-alters. The cache holds one extra copy of the module's weights.
+transformers ``Conv1D`` runs folded, once it has projected as many rows (tokens,
+pixels) apart as the module has inputs, which is about what folding costs. The
+folded weights are cached on the module (never saved, copied or pickled) and
+rebuilt when the module's weights or the layer's projection change: the cache
+is keyed on the identity, version counter and storage of each of the four
+tensors, which every change of threshold, centring, random directions, a
+``.to()`` or an optimiser step alters. The cache holds one extra copy of the
+module's weights.
 
 Training (the layer collects), stale statistics, gradients, hooks on the PCA
 layer (``count_macs``, tracking, a user's own), subclasses with their own
@@ -140,11 +142,21 @@ def folded_forward(
         or cached[1] != key
         or any(a is not b for a, b in zip(cached[0], tensors, strict=True))
     ):
+        cached = (tensors, key, None, 0)
+    if cached[2] is None:
+        # Folding costs about what projecting as many rows as the module has inputs
+        # does: project apart until that many rows have come (a first forward on a
+        # small batch never pays for a fold it may not need again).
+        rows = cached[3] + x.numel() // max(1, x.shape[1 if kind == "conv2d" else -1])
+        if rows < weight.numel() // weight.shape[1 if kind == "conv1d" else 0]:
+            module.__dict__[_CACHE] = (tensors, key, None, rows)
+            return None
         with torch.inference_mode(False), torch.no_grad():
-            folded = _fold(kind, module, pca)
-        cached = (tensors, key, folded)
+            cached = (tensors, key, _fold(kind, module, pca), rows)
         module.__dict__[_CACHE] = cached
-    w, b, *up = cached[2]
+    folded = cached[2]
+    assert folded is not None
+    w, b, *up = folded
     if kind == "linear":
         out = F.linear(x, w, b)
     elif kind == "conv2d":
