@@ -58,6 +58,18 @@ def images(n: int = 64, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 8, 8, generator=g)
 
 
+def token_batches(vocab: int, count: int = 4, batch: int = 4, length: int = 24) -> list[dict]:
+    """Tokenizer-style dict batches; the first sequence of each is half right padding."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, vocab, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, length // 2 :] = 0  # right padding, as a tokenizer pads
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
 def warmed_resnet(seed: int = 0) -> ResNet:
     """A ResNet whose BatchNorm running statistics are not the defaults."""
     torch.manual_seed(seed)

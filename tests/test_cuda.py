@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from models import token_batches
 from torch import nn
 
 import pcasurgery as ps
@@ -26,17 +27,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 transformers = pytest.importorskip("transformers")
-
-
-def token_batches(vocab: int, count: int = 4, batch: int = 4, length: int = 24):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(count):
-        ids = torch.randint(3, vocab, (batch, length), generator=g)
-        mask = torch.ones(batch, length, dtype=torch.long)
-        mask[0, length // 2 :] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
 
 
 def tiny_llama() -> nn.Module:
