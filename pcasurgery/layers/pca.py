@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -931,22 +932,34 @@ def compute_eigenspaces(
         (job for job in jobs if job[0].shift.device.type == "cpu"),
         key=lambda job: -(job[0].width if job[1] is None else job[1].width),
     )
-    workers = min(torch.get_num_threads(), len(on_cpu))
-    done: set[int] = set()
-    if workers > 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="pcasurgery-eigh") as pool:
-                futures = [pool.submit(_one_thread, layer, source) for layer, source in on_cpu]
-                for future in futures:
-                    future.result()
-        finally:
-            torch.set_num_threads(threads)
-        done = {id(layer) for layer, _ in on_cpu}
+    side_by_side([partial(_install, layer, source) for layer, source in on_cpu])
+    done = {id(layer) for layer, _ in on_cpu}
     for layer, source in jobs:
         if id(layer) not in done:
             _install(layer, source)
+
+
+def side_by_side(jobs: Sequence[Callable[[], Any]]) -> None:
+    """Run CPU ``jobs`` in a pool of ``torch.get_num_threads()`` workers of one thread each.
+
+    Jobs start in the order given (largest first keeps the workers even). With
+    one thread, or one job, they run here, one after another. The first error
+    is raised once every job has ended.
+    """
+    workers = min(torch.get_num_threads(), len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            job()
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="pcasurgery") as pool:
+            futures = [pool.submit(_one_thread, job) for job in jobs]
+            for future in futures:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _install(layer: PCALayer, source: Any) -> None:
@@ -957,6 +970,6 @@ def _install(layer: PCALayer, source: Any) -> None:
         layer._install_spectrum(*source.eigenspace(layer.centering))
 
 
-def _one_thread(layer: PCALayer, source: Any) -> None:
+def _one_thread(job: Callable[[], Any]) -> None:
     torch.set_num_threads(1)  # the worker's own OpenMP/MKL setting
-    _install(layer, source)
+    job()

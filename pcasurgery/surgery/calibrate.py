@@ -48,7 +48,14 @@ from .._validation import (
 )
 from ..core import moments as _m
 from ..layers.network import _require_layers, pca_layers_of
-from ..layers.pca import _MOMENTS, _SUMMED, PCALayer, compute_eigenspaces, token_mask
+from ..layers.pca import (
+    _MOMENTS,
+    _SUMMED,
+    PCALayer,
+    compute_eigenspaces,
+    side_by_side,
+    token_mask,
+)
 from ..layers.sites import sites_of
 from ..layers.through import InputStatistics, input_statistics
 
@@ -236,8 +243,7 @@ def calibrate(
             model.eval()
             batches = _stream(model, data, forward or run_batch, target, max_batches,
                               max_samples, progress)  # fmt: skip
-            for source in inputs.values():
-                source.install()
+            _install_inputs(inputs.values())
             _combine(layers, snapshot, reset, batches)
             # a spectrum comes from the input where the statistics are that input's alone
             alone = {layer: source for layer, source in inputs.items()
@@ -252,6 +258,18 @@ def calibrate(
         snapshot.restore_modes()
     _warn_undersampled(layers)
     return model
+
+
+def _install_inputs(sources: Iterable[InputStatistics]) -> None:
+    """Map the collected input moments to the layers' outputs, the CPU ones side by side."""
+    on_cpu = sorted(
+        (s for s in sources if s.state is not None and s.state.shift.device.type == "cpu"),
+        key=lambda s: -s.pca.width,
+    )
+    side_by_side([source.install for source in on_cpu])
+    for source in sources:
+        if source not in on_cpu:
+            source.install()
 
 
 def _input_side(model: nn.Module) -> dict[PCALayer, InputStatistics]:
