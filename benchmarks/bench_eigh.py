@@ -6,9 +6,13 @@ the seconds per matrix of
 
 * ``eigh`` one after another (on a CPU with 1 thread and with ``--threads``);
 * ``eigvalsh`` (eigenvalues only) one after another;
-* ``eigh`` of all of them stacked into one batched call.
+* ``eigh`` of all of them stacked into one batched call;
+* side by side: ``eigh`` in a pool of ``--threads`` one-thread CPU workers,
+  as calibration runs the CPU layers (``layers.pca.side_by_side``); on a GPU
+  the matrices go to the host and the results come back;
+* streams (GPU only): ``--threads`` host threads, each on its own CUDA stream.
 
-On a GPU (``--device cuda``) the same on the device, synchronised. Matrices
+On a GPU (``--device cuda``) the rest runs on the device, synchronised. Matrices
 are Gram matrices of random data with a decaying spectrum, as calibration's are.
 
 Usage: python benchmarks/bench_eigh.py [--widths 576 1536 4096] [--count 4]
@@ -19,8 +23,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
+
+from pcasurgery.layers.pca import side_by_side
 
 
 def gram(width: int, count: int, device: torch.device) -> torch.Tensor:
@@ -43,6 +51,23 @@ def seconds(fn, device: torch.device, repeats: int = 2) -> float:
     return best
 
 
+def on_streams(a: torch.Tensor, workers: int) -> None:
+    """``eigh`` of each matrix, ``workers`` host threads with a CUDA stream each."""
+    streams = [torch.cuda.Stream(a.device) for _ in range(workers)]
+    current = torch.cuda.current_stream(a.device)
+
+    def one(i: int) -> None:
+        stream = streams[i % workers]
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            torch.linalg.eigh(a[i])
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, range(len(a))))
+    for stream in streams:
+        current.wait_stream(stream)
+
+
 def main(argv=None) -> list[dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[576, 1536])
@@ -53,15 +78,26 @@ def main(argv=None) -> list[dict[str, float]]:
     device = torch.device(args.device)
     torch.linalg.eigh(gram(8, 1, device)[0])  # load the solver
     rows = []
-    print(f"{args.count} float64 matrices per width on {device}; seconds per matrix (best of 2)")
-    print(f"{'width':>6s} {'eigh seq':>9s} {'eigh seq (threads)':>19s} {'eigvalsh':>9s} "
-          f"{'eigh batched':>13s}")  # fmt: skip
+    print(f"{args.count} float64 matrices per width on {device}; seconds per matrix (best of 2); "
+          f"side by side: {args.threads} one-thread CPU workers (from and back to {device}); "
+          f"streams: {args.threads} host threads with a CUDA stream each")  # fmt: skip
+    columns = ("eigh", "eigh threads", "eigvalsh", "batched", "side by side", "streams")
+    print(f"{'width':>6s}" + "".join(f"{c:>13s}" for c in columns))
     for width in args.widths:
         a = gram(width, args.count, device)
         row = {"width": float(width)}
 
         def each(fn, a=a):
             return lambda: [fn(m) for m in a]
+
+        def host_pool(a=a):
+            out = [None] * len(a)
+            host = a.cpu()
+
+            def job(i):
+                out[i] = tuple(t.to(device) for t in torch.linalg.eigh(host[i]))
+
+            side_by_side([partial(job, i) for i in range(len(a))])
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -71,10 +107,13 @@ def main(argv=None) -> list[dict[str, float]]:
             row["eigh threads"] = seconds(each(torch.linalg.eigh), device) / args.count
         row["eigvalsh"] = seconds(each(torch.linalg.eigvalsh), device) / args.count
         row["batched"] = seconds(lambda a=a: torch.linalg.eigh(a), device) / args.count
+        row["side by side"] = seconds(host_pool, device) / args.count
+        if device.type == "cuda":
+            row["streams"] = seconds(lambda a=a: on_streams(a, args.threads), device) / args.count
         torch.set_num_threads(threads)
         rows.append(row)
-        print(f"{width:6d} {row['eigh']:9.4f} {row.get('eigh threads', float('nan')):19.4f} "
-              f"{row['eigvalsh']:9.4f} {row['batched']:13.4f}", flush=True)  # fmt: skip
+        print(f"{width:6d}" + "".join(f"{row.get(c, float('nan')):13.4f}" for c in columns),
+              flush=True)  # fmt: skip
     return rows
 
 
