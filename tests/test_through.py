@@ -253,3 +253,83 @@ def test_a_wide_layer_holds_little_more_than_its_covariance():
     covariance = 2048 * 2048 * 8
     held = sum(b.numel() * b.element_size() for b in layer.buffers())
     assert layer.shifted_sum_sq.shape == (2048, 2048) and held < 1.01 * covariance
+
+
+class GatedMLP(nn.Module):
+    """A Llama MLP: gate and up projections fed the same tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(6, 20), nn.Linear(6, 20), nn.Linear(20, 6)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_modules_fed_the_same_tensor_compute_its_moments_once(monkeypatch, masked):
+    torch.manual_seed(0)
+    model = GatedMLP().double().eval()
+    # a far mean moves the shift on the first batch: each layer then re-derives its own
+    x = torch.randn(8, 30, 6, dtype=torch.float64) * 2 + 50
+    mask = torch.ones(8, 30, dtype=torch.long)
+    mask[::3, 20:] = 0
+    data = [
+        {"x": b, "attention_mask": m} if masked else b
+        for b, m in zip(x.split(2), mask.split(2), strict=True)
+    ]
+
+    class Masked(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, attention_mask):
+            return self.inner(x)
+
+    net = Masked(model) if masked else model
+    calls = []
+    real = _m._batch_moments
+    monkeypatch.setattr(_m, "_batch_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    wrapped = ps.calibrate(ps.pca_wrap(net, 0.99), data, progress=False)
+    # gate and up: 2 products on the first batch each (around 0, then the batch mean),
+    # then 1 shared product per batch; down: 2, then 1 per batch
+    assert len(calls) == (2 + 2 + 3) + (2 + 3)
+    real_rows = x[mask.bool()] if masked else x.reshape(-1, 6)
+    prefix = "inner." if masked else ""
+    for name in ("gate", "up"):
+        layer = ps.pca_layers_of(wrapped)[prefix + name]
+        with torch.no_grad():
+            outputs = getattr(model, name)(real_rows).numpy()
+        values, vectors, mean = _reference(outputs, True)
+        assert layer.sample_count == len(real_rows)
+        np.testing.assert_allclose(layer.eigenvalues.numpy(), values, atol=1e-11 * values[0])
+        np.testing.assert_allclose(layer.mean.numpy(), mean, rtol=1e-12)
+
+
+class ChangedInPlace(nn.Module):
+    """The tensor fed to ``a`` is changed in place before it is fed to ``b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 20), nn.Linear(6, 20)
+
+    def forward(self, x):
+        h = x + 0.0
+        y = self.a(h)
+        h.relu_()
+        return y + self.b(h)
+
+
+def test_a_tensor_changed_in_place_between_two_modules_is_not_shared():
+    torch.manual_seed(0)
+    model = ChangedInPlace().double().eval()
+    x = torch.randn(240, 6, dtype=torch.float64)
+    wrapped = ps.calibrate(ps.pca_wrap(model, 0.99), x.split(60), progress=False)
+    for name, inputs in (("a", x), ("b", x.relu())):
+        with torch.no_grad():
+            outputs = getattr(model, name)(inputs).numpy()
+        values, _, mean = _reference(outputs, True)
+        layer = ps.pca_layers_of(wrapped)[name]
+        np.testing.assert_allclose(layer.eigenvalues.numpy(), values, atol=1e-11 * values[0])
+        np.testing.assert_allclose(layer.mean.numpy(), mean, rtol=1e-12, atol=1e-12)

@@ -178,6 +178,24 @@ def _accumulate(
 ) -> tuple[int, bool]:
     """Add the samples of ``x`` (features on ``channel_dim``) into ``state``, in place.
 
+    See :func:`_accumulate_known` for the arguments and what is raised.
+
+    Returns:
+        ``(samples added, whether the shift is non-zero now)``.
+    """
+    added, subtract, _ = _accumulate_known(state, x, channel_dim, subtract)
+    return added, subtract
+
+
+def _accumulate_known(
+    state: Moments,
+    x: Tensor,
+    channel_dim: int = -1,
+    subtract: bool | None = None,
+    known: Moments | None = None,
+) -> tuple[int, bool, Moments | None]:
+    """Add the samples of ``x`` (features on ``channel_dim``) into ``state``, in place.
+
     A batch with no sample leaves ``state`` unchanged. A batch whose mean is far
     from ``state.shift`` (see the module docstring) moves the shift to the
     batch's mean and re-expresses the sums already accumulated around it.
@@ -188,9 +206,13 @@ def _accumulate(
         channel_dim: the feature dimension of ``x``.
         subtract: whether ``state.shift`` is non-zero, if the caller knows
             (saves a device sync); computed when None.
+        known: the moments of these same samples returned by an earlier call
+            (for another accumulator fed the same tensor): used instead of
+            computing them again where their shift equals ``state``'s.
 
     Returns:
-        ``(samples added, whether the shift is non-zero now)``.
+        ``(samples added, whether the shift is non-zero now, the batch's moments)``;
+        the moments are None when the batch had no sample.
 
     Raises:
         NonFiniteError: ``x`` holds NaN or infinite values (``state`` unchanged).
@@ -200,8 +222,14 @@ def _accumulate(
     if subtract is None:
         subtract = bool(state.shift.any())
     if count == 0:
-        return 0, subtract
-    batch = _batch_moments(x, state.shift, channel_dim, subtract)
+        return 0, subtract, None
+    if known is not None and known.total_sq.shape == (width, width):
+        if known.shift.device == state.shift.device and torch.equal(known.shift, state.shift):
+            batch = known
+        else:
+            known = None
+    if known is None:
+        batch = _batch_moments(x, state.shift, channel_dim, subtract)
     moved = False
     for _ in range(3):
         finite, far = _check(batch, count)
@@ -222,7 +250,7 @@ def _accumulate(
     state.count.add_(count)
     state.total.add_(batch.total.to(state.total.device))
     state.total_sq.add_(batch.total_sq.to(state.total_sq.device))
-    return count, subtract
+    return count, subtract, batch
 
 
 def reshift(m: Moments, shift: Tensor) -> Moments:

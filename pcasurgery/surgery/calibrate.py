@@ -275,6 +275,7 @@ def _install_inputs(sources: Iterable[InputStatistics]) -> None:
 def _input_side(model: nn.Module) -> dict[PCALayer, InputStatistics]:
     """Have the PCA layers after widening modules collect those modules' inputs (``layers.through``)."""
     chosen: dict[PCALayer, InputStatistics] = {}
+    shared: dict[str, Any] = {}  # modules fed the same tensor compute its moments once
     for site in sites_of(model):
         # ("function" sites may be called with other biases: their outputs are collected)
         if site.attachment != "module" or site.follows is None:
@@ -282,7 +283,7 @@ def _input_side(model: nn.Module) -> dict[PCALayer, InputStatistics]:
         layer, module = model.get_submodule(site.layer_path), model.get_submodule(site.follows)
         if not isinstance(layer, PCALayer):
             continue
-        source = input_statistics(module, layer)
+        source = input_statistics(module, layer, shared)
         if source is not None:
             layer._through = source
             chosen[layer] = source
