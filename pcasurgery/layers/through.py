@@ -150,6 +150,10 @@ class InputStatistics:
             self.examples += examples
             self.positions = positions
 
+    def release_shared(self) -> None:
+        """Forget the last input seen (the stream has ended)."""
+        self._shared.clear()
+
     def _affine(self) -> tuple[Tensor, Tensor]:
         return weight_matrix(self.module, torch.float64)
 

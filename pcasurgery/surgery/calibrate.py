@@ -262,6 +262,8 @@ def calibrate(
 
 def _install_inputs(sources: Iterable[InputStatistics]) -> None:
     """Map the collected input moments to the layers' outputs, the CPU ones side by side."""
+    for source in sources:
+        source.release_shared()  # the last input seen is no longer needed
     on_cpu = sorted(
         (s for s in sources if s.state is not None and s.state.shift.device.type == "cpu"),
         key=lambda s: -s.pca.width,
