@@ -224,3 +224,17 @@ class GPT2Block(nn.Module):
         att = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
         x = x + self.c_proj(att)
         return x + self.mlp_proj(torch.nn.functional.gelu(self.c_fc(x)))
+
+
+def reference(module: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(module(x))`` computed in float64 from the layer's basis and centre."""
+    w, b = module.weight.double(), module.bias.double()
+    if isinstance(module, nn.Conv2d):
+        y = F.conv2d(x.double(), w, b, module.stride, module.padding).movedim(1, -1)
+    elif isinstance(module, nn.Linear):
+        y = x.double() @ w.T + b
+    else:  # Conv1D: y = x W + b
+        y = x.double() @ w + b
+    v, c = layer.basis.double(), layer.center().double()
+    out = (y - c) @ v @ v.T + c if layer.keepdim else (y - c) @ v
+    return out.movedim(-1, 1) if isinstance(module, nn.Conv2d) else out

@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from models import token_batches
+from models import reference, token_batches
 from torch import nn
 
 import pcasurgery as ps
@@ -119,10 +119,3 @@ def test_the_eval_fold_on_cuda_equals_the_float64_reference():
                 rtol=1e-5,
                 atol=1e-5,
             )
-
-
-def reference(module: nn.Linear, layer: ps.PCALayer, x: torch.Tensor) -> torch.Tensor:
-    """``layer(module(x))`` in float64 from the layer's basis and centre."""
-    y = x.double() @ module.weight.double().T + module.bias.double()
-    v, c = layer.basis.double(), layer.center().double()
-    return (y - c) @ v @ v.T + c

@@ -11,26 +11,11 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
-from models import GPT2Block
+from models import GPT2Block, reference
 from torch import nn
 
 import pcasurgery as ps
 from pcasurgery.layers.folding import _CACHE
-
-
-def reference(module: nn.Module, layer: ps.LinearPCALayer, x: torch.Tensor) -> torch.Tensor:
-    """``layer(module(x))`` computed in float64 from the layer's basis and centre."""
-    w, b = module.weight.double(), module.bias.double()
-    if isinstance(module, nn.Conv2d):
-        y = F.conv2d(x.double(), w, b, module.stride, module.padding).movedim(1, -1)
-    elif isinstance(module, nn.Linear):
-        y = x.double() @ w.T + b
-    else:  # Conv1D: y = x W + b
-        y = x.double() @ w + b
-    v, c = layer.basis.double(), layer.center().double()
-    out = (y - c) @ v @ v.T + c if layer.keepdim else (y - c) @ v
-    return out.movedim(-1, 1) if isinstance(module, nn.Conv2d) else out
 
 
 class Net(nn.Module):

@@ -101,11 +101,9 @@ def _plan_layer(layer: PCALayer, follows: Dense | None, k: int | None = None) ->
         return LayerPlan("folded", width * (fan_in + 1), width * fan_in)
     if not layer.keepdim:
         return LayerPlan("standalone", k * (width + 1), k * width)
-    factorised = k * (width + 1) + width * (k + 1)
-    single = width * (width + 1)
-    if 0 < k and factorised < single:
-        return LayerPlan("standalone-factorised", factorised, 2 * k * width)
-    return LayerPlan("standalone", single, width * width)
+    if factorising_pays(k, width, width):  # x -> k -> width against the width x width map
+        return LayerPlan("standalone-factorised", k * (width + 1) + width * (k + 1), 2 * k * width)
+    return LayerPlan("standalone", width * (width + 1), width * width)
 
 
 class LowRank(nn.Sequential):

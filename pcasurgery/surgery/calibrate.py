@@ -262,16 +262,15 @@ def calibrate(
 
 def _install_inputs(sources: Iterable[InputStatistics]) -> None:
     """Map the collected input moments to the layers' outputs, the CPU ones side by side."""
+    on_cpu: list[InputStatistics] = []
+    elsewhere: list[InputStatistics] = []
     for source in sources:
         source.release_shared()  # the last input seen is no longer needed
-    on_cpu = sorted(
-        (s for s in sources if s.state is not None and s.state.shift.device.type == "cpu"),
-        key=lambda s: -s.pca.width,
-    )
-    side_by_side([source.install for source in on_cpu])
-    for source in sources:
-        if source not in on_cpu:
-            source.install()
+        cpu = source.state is not None and source.state.shift.device.type == "cpu"
+        (on_cpu if cpu else elsewhere).append(source)
+    side_by_side([source.install for source in sorted(on_cpu, key=lambda s: -s.pca.width)])
+    for source in elsewhere:
+        source.install()
 
 
 def _input_side(model: nn.Module) -> dict[PCALayer, InputStatistics]:
