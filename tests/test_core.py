@@ -260,6 +260,35 @@ def test_channelwise_drift_is_handled_like_rows():
     assert relative_error(m.covariance(state).numpy(), reference) <= 1e-5
 
 
+@pytest.mark.parametrize("width", [m._SPLIT_GRAM_WIDTH - 1, m._SPLIT_GRAM_WIDTH + 1])
+@pytest.mark.parametrize("layout", ["rows", "per-image", "channels-last"])
+def test_gram_products_built_by_blocks_match_numpy(width, layout):
+    # at and above _SPLIT_GRAM_WIDTH the CPU product is built block by block and mirrored
+    rng = np.random.default_rng(2)
+    scales = np.linspace(0.5, 3.0, width)
+    if layout == "rows":
+        x = (rng.normal(size=(600, width)) * scales + 2).astype(np.float32)
+        state, rows = stream(x, batch=200), x
+    else:
+        # NCHW with 40 x 40 positions per image takes the per-image products
+        side = 4 if layout == "channels-last" else 40
+        x = (rng.normal(size=(6, width, side, side)) * scales[:, None, None] + 2).astype(np.float32)
+        t = torch.from_numpy(x)
+        if layout == "channels-last":
+            t = t.contiguous(memory_format=torch.channels_last)
+        state = m.empty_moments(width)
+        for i in range(0, 6, 3):
+            m._accumulate(state, t[i : i + 3], channel_dim=1)
+        rows = x.transpose(0, 2, 3, 1).reshape(-1, width)
+    reference = np.cov(rows.astype(np.float64), rowvar=False, bias=True)
+    assert relative_error(m.covariance(state).numpy(), reference) <= 1e-5
+    # a NaN in the last feature is still caught by the sums
+    bad = torch.from_numpy(rows.copy())
+    bad[3, -1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        m._accumulate(m.empty_moments(width), bad)
+
+
 def test_empty_batches_are_skipped_and_non_finite_batches_leave_the_state_alone():
     state = m.empty_moments(3)
     assert m._accumulate(state, torch.empty(0, 3)) == (0, False)

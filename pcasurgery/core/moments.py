@@ -79,6 +79,38 @@ def empty_moments(width: int, device: torch.device | str | None = None) -> Momen
 
 _PRODUCT_BYTES = 64 * 2**20  # memory for per-position products of one chunk
 
+# On the CPU, a Gram product at least this wide is computed in 2 x 2 blocks, the
+# one below the diagonal once and mirrored (3/4 of the multiply-accumulates): torch
+# has no symmetric rank-k product (syrk). Measured on 2 cores, float32, 4096 rows:
+# 0.82x the full product's time at 1024 wide, 0.83x at 4096 (16384 x 768: 0.81x);
+# 0.98x at 576, and 1.0-1.45x at 64-256 wide, where the smaller products lose more
+# efficiency than the skipped block saves.
+_SPLIT_GRAM_WIDTH = 768
+
+
+def _gram(left: Tensor) -> Tensor:
+    """``left @ left.mT``, summed over the leading dimension when ``left`` is 3-D.
+
+    ``left`` is ``(width, samples)`` or ``(batch, width, samples)``; the result is
+    ``(width, width)`` in ``left``'s dtype.
+    """
+
+    def product(a: Tensor, b: Tensor) -> Tensor:
+        return a @ b.mT if a.dim() == 2 else torch.bmm(a, b.mT).sum(0)
+
+    width = left.shape[-2]
+    if left.device.type != "cpu" or width < _SPLIT_GRAM_WIDTH:
+        return product(left, left)
+    half = width // 2
+    top, bottom = left[..., :half, :], left[..., half:, :]
+    out = left.new_empty(width, width)
+    out[:half, :half] = product(top, top)
+    out[half:, half:] = product(bottom, bottom)
+    out[half:, :half] = product(bottom, top)
+    out[:half, half:] = out[half:, :half].mT
+    return out
+
+
 # Products of samples taken around a shift within SHIFT_RATIO standard deviations
 # of their mean keep the covariance's relative error below ~17 float32 epsilons
 # (2e-6); a batch farther away is measured again around its own mean.
@@ -133,7 +165,7 @@ def _batch_moments(
         # the per-image products would
         rows = last.reshape(-1, width).to(dtype)
         rows = rows - s if subtract else rows
-        total_sq = (rows.T @ rows).to(torch.float64)
+        total_sq = _gram(rows.T).to(torch.float64)
         count = rows.shape[0]
         total = rows.sum(0).to(torch.float64)
     else:
@@ -146,7 +178,7 @@ def _batch_moments(
         for start in range(0, lead, step):
             shifted = view[start : start + step].to(dtype)
             shifted = shifted - s[:, None] if subtract else shifted
-            total_sq += torch.bmm(shifted, shifted.transpose(1, 2)).sum(0).to(torch.float64)
+            total_sq += _gram(shifted).to(torch.float64)
             total += shifted.sum(2).to(torch.float64).sum(0)
         count = lead * trail
     return Moments(
