@@ -22,6 +22,9 @@ SECTIONS = {
         "inject_random_directions",
     ],  # fmt: skip
     "Compression and export": [
+        "budget_plan",
+        "apply_plan",
+        "compression_plan",
         "compress",
         "count_params",
         "count_macs",

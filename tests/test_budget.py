@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import nn
 
 import pcasurgery as ps
 from pcasurgery.core.spectrum import explained_fraction
+from pcasurgery.layers import sites_of
 
 
 def spectra_model(seed: int = 0) -> tuple[nn.Module, list[torch.Tensor]]:
@@ -167,3 +169,176 @@ def test_a_metric_refines_the_plan_and_leaves_the_thresholds_alone():
     assert fidelity(wrapped) == pytest.approx(plan.attrs["metric"])
     with pytest.raises(ValueError, match="returned metric = nan at full rank"):
         ps.budget_plan(wrapped, remove=0.3, evaluate=lambda m: float("nan"))
+
+
+def mse_loss(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y, reduction="sum")
+
+
+def test_gradient_penalties_match_an_independent_computation():
+    from pcasurgery.analysis.budget import _candidates, _gradient_penalties
+
+    model, data = spectra_model(2)
+    wrapped = ps.calibrate(ps.pca_wrap(model), data, progress=False)
+    targets = [(x, torch.randn(x.shape[0], 8, generator=torch.Generator().manual_seed(9)))
+               for x in data]  # fmt: skip
+    layers = ps.pca_layers_of(wrapped)
+    items = [_candidates(wrapped, site, layers[site.name]) for site in sites_of(wrapped)]
+    ours = _gradient_penalties(wrapped, dict(layers), items, mse_loss, targets)
+    # reference: the plain model's per-sample gradients at each Linear's output, in float64,
+    # on the eigenvectors of numpy's covariance of that output
+    plain = copy.deepcopy(model).double()
+    for name, penalty in zip(layers, ours, strict=True):
+        outputs, grads = [], []
+        for x, y in targets:
+            captured = {}
+
+            def keep(module, args, out, captured=captured):
+                out.retain_grad()
+                captured["out"] = out
+
+            hook = plain.get_submodule(name).register_forward_hook(keep)
+            value = nn.functional.mse_loss(plain(x.double()), y.double(), reduction="sum")
+            value.backward()
+            hook.remove()
+            outputs.append(captured["out"].detach().numpy())
+            grads.append(captured["out"].grad.numpy())
+        out, grad = np.concatenate(outputs), np.concatenate(grads)
+        values, vectors = np.linalg.eigh(np.cov(out, rowvar=False, bias=True))
+        values, vectors = values[::-1], vectors[:, ::-1]
+        s = ((grad @ vectors) ** 2).sum(0)
+        reference = [float((values[k:] * s[k:]).sum()) for k in range(1, len(values) + 1)]
+        np.testing.assert_allclose(penalty, reference, rtol=1e-4, atol=1e-6 * max(reference))
+
+
+def test_the_gradient_plan_spends_the_budget_where_the_loss_does_not_look():
+    # two branches of equal spectra; the loss reads the first branch 100x more than the second
+    torch.manual_seed(3)
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(12, 32), nn.Linear(12, 32)
+            self.b.load_state_dict(self.a.state_dict())
+            self.relu = nn.ReLU(inplace=True)  # in-place right after a PCA layer
+
+        def forward(self, x):
+            return torch.cat([self.relu(self.a(x)), 0.01 * self.b(x)], 1)
+
+    model = Branches().eval()
+    scales = 0.7 ** torch.arange(12.0)
+    data = [torch.randn(512, 12) * scales for _ in range(2)]
+    wrapped = ps.calibrate(ps.pca_wrap(model), data, progress=False)
+    state = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    flags = [p.requires_grad for p in wrapped.parameters()]
+    # the Gauss-Newton curvature of the outputs: a random projection of them
+    directions = [torch.randn(512, 64) for _ in data]
+    projected = list(zip(data, directions, strict=True))
+    spectral = ps.budget_plan(wrapped, remove=0.25)
+    gradient = ps.budget_plan(wrapped, remove=0.25, loss=lambda m, b: (m(b[0]) * b[1]).sum(),
+                              data=projected)  # fmt: skip
+    assert gradient.attrs["objective"] == "gradient" and spectral.attrs["objective"] == "spectral"
+    ks = dict(zip(gradient["layer"], gradient["k"], strict=True))
+    assert ks["a"] > ks["b"], ks
+    # the model is as it was: statistics, modes, gradient flags, no hook left
+    assert all(torch.equal(v, state[k]) for k, v in wrapped.state_dict().items())
+    assert [p.requires_grad for p in wrapped.parameters()] == flags
+    assert not wrapped.training and all(
+        layer.mode == "auto" for layer in ps.pca_layers_of(wrapped).values()
+    )
+    assert not any(layer._forward_hooks for layer in ps.pca_layers_of(wrapped).values())
+
+    def compressed_loss(plan):
+        ps.apply_plan(wrapped, plan)
+        small = ps.compress(wrapped)
+        with torch.no_grad():
+            return sum(float(mse_loss(small, (x, model(x)))) for x in data)
+
+    assert compressed_loss(gradient) < 0.5 * compressed_loss(spectral)
+
+
+def test_bad_losses_are_refused_and_leave_the_model_alone():
+    model, data = spectra_model()
+    wrapped = ps.calibrate(ps.pca_wrap(model), data, progress=False)
+    target = [(x, torch.zeros(x.shape[0], 8)) for x in data]
+    state = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    with pytest.raises(ValueError, match="loss and data go together"):
+        ps.budget_plan(wrapped, remove=0.2, loss=mse_loss)
+    with pytest.raises(ValueError, match="loss and data go together"):
+        ps.budget_plan(wrapped, remove=0.2, data=target)
+    with pytest.raises(TypeError, match="loss must be callable"):
+        ps.budget_plan(wrapped, remove=0.2, loss="mse", data=target)
+    with pytest.raises(ValueError, match="at least one batch"):
+        ps.budget_plan(wrapped, remove=0.2, loss=mse_loss, data=[])
+    with pytest.raises(ValueError, match="returned nan for batch 0"):
+        ps.budget_plan(wrapped, remove=0.2, loss=lambda m, b: mse_loss(m, b) * float("nan"),
+                       data=target)  # fmt: skip
+    with pytest.raises(TypeError, match="scalar tensor"):
+        ps.budget_plan(wrapped, remove=0.2, loss=lambda m, b: m(b[0]), data=target)
+    with pytest.raises(ValueError, match="gradient is zero"):
+        # a loss at its minimum (the distance to the model's own outputs) has no gradient
+        ps.budget_plan(wrapped, remove=0.2, loss=mse_loss,
+                       data=[(x, model(x).detach()) for x in data])  # fmt: skip
+    with pytest.raises(ValueError, match="does not depend"):
+        ps.budget_plan(wrapped, remove=0.2, loss=lambda m, b: torch.tensor(1.0), data=target)
+
+    def broken(m, b):
+        m(b[0])
+        raise KeyError("the user's own error")
+
+    with pytest.raises(KeyError, match="own error"):
+        ps.budget_plan(wrapped, remove=0.2, loss=broken, data=target)
+    assert all(torch.equal(v, state[k]) for k, v in wrapped.state_dict().items())
+    assert all(p.requires_grad for p in wrapped.parameters())
+    assert not any(layer._forward_hooks for layer in ps.pca_layers_of(wrapped).values())
+
+
+def _plan_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, data = spectra_model(4)
+        shard = [(x[rank::world], y[rank::world]) for x, y in sharded_targets(data)]
+        wrapped = ps.calibrate(ps.pca_wrap(model), [x for x, _ in shard], progress=False)
+        plan = ps.budget_plan(wrapped, remove=0.3, loss=mse_loss, data=shard)
+        plan.to_csv(f"{out_dir}/plan{rank}.csv", index=False)
+        np.save(f"{out_dir}/penalties{rank}.npy", np.concatenate(penalties(wrapped, shard)))
+    finally:
+        dist.destroy_process_group()
+
+
+def penalties(wrapped, data):
+    from pcasurgery.analysis.budget import _candidates, _gradient_penalties
+
+    layers = ps.pca_layers_of(wrapped)
+    items = [_candidates(wrapped, site, layers[site.name]) for site in sites_of(wrapped)]
+    return _gradient_penalties(wrapped, dict(layers), items, mse_loss, data)
+
+
+def sharded_targets(data):
+    return [(x, torch.randn(x.shape[0], 8, generator=torch.Generator().manual_seed(i)))
+            for i, x in enumerate(data)]  # fmt: skip
+
+
+def test_two_processes_weigh_their_shards_into_the_plan_of_the_union(tmp_path):
+    import pandas as pd
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_plan_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
+             join=True)  # fmt: skip
+    model, data = spectra_model(4)
+    union = sharded_targets(data)
+    # one process, the same samples in the same batches (each batch's shards side by side)
+    joined = [(torch.cat([x[r::world] for r in range(world)]),
+               torch.cat([y[r::world] for r in range(world)])) for x, y in union]  # fmt: skip
+    wrapped = ps.calibrate(ps.pca_wrap(model), [x for x, _ in joined], progress=False)
+    single = ps.budget_plan(wrapped, remove=0.3, loss=mse_loss, data=joined)
+    reference = np.concatenate(penalties(wrapped, joined))
+    for r in range(world):
+        plan = pd.read_csv(tmp_path / f"plan{r}.csv")
+        assert plan["k"].tolist() == single["k"].tolist()
+        np.testing.assert_allclose(np.load(tmp_path / f"penalties{r}.npy"), reference, rtol=1e-3)

@@ -81,3 +81,33 @@ def test_a_bert_encoder_compresses_and_exports_with_dynamic_batch_and_sequence(t
             rtol=1e-4,
         )
     ps.export_onnx(small, example, tmp_path / "bert.onnx")  # checked at other shapes too
+
+
+@pytest.mark.parametrize("build", [llama, gpt2], ids=["llama", "gpt2"])
+def test_a_budget_weighed_by_the_language_models_loss(build):
+    # padded dict batches, widening MLP layers (fewer eigenvectors than outputs), Conv1D
+    torch.manual_seed(0)
+    model, blocks = build()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = ps.pca_wrap(model, include=blocks)
+    batches = token_batches(96)
+    ps.calibrate(wrapped, batches, progress=False)
+    state = {k: v.clone() for k, v in wrapped.state_dict().items()}
+
+    def lm_loss(m, batch):
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return m(**batch, labels=labels).loss
+
+    plan = ps.budget_plan(wrapped, remove=0.2, loss=lm_loss, data=batches)
+    assert plan.attrs["objective"] == "gradient" and plan.attrs["removed"] >= 0.2
+    assert all(torch.equal(v, state[k]) for k, v in wrapped.state_dict().items())
+    assert all(p.requires_grad for p in wrapped.parameters())
+    ps.apply_plan(wrapped, plan)
+    small = ps.compress(wrapped)
+    prompt = torch.randint(3, 96, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            small(input_ids=prompt).logits, wrapped(input_ids=prompt).logits, atol=1e-4, rtol=1e-4
+        )
