@@ -6,8 +6,11 @@ Two models that install from the package registry with their weights inside
 * ``smollm2``: SmolLM2-135M-Instruct (Llama architecture, 30 decoder layers,
   210 projections), perplexity on held-out Shakespeare. PCA layers follow every
   projection of the decoder blocks; ``budget_plan`` picks the per-layer ranks
-  that remove 10/20/30 % of the blocks' parameters; ``compress`` builds the
-  smaller model. Side by side, at the same per-layer ranks: the truncated SVD
+  that remove 10/20/30 % of the blocks' parameters, from the spectra alone
+  (the spectral plan) and weighed by the language-model loss's gradient on the
+  calibration windows (``loss=``, ``data=``: the gradient-weighed plan);
+  ``compress`` builds the smaller model. Side by side, at the spectral plan's
+  per-layer ranks: the truncated SVD
   of each weight (data-free) and ASVD (SVD of the weight scaled by the input's
   mean absolute activation, alpha 0.5); and SVD-LLM (the rank-k ``W'`` that
   minimises ``||W X - W' X||``: the uncentred output PCA, see
@@ -16,11 +19,15 @@ Two models that install from the package registry with their weights inside
 * ``minilm``: all-MiniLM-L6-v2 sentence embeddings (BERT encoder, 6 layers):
   at 30 % fewer encoder-layer parameters, the cosine between original and
   compressed embeddings of held-out lines, the Spearman correlation of all
-  pairwise similarities, and onnxruntime's speed at batch 32 x 128 tokens.
-  ``--refine`` refines the plan with the mean cosine on 128 calibration lines,
-  ``--uncentred`` decomposes second moments, and ``--heal N`` distils the
-  original's token states into the compressed encoder for N steps on the
-  calibration lines (numbers before and after are printed).
+  pairwise similarities, and onnxruntime's speed at batch 32 x 128 tokens,
+  for the spectral plan and for the plan weighed by the Gauss-Newton curvature
+  of the embeddings (a random projection of them as the loss; the speed, the
+  healing and the goals are the latter's). ``--refine`` refines the spectral
+  plan with the mean cosine on 128 calibration lines, ``--uncentred``
+  decomposes second moments, and ``--heal N`` distils the original's token
+  states into the compressed encoder (SmolLM2: its next-token distribution
+  into the gradient-weighed model, or the refined one with ``--refine``) for N
+  steps on the calibration text (numbers before and after are printed).
 
 Data split (fixed): benchmarks/data/tinyshakespeare.txt, first 90 % of the
 characters for calibration, last 10 % held out. SmolLM2: 16 calibration
@@ -268,6 +275,10 @@ def bench_smollm2(args) -> dict[str, float]:
           f"first projecting forward / plain {first_forward / base_forward:.2f}x")  # fmt: skip
 
     scales = input_scales(model, names, calib) if args.weight_svd else None
+
+    def lm_loss(m, batch):
+        return m(**batch, labels=batch["input_ids"], use_cache=False).loss
+
     rows = []
     for remove in args.budgets:
         start = time.perf_counter()
@@ -285,9 +296,20 @@ def bench_smollm2(args) -> dict[str, float]:
         ours_params = block_params(compressed)
         row = {"budget": remove, "plan_s": plan_s, "removed": 1 - ours_params / dense_params,
                "pca": perplexity(compressed, held) / dense_ppl}  # fmt: skip
+        del compressed
+        # the plan weighed by the loss's gradient (one backward pass over the calibration batches)
+        start = time.perf_counter()
+        weighed = ps.budget_plan(wrapped, remove=remove, loss=lm_loss, data=calib)
+        row["gradient_plan_s"] = time.perf_counter() - start
+        ps.apply_plan(wrapped, weighed)
+        compressed = ps.compress(wrapped)
+        row["gradient_removed"] = 1 - block_params(compressed) / dense_params
+        row["pca_gradient"] = perplexity(compressed, held) / dense_ppl
+        print(f"  budget {remove:.0%}: gradient-weighed plan ({row['gradient_plan_s']:.0f} s, removed "
+              f"{row['gradient_removed']:.1%}): ppl/dense {row['pca_gradient']:.3f}", flush=True)  # fmt: skip
         if args.heal and not args.refine:  # with --refine, the refined plan is healed
             row["heal_s"] = heal(compressed, model, calib_ids, args.heal)
-            row["pca_healed"] = perplexity(compressed, held) / dense_ppl
+            row["pca_gradient_healed"] = perplexity(compressed, held) / dense_ppl
         del compressed
         if args.refine:
             ps.apply_plan(wrapped, refined)
@@ -308,8 +330,7 @@ def bench_smollm2(args) -> dict[str, float]:
         rows.append(row)
         print(f"  budget {remove:.0%}: plan {plan_s:.2f} s, removed {row['removed']:.1%}; "
               f"ppl/dense PCA {row['pca']:.3f}, SVD {row.get('svd', math.nan):.3f}, "
-              f"ASVD {row.get('asvd', math.nan):.3f}; healed {row.get('pca_healed', math.nan):.3f}",
-              flush=True)  # fmt: skip
+              f"ASVD {row.get('asvd', math.nan):.3f}", flush=True)  # fmt: skip
 
     # SVD-LLM = uncentred output PCA (tests/test_svd_llm_equivalence.py), with its
     # own uniform allocation and with the spectral plan's.
@@ -337,7 +358,8 @@ def bench_smollm2(args) -> dict[str, float]:
         others = min(row.get("svd", math.inf), row.get("asvd", math.inf), row["svdllm"])
         variants = {
             "spectral plan": row["pca"],
-            "spectral plan, healed": row.get("pca_healed", math.nan),
+            "gradient-weighed plan": row["pca_gradient"],
+            "gradient-weighed plan, healed": row.get("pca_gradient_healed", math.nan),
             "refined plan": row.get("pca_refined", math.nan),
             "refined plan, healed": row.get("pca_refined_healed", math.nan),
         }
@@ -353,6 +375,7 @@ def bench_smollm2(args) -> dict[str, float]:
     return {
         "calibrate_over_forward": calib_s / plain_s,
         **{f"pca_{r['budget']}": r["pca"] for r in rows},
+        **{f"pca_gradient_{r['budget']}": r["pca_gradient"] for r in rows},
     }
 
 
@@ -423,7 +446,27 @@ def bench_minilm(args) -> dict[str, float]:
     print(f"all-MiniLM-L6-v2: calibration {calib_s:.1f} s, {kind} {plan_s:.1f} s; {removed:.1%} fewer "
           f"encoder-layer parameters: mean cosine {cosine:.4f} (goal >= 0.98), Spearman of pairwise "
           f"similarities {rho:.4f} (goal >= 0.98)", flush=True)  # fmt: skip
-    results = {"minilm_cosine": cosine, "minilm_spearman": rho}
+    results = {"minilm_cosine_spectral": cosine, "minilm_spearman_spectral": rho}
+
+    def curvature(m, batch):
+        # the embeddings have no loss of their own: a random projection of them gives
+        # their Gauss-Newton curvature (1 - cosine is half the squared distance)
+        hidden = m(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        pooled = nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        g = torch.Generator().manual_seed(int(batch["input_ids"].sum()))
+        return (pooled * torch.randn(pooled.shape, generator=g)).sum()
+
+    start = time.perf_counter()
+    plan = ps.budget_plan(wrapped, remove=0.3, loss=curvature, data=calib)
+    plan_s = time.perf_counter() - start
+    ps.apply_plan(wrapped, plan)
+    compressed = ps.compress(wrapped)
+    removed = 1 - encoder_params(compressed) / encoder_params(model)
+    cosine, rho = quality(compressed)
+    print(f"  gradient-weighed plan ({plan_s:.1f} s): {removed:.1%} fewer encoder-layer parameters: "
+          f"mean cosine {cosine:.4f}, Spearman {rho:.4f}", flush=True)  # fmt: skip
+    results.update(minilm_cosine=cosine, minilm_spearman=rho)
     if args.heal:
         heal_s = heal_encoder(compressed, model, calib, args.heal)
         cosine, rho = quality(compressed)
