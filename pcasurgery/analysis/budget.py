@@ -268,6 +268,8 @@ def _gradient_penalties(
     seen: set[str] = set()
 
     def pass_through(name: str, layer: PCALayer, args: tuple, output: Tensor) -> Tensor:
+        if not layer.keepdim:
+            return output  # the layers after expect its k features (it is never planned)
         x = args[0]
         # the layer's input, in the graph, cloned so that in-place ops after it stay legal
         y = (x if x.requires_grad else x.detach().requires_grad_()).clone()
