@@ -22,8 +22,8 @@ Two models that install from the package registry with their weights inside
   pairwise similarities, and onnxruntime's speed at batch 32 x 128 tokens,
   for the spectral plan and for the plan weighed by the Gauss-Newton curvature
   of the embeddings (a random projection of them as the loss; the speed, the
-  healing and the goals are the latter's). ``--refine`` refines the spectral
-  plan with the mean cosine on 128 calibration lines, ``--uncentred``
+  healing and the goals are the latter's). ``--refine`` refines both plans
+  with the mean cosine on 128 calibration lines, ``--uncentred``
   decomposes second moments, and ``--heal N`` distils the original's token
   states into the compressed encoder (SmolLM2: its next-token distribution
   into the gradient-weighed model, or the refined one with ``--refine``) for N
@@ -458,7 +458,8 @@ def bench_minilm(args) -> dict[str, float]:
         return (pooled * torch.randn(pooled.shape, generator=g)).sum()
 
     start = time.perf_counter()
-    plan = ps.budget_plan(wrapped, remove=0.3, loss=curvature, data=calib)
+    plan = ps.budget_plan(wrapped, remove=0.3, loss=curvature, data=calib,
+                          evaluate=refine_metric if args.refine else None)  # fmt: skip
     plan_s = time.perf_counter() - start
     ps.apply_plan(wrapped, plan)
     compressed = ps.compress(wrapped)
