@@ -524,7 +524,7 @@ def onnx_speed(original, compressed, example, folder: Path, threads: int) -> flo
         )
     feeds = [{i.name: example[i.name].numpy() for i in s.get_inputs()} for s in sessions]
     times: list[list[float]] = [[], []]
-    for _ in range(7):  # interleaved, median
+    for _ in range(15):  # interleaved, median
         for j, s in enumerate(sessions):
             start = time.perf_counter()
             s.run(None, feeds[j])
