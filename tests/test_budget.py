@@ -177,15 +177,12 @@ def mse_loss(model, batch):
 
 
 def test_gradient_penalties_match_an_independent_computation():
-    from pcasurgery.analysis.budget import _candidates, _gradient_penalties
-
     model, data = spectra_model(2)
     wrapped = ps.calibrate(ps.pca_wrap(model), data, progress=False)
     targets = [(x, torch.randn(x.shape[0], 8, generator=torch.Generator().manual_seed(9)))
                for x in data]  # fmt: skip
     layers = ps.pca_layers_of(wrapped)
-    items = [_candidates(wrapped, site, layers[site.name]) for site in sites_of(wrapped)]
-    ours = _gradient_penalties(wrapped, dict(layers), items, mse_loss, targets)
+    ours = penalties(wrapped, targets)
     # reference: the plain model's per-sample gradients at each Linear's output, in float64,
     # on the eigenvectors of numpy's covariance of that output
     plain = copy.deepcopy(model).double()

@@ -64,6 +64,7 @@ from ..core.spectrum import explained_fraction, explained_fractions
 from ..layers.network import _calibrated_layers, set_threshold
 from ..layers.pca import PCALayer
 from ..layers.sites import Site, sites_of
+from ..surgery.calibrate import _distributed
 from .sweep import _kept_thresholds, _metrics
 
 __all__ = ["apply_plan", "budget_plan"]
@@ -262,7 +263,7 @@ def _gradient_penalties(
     """Each planned layer's ``sum_{j > k} lambda_j s_j`` for ``k = 1..width`` (see ``budget_plan``)."""
     if not callable(loss):
         raise TypeError(f"loss must be callable as loss(model, batch), got {loss!r}")
-    planned = {item.site.name: item.layer for item in items}
+    planned = {item.site.name for item in items}
     sums: dict[str, Tensor] = {}
     bases: dict[str, Tensor] = {}
     seen: set[str] = set()
@@ -329,7 +330,7 @@ def _gradient_penalties(
             layer.mode = mode
         for p, flag in params:
             p.requires_grad_(flag)
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         # every process weighs its shard: sum the measures (and what each saw) over all
         device = items[0].layer.eigenvectors.device
         parts = [
@@ -344,9 +345,9 @@ def _gradient_penalties(
         offsets = np.cumsum([0] + [len(part) for part in parts])
         for item, start, end in zip(items, offsets[:-1], offsets[1:], strict=True):
             sums[item.site.name] = packed[start:end]
-        reduced = packed[offsets[-1] :].tolist()
-        seen = {item.site.name for item, flag in zip(items, reduced, strict=False) if flag > 0}
-        batches = int(round(reduced[-1]))
+        *ran, total = packed[offsets[-1] :].tolist()
+        seen = {item.site.name for item, flag in zip(items, ran, strict=True) if flag > 0}
+        batches = int(round(total))
     if batches == 0:
         raise ValueError("data must hold at least one batch for loss, got none")
     missing = [name for name in planned if name not in seen]
