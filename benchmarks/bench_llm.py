@@ -168,15 +168,21 @@ def uniform_plan(wrapped: nn.Module, remove: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def distil(student: nn.Module, trained: str, lr: float, steps: int, step_loss) -> float:
+def distil(
+    student: nn.Module, trained: str, lr: float, steps: int, step_loss, decay: bool = False
+) -> float:
     """``steps`` AdamW steps on ``student``'s submodule ``trained``, each on ``step_loss(generator)``.
 
-    The generator is seeded (0) once. Returns the seconds it took; ``student``
-    is left in eval mode.
+    The generator is seeded (0) once. With ``decay`` the learning rate warms up
+    over 30 steps, then falls linearly to 0 at the last. Returns the seconds it
+    took; ``student`` is left in eval mode.
     """
     g = torch.Generator().manual_seed(0)
     params = list(student.get_submodule(trained).parameters())
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min(1.0, (s + 1) / 30) * (1 - s / steps) if decay else 1.0
+    )
     student.train()
     start = time.perf_counter()
     for _ in range(steps):
@@ -184,6 +190,7 @@ def distil(student: nn.Module, trained: str, lr: float, steps: int, step_loss) -
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        schedule.step()
     student.eval()
     return time.perf_counter() - start
 
@@ -391,7 +398,8 @@ def bench_minilm(args) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
     model = AutoModel.from_pretrained(folder / "model").eval()
     calib_text, held_text = split_text()
-    calib_lines = [s for s in calib_text.splitlines() if len(s.split()) >= 4][::20][:1024]
+    all_lines = [s for s in calib_text.splitlines() if len(s.split()) >= 4]
+    calib_lines = all_lines[::20][:1024]
     held_lines = [s for s in held_text.splitlines() if len(s.split()) >= 4][:256]
 
     def encode(lines):
@@ -469,7 +477,7 @@ def bench_minilm(args) -> dict[str, float]:
           f"mean cosine {cosine:.4f}, Spearman {rho:.4f}", flush=True)  # fmt: skip
     results.update(minilm_cosine=cosine, minilm_spearman=rho)
     if args.heal:
-        heal_s = heal_encoder(compressed, model, calib, args.heal)
+        heal_s = heal_encoder(compressed, model, all_lines, encode, args.heal)
         cosine, rho = quality(compressed)
         print(f"  healed ({args.heal} steps on the calibration lines, {heal_s:.0f} s): mean cosine "
               f"{cosine:.4f}, Spearman {rho:.4f}", flush=True)  # fmt: skip
@@ -477,8 +485,10 @@ def bench_minilm(args) -> dict[str, float]:
     example = encode(["x " * 200] * 32)
     assert example["input_ids"].shape == (32, 128)
     with tempfile.TemporaryDirectory() as folder_:
-        speeds = onnx_speed(model, compressed, example, Path(folder_), args.threads)
-    print(f"  onnxruntime at 32 x 128 tokens: {speeds:.2f}x faster (goal >= 1.3x)")
+        rounds = onnx_speed(model, compressed, example, Path(folder_), args.threads)
+    speeds = statistics.median(rounds)
+    print(f"  onnxruntime at 32 x 128 tokens: {speeds:.2f}x faster (goal >= 1.3x; median of "
+          f"{len(rounds)} rounds, {min(rounds):.2f}x to {max(rounds):.2f}x)")  # fmt: skip
     results["minilm_onnx_speedup"] = speeds
     print("  goals: " + ", ".join(
         f"{name} {'met' if value >= goal else 'MISSED'}" for name, value, goal in (
@@ -488,17 +498,20 @@ def bench_minilm(args) -> dict[str, float]:
     return results
 
 
-def heal_encoder(student: nn.Module, teacher: nn.Module, data: list[dict], steps: int) -> float:
+def heal_encoder(student: nn.Module, teacher: nn.Module, lines: list[str], encode,
+                 steps: int) -> float:  # fmt: skip
     """Distil ``teacher``'s embeddings into ``student`` in place: ``steps`` AdamW steps.
 
-    Each step takes one calibration batch (32 lines); the loss is one minus the
-    cosine of the mean-pooled sentence embeddings, plus the mean squared error
-    of the last hidden states over real tokens relative to the teacher's mean
-    square. Only the encoder layers train. Returns the seconds.
+    Each step takes 32 lines drawn from ``lines`` (all of the calibration
+    text's); the loss is one minus the cosine of the mean-pooled sentence
+    embeddings, plus the mean squared error of the last hidden states over real
+    tokens relative to the teacher's mean square. Only the encoder layers
+    train, at a peak learning rate of 1.5e-4 (warm-up, then linear decay).
+    Returns the seconds.
     """
 
     def step_loss(g: torch.Generator) -> torch.Tensor:
-        batch = data[int(torch.randint(0, len(data), (1,), generator=g))]
+        batch = encode([lines[i] for i in torch.randint(0, len(lines), (32,), generator=g)])
         mask = batch["attention_mask"][..., None].float()
         with torch.no_grad():
             target = teacher(**batch).last_hidden_state
@@ -507,10 +520,16 @@ def heal_encoder(student: nn.Module, teacher: nn.Module, data: list[dict], steps
         cosine = nn.functional.cosine_similarity((out * mask).sum(1), (target * mask).sum(1))
         return states + (1 - cosine).mean()
 
-    return distil(student, "encoder.layer", 5e-5, steps, step_loss)
+    return distil(student, "encoder.layer", 1.5e-4, steps, step_loss, decay=True)
 
 
-def onnx_speed(original, compressed, example, folder: Path, threads: int) -> float:
+def onnx_speed(original, compressed, example, folder: Path, threads: int) -> list[float]:
+    """How many times faster ``compressed`` runs than ``original`` in onnxruntime, per round.
+
+    Each of 5 rounds times both 15 times, interleaved, and gives the ratio of
+    the medians: on a shared 2-core machine one round's ratio has been seen to
+    move by 0.15x between rounds, so the caller reports their median and range.
+    """
     import onnxruntime as ort
 
     sessions = []
@@ -523,13 +542,16 @@ def onnx_speed(original, compressed, example, folder: Path, threads: int) -> flo
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         )
     feeds = [{i.name: example[i.name].numpy() for i in s.get_inputs()} for s in sessions]
-    times: list[list[float]] = [[], []]
-    for _ in range(15):  # interleaved, median
-        for j, s in enumerate(sessions):
-            start = time.perf_counter()
-            s.run(None, feeds[j])
-            times[j].append(time.perf_counter() - start)
-    return statistics.median(times[0]) / statistics.median(times[1])
+    rounds = []
+    for _ in range(5):
+        times: list[list[float]] = [[], []]
+        for _ in range(15):
+            for j, s in enumerate(sessions):
+                start = time.perf_counter()
+                s.run(None, feeds[j])
+                times[j].append(time.perf_counter() - start)
+        rounds.append(statistics.median(times[0]) / statistics.median(times[1]))
+    return rounds
 
 
 def main(argv=None) -> dict[str, float]:
