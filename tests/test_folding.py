@@ -15,7 +15,8 @@ from models import GPT2Block, reference
 from torch import nn
 
 import pcasurgery as ps
-from pcasurgery.layers.folding import _CACHE
+from pcasurgery.layers import sites_of
+from pcasurgery.layers.folding import _CACHE, _fold
 
 
 class Net(nn.Module):
@@ -146,9 +147,66 @@ def test_the_folded_weights_follow_every_change_of_weights_and_projection():
     check()
 
 
+def test_calibrate_folds_at_its_end_so_the_first_forward_builds_nothing(monkeypatch):
+    from pcasurgery.layers import folding
+
+    net, wrapped = calibrated_net()
+    assert all(m.__dict__[_CACHE][2] is not None for m in (wrapped.conv, wrapped.fc))
+    built = []
+    monkeypatch.setattr(folding, "_fold", lambda *a: built.append(a) or _fold(*a))
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        out = wrapped(x)
+    assert built == []
+    conv, fc = wrapped.conv, wrapped.fc
+    layers = ps.pca_layers_of(wrapped)
+    hidden = torch.relu(reference(conv, layers["conv"], x)).flatten(1).float()
+    torch.testing.assert_close(
+        out, reference(fc, layers["fc"], hidden).float(), atol=1e-5, rtol=1e-5
+    )
+    # a wrapper's module too; none where the layer will collect (training) or is watched
+    model = nn.Sequential(nn.Linear(6, 5)).eval()
+    model[0].forward = model[0].forward  # an instance-level forward: wrapped, not swapped
+    wrapped = ps.pca_wrap(model, 0.9)
+    ps.calibrate(wrapped, [torch.randn(32, 6)], progress=False)
+    assert sites_of(wrapped)[0].attachment == "wrapper"
+    assert wrapped[0].module.__dict__[_CACHE][2] is not None
+    trained = ps.pca_wrap(Net().train(), 0.9)
+    ps.calibrate(trained, [torch.randn(16, 3, 4, 4)], progress=False)
+    assert _CACHE not in trained.fc.__dict__
+    watched = ps.pca_wrap(Net().eval(), 0.9)
+    ps.pca_layers_of(watched)["fc"].register_forward_hook(lambda *a: None)
+    ps.calibrate(watched, [torch.randn(16, 3, 4, 4)], progress=False)
+    assert _CACHE not in watched.fc.__dict__ and _CACHE in watched.conv.__dict__
+
+
+def test_a_fold_that_fails_in_calibrate_leaves_the_model_as_it_was(monkeypatch):
+    from pcasurgery.layers import folding
+
+    net, wrapped = calibrated_net()
+    state = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    caches = {name: m.__dict__[_CACHE] for name, m in (("conv", wrapped.conv), ("fc", wrapped.fc))}
+
+    def fail(kind, module, pca):
+        if module is wrapped.fc:
+            raise MemoryError("no room for the fold")
+        return _fold(kind, module, pca)
+
+    monkeypatch.setattr(folding, "_fold", fail)
+    with pytest.raises(MemoryError, match="no room"):
+        ps.calibrate(wrapped, [torch.randn(16, 3, 4, 4) * 3], progress=False)
+    for key, value in wrapped.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert (
+        wrapped.conv.__dict__[_CACHE] is caches["conv"]
+        and wrapped.fc.__dict__[_CACHE] is caches["fc"]
+    )
+
+
 def test_small_batches_run_apart_until_folding_pays():
     _, wrapped = calibrated_net()
     fc, layer = wrapped.fc, ps.pca_layers_of(wrapped)["fc"]
+    layer.threshold = 0.8  # a new projection: calibrate's fold no longer applies
     for i, rows in enumerate([50, 50, 50]):  # fc has 128 inputs: the third batch folds
         x = torch.randn(rows, 128)
         with torch.no_grad():
@@ -164,6 +222,7 @@ def test_small_batches_run_apart_until_folding_pays():
 def test_training_gradients_and_hooks_run_the_separate_map():
     _, wrapped = calibrated_net()
     fc, layer = wrapped.fc, ps.pca_layers_of(wrapped)["fc"]
+    del fc.__dict__[_CACHE]  # calibrate's fold: none of these calls may build one
     x = torch.randn(4, 128)
     out = fc(x)  # eval, but gradients are wanted: not folded
     assert _CACHE not in fc.__dict__

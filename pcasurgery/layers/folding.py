@@ -5,10 +5,11 @@ A PCA layer's projection is affine, ``y -> P y + q``. After a layer
 shape as the module (``keepdim=True``) or smaller (``keepdim=False``), so a
 projecting forward costs what the plain forward costs. In eval mode, with no
 gradient needed, a followed ``nn.Linear``, ``nn.Conv2d`` (``groups=1``) or
-transformers ``Conv1D`` runs folded, once it has projected as many rows (tokens,
-pixels) apart as the module has inputs, which is about what folding costs. The
-folded weights are cached on the module (never saved, copied or pickled) and
-rebuilt when the module's weights or the layer's projection change: the cache
+transformers ``Conv1D`` runs folded: ``calibrate`` builds the folds at its end
+(:func:`prefold`), and after a change a pair folds again once it has projected
+as many rows (tokens, pixels) apart as the module has inputs, which is about
+what folding costs. The folded weights are cached on the module (never saved,
+copied or pickled) and rebuilt when the module's weights or the layer's projection change: the cache
 is keyed on the identity, version counter and storage of each of the four
 tensors, which every change of threshold, centring, random directions, a
 ``.to()`` or an optimiser step alters. The cache holds one extra copy of the
@@ -21,6 +22,8 @@ forward, and tracing or export run the module and the layer apart.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,9 +32,9 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .kinds import affine_kind, weight_matrix
-from .pca import PCALayer, _exporting
+from .pca import PCALayer, _exporting, side_by_side
 
-__all__ = ["factorising_pays", "folded_affine", "folded_forward"]
+__all__ = ["factorising_pays", "folded_affine", "folded_forward", "prefold"]
 
 _CACHE = "_pcasurgery_fold"
 
@@ -112,30 +115,79 @@ def _fold(kind: str, module: nn.Module, pca: PCALayer) -> tuple[Tensor, ...]:
     return folded
 
 
+def _foldable(module: nn.Module, pca: PCALayer) -> str | None:
+    """The module's affine kind where the pair runs folded whenever its input allows, else None."""
+    if pca._collecting() or not pca._has_spectrum or pca._stale or _exporting() or _hooked(pca):
+        return None
+    kind = affine_kind(module)
+    weight, bias = module.weight, module.bias
+    if (
+        kind is None
+        or not isinstance(weight, Tensor)
+        or pca.projection_weight.dtype != weight.dtype
+    ):
+        return None
+    if bias is not None and not isinstance(bias, Tensor):
+        return None
+    return kind
+
+
+def _cache_key(module: nn.Module, pca: PCALayer) -> tuple[tuple, tuple]:
+    tensors = (module.weight, module.bias, pca.projection_weight, pca.projection_bias)
+    return tensors, tuple(_token(t) for t in tensors)  # type: ignore[arg-type]
+
+
+def _build(kind: str, module: nn.Module, pca: PCALayer, rows: int) -> tuple:
+    """The cache entry: the key's tensors, the key, the folded map, the rows seen."""
+    tensors, key = _cache_key(module, pca)
+    with torch.inference_mode(False), torch.no_grad():
+        return (tensors, key, _fold(kind, module, pca), rows)
+
+
+def prefold(pairs: Iterable[tuple[nn.Module, PCALayer]]) -> None:
+    """Fold every ``(module, pca)`` pair that would run folded now, instead of at its first call.
+
+    ``calibrate`` does this last, so that the first projecting forward after it
+    costs what a plain one does: building a fold costs about what projecting
+    as many rows as the module has inputs does, which on a batch of 1024
+    tokens is most of a transformer projection's own cost. CPU folds are built
+    side by side on one-thread workers (``layers.pca.side_by_side``). Either
+    every fold is stored or, on an error, none.
+    """
+    jobs = [(module, pca, kind) for module, pca in pairs if (kind := _foldable(module, pca))]
+    built: dict[int, tuple] = {}
+
+    def job(i: int) -> None:
+        module, pca, kind = jobs[i]
+        built[i] = _build(kind, module, pca, 0)
+
+    on_cpu = [i for i, (module, *_) in enumerate(jobs) if module.weight.device.type == "cpu"]
+    side_by_side([partial(job, i) for i in on_cpu])
+    for i in sorted(set(range(len(jobs))) - set(on_cpu)):
+        job(i)
+    for i, (module, _, _) in enumerate(jobs):
+        module.__dict__[_CACHE] = built[i]
+
+
 def folded_forward(
     module: nn.Module, pca: PCALayer, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Tensor | None:
     """``pca(module(x))`` as one call of ``module`` with folded weights, or None where that does not apply."""
     if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return None
-    if pca._collecting() or not pca._has_spectrum or pca._stale or _exporting() or _hooked(pca):
-        return None
-    kind = affine_kind(module)
+    kind = _foldable(module, pca)
     if kind is None:
         return None
     x = args[0]
     weight, bias = module.weight, module.bias
-    p, q = pca.projection_weight, pca.projection_bias
-    if not isinstance(weight, Tensor) or x.dtype != weight.dtype or p.dtype != weight.dtype:
-        return None
-    if bias is not None and not isinstance(bias, Tensor):
+    assert isinstance(weight, Tensor)
+    if x.dtype != weight.dtype:
         return None
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return None
-    tensors = (weight, bias, p, q)
-    key = tuple(_token(t) for t in tensors)
+    tensors, key = _cache_key(module, pca)
     cached = module.__dict__.get(_CACHE)
     if (
         cached is None
@@ -151,8 +203,7 @@ def folded_forward(
         if rows < weight.numel() // weight.shape[1 if kind == "conv1d" else 0]:
             module.__dict__[_CACHE] = (tensors, key, None, rows)
             return None
-        with torch.inference_mode(False), torch.no_grad():
-            cached = (tensors, key, _fold(kind, module, pca), rows)
+        cached = _build(kind, module, pca, rows)
         module.__dict__[_CACHE] = cached
     folded = cached[2]
     assert folded is not None

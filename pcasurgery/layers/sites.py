@@ -149,6 +149,23 @@ def _followed_class(base: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
+def fold_pairs(model: nn.Module) -> list[tuple[nn.Module, PCALayer]]:
+    """The ``(module, PCA layer)`` pairs whose calls can run folded (``layers.folding``).
+
+    A swapped module and its PCA child, or a :class:`Projected` wrapper's module
+    and layer: the pairs whose forwards call ``folded_forward``.
+    """
+    pairs: list[tuple[nn.Module, PCALayer]] = []
+    for module in model.modules():
+        if isinstance(module, Projected):
+            pairs.append((module.module, module.pca))
+        elif isinstance(module, _Followed):
+            pca = module._modules[module.__dict__[_CHILD]]
+            assert isinstance(pca, PCALayer)
+            pairs.append((module, pca))
+    return pairs
+
+
 def _rebuild_followed(base: type[nn.Module]) -> nn.Module:
     cls = _followed_class(base)
     return cls.__new__(cls)

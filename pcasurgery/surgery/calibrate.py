@@ -47,6 +47,7 @@ from .._validation import (
     kept_modes,
 )
 from ..core import moments as _m
+from ..layers.folding import prefold
 from ..layers.network import _require_layers, pca_layers_of
 from ..layers.pca import (
     _MOMENTS,
@@ -56,7 +57,7 @@ from ..layers.pca import (
     side_by_side,
     token_mask,
 )
-from ..layers.sites import sites_of
+from ..layers.sites import fold_pairs, sites_of
 from ..layers.through import InputStatistics, input_statistics
 
 __all__ = ["all_reduce_statistics", "calibrate"]
@@ -256,6 +257,11 @@ def calibrate(
             for layer in layers.values():
                 layer._through = None
         snapshot.restore_modes()
+    try:  # the layers that will project folded fold now, not in the first forward
+        prefold(fold_pairs(model))
+    except BaseException:
+        snapshot.restore()
+        raise
     _warn_undersampled(layers)
     return model
 
