@@ -26,22 +26,29 @@ these on a GPU. For each: (calibrate,
 then ``report``) / the plain forwards over the same batches, the first
 projecting forward after that / a plain one (no eigen-work may hide there),
 and the steady projecting forward / plain. The load average is printed with the ratios.
+``--load N`` then measures each real case again while N other processes keep
+the cores busy (pure-Python loops, started after the quiet measurement): the
+plain forward, calibrate + report, their ratio, and how much that ratio and
+the calibration time grew over the quiet run.
 ``wide``: the peak memory of wrapping and calibrating ``Linear(4, 16384)``
 over the bytes of its float64 covariance (2 GiB), in a fresh process.
 
 Usage: python benchmarks/bench_calibration.py [--repeats 7] [--threads 2]
            [--cases vgg resnet50 convnext llama-block smollm2 wide]
-           [--device cuda] [--calibrations 2]
+           [--device cuda] [--calibrations 2] [--load 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -104,13 +111,15 @@ def real_case(
     goal: float = 1.5,
     include: str | None = None,
     calibrations: int = 1,
+    load: int = 0,
 ) -> dict[str, float]:
     """(calibrate + report), first projecting forward and steady projecting forward / plain.
 
     Batches are tensors or tokenizer dicts, already on the model's device. With
     ``calibrations`` > 1 the calibration is repeated (each one starts afresh) and
     the fastest is reported beside the first, which pays one-time costs such as
-    loading the GPU's solver.
+    loading the GPU's solver. With ``load`` > 0, plain forwards and one
+    calibration are measured again while ``load`` busy processes run.
     """
     model.eval()
 
@@ -124,7 +133,7 @@ def real_case(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. a tied output layer left alone
         wrapped = ps.pca_wrap(model, 0.99, include=include)
-    load = os.getloadavg()[0]
+    load_before = os.getloadavg()[0]
     runs = [
         timed(lambda: (ps.calibrate(wrapped, batches, progress=False), ps.report(wrapped)))
         for _ in range(calibrations)
@@ -140,12 +149,38 @@ def real_case(
         for _ in range(3)
     )
     widths = sorted((layer.width for layer in ps.pca_layers_of(wrapped).values()), reverse=True)
-    print(f"{name}: {len(widths)} PCA layers (widest {widths[:3]}), load average {load:.2f} -> "
+    print(f"{name}: {len(widths)} PCA layers (widest {widths[:3]}), load average {load_before:.2f} -> "
           f"{os.getloadavg()[0]:.2f}: calibrate+report {calibrate:.1f} s / plain {plain:.1f} s = "
           f"{calibrate / plain:.2f}x (goal <= {goal:g}x); first projecting forward {first / plain_one:.2f}x "
           f"(goal <= 1.1x); steady projecting forward {steady:.2f}x", flush=True)  # fmt: skip
-    return {f"{name} calibrate": calibrate / plain, f"{name} first": first / plain_one,
-            f"{name} project": steady}  # fmt: skip
+    out = {f"{name} calibrate": calibrate / plain, f"{name} first": first / plain_one,
+           f"{name} project": steady}  # fmt: skip
+    if load:
+        with busy(load):
+            loaded_plain = min(timed(lambda: forward(model, batches)) for _ in range(2))
+            loaded = timed(lambda: (ps.calibrate(wrapped, batches, progress=False),
+                                    ps.report(wrapped)))  # fmt: skip
+        ratio = loaded / loaded_plain
+        print(f"{name} under load ({load} busy processes): plain {loaded_plain:.1f} s "
+              f"({loaded_plain / plain:.2f}x quiet), calibrate+report {loaded:.1f} s "
+              f"({loaded / calibrate:.2f}x quiet) = {ratio:.2f}x plain, "
+              f"{ratio / (calibrate / plain):.2f}x the quiet ratio (goal <= 1.5x)", flush=True)  # fmt: skip
+        out.update({f"{name} loaded calibrate": ratio,
+                    f"{name} load growth": ratio / (calibrate / plain)})  # fmt: skip
+    return out
+
+
+@contextlib.contextmanager
+def busy(count: int) -> Iterator[None]:
+    """A context in which ``count`` other processes keep the CPU busy (pure-Python loops)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(1.0)  # let them be scheduled
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def smollm2(device: torch.device) -> tuple[str, nn.Module, list[dict[str, torch.Tensor]]]:
@@ -179,17 +214,30 @@ def smollm2(device: torch.device) -> tuple[str, nn.Module, list[dict[str, torch.
     return name, model.to(device), data
 
 
-def real_cases(cases: list[str], device: torch.device, calibrations: int) -> dict[str, float]:
+def real_cases(
+    cases: list[str], device: torch.device, calibrations: int = 1, load: int = 0
+) -> dict[str, float]:
+    """The real cases named in ``cases``, each measured by :func:`real_case`."""
     sys.path.insert(0, str(Path(__file__).parent))
     from _architectures import LlamaBlock, convnext_tiny, resnet50
 
     out: dict[str, float] = {}
     images = [torch.randn(8, 3, 224, 224, device=device) for _ in range(8)]
     if "resnet50" in cases:
-        out.update(real_case("ResNet-50", resnet50().to(device), images, calibrations=calibrations))
+        out.update(
+            real_case(
+                "ResNet-50", resnet50().to(device), images, calibrations=calibrations, load=load
+            )
+        )
     if "convnext" in cases:
         out.update(
-            real_case("ConvNeXt-T", convnext_tiny().to(device), images, calibrations=calibrations)
+            real_case(
+                "ConvNeXt-T",
+                convnext_tiny().to(device),
+                images,
+                calibrations=calibrations,
+                load=load,
+            )
         )
     if "llama-block" in cases:
         out.update(
@@ -199,13 +247,20 @@ def real_cases(cases: list[str], device: torch.device, calibrations: int) -> dic
                 [torch.randn(1, 512, 4096, device=device) for _ in range(8)],
                 goal=3.0,
                 calibrations=calibrations,
+                load=load,
             )  # fmt: skip
         )
     if "smollm2" in cases:
         name, model, data = smollm2(device)
         out.update(
             real_case(
-                name, model, data, goal=2.0, include="model.layers.*", calibrations=calibrations
+                name,
+                model,
+                data,
+                goal=2.0,
+                include="model.layers.*",
+                calibrations=calibrations,
+                load=load,
             )
         )
     return out
@@ -260,13 +315,15 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--device", default="cpu", help="where the real cases run (e.g. cuda)")
     parser.add_argument("--calibrations", type=int, default=1,
                         help="calibrations per real case; the fastest is reported")  # fmt: skip
+    parser.add_argument("--load", type=int, default=0,
+                        help="measure the real cases again beside this many busy processes")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    extra = real_cases(args.cases, device, args.calibrations)
+    extra = real_cases(args.cases, device, calibrations=args.calibrations, load=args.load)
     if "wide" in args.cases:
         extra.update(wide_case())
     if "vgg" not in args.cases:
