@@ -9,11 +9,11 @@ transformers ``Conv1D`` runs folded: ``calibrate`` builds the folds at its end
 (:func:`prefold`), and after a change a pair folds again once it has projected
 as many rows (tokens, pixels) apart as the module has inputs, which is about
 what folding costs. The folded weights are cached on the module (never saved,
-copied or pickled) and rebuilt when the module's weights or the layer's projection change: the cache
-is keyed on the identity, version counter and storage of each of the four
-tensors, which every change of threshold, centring, random directions, a
-``.to()`` or an optimiser step alters. The cache holds one extra copy of the
-module's weights.
+copied or pickled) and rebuilt when the module's weights or the layer's
+projection change: the cache is keyed on the identity, version counter and
+storage of each of the four tensors, which every change of threshold,
+centring, random directions, a ``.to()`` or an optimiser step alters. The
+cache holds one extra copy of the module's weights.
 
 Training (the layer collects), stale statistics, gradients, hooks on the PCA
 layer (``count_macs``, tracking, a user's own), subclasses with their own
@@ -134,7 +134,7 @@ def _foldable(module: nn.Module, pca: PCALayer) -> str | None:
 
 def _cache_key(module: nn.Module, pca: PCALayer) -> tuple[tuple, tuple]:
     tensors = (module.weight, module.bias, pca.projection_weight, pca.projection_bias)
-    return tensors, tuple(_token(t) for t in tensors)  # type: ignore[arg-type]
+    return tensors, tuple(_token(t) for t in tensors)  # type: ignore[arg-type]  # _foldable checked them
 
 
 def _build(kind: str, module: nn.Module, pca: PCALayer, rows: int) -> tuple:
