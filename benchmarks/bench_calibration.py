@@ -25,7 +25,10 @@ package, else its architecture with random weights). ``--device cuda`` runs
 these on a GPU. For each: (calibrate,
 then ``report``) / the plain forwards over the same batches, the first
 projecting forward after that / a plain one (no eigen-work may hide there),
-and the steady projecting forward / plain. The load average is printed with the ratios.
+and the steady projecting forward / plain. The first projecting forward runs
+after one plain forward: the first forward of any kind after calibrating is
+slower than a warm one on this machine (that plain one's ratio is printed
+beside it). The load average is printed with the ratios.
 ``--load N`` then measures each real case again while N other processes keep
 the cores busy (pure-Python loops, started after the quiet measurement): the
 plain forward, calibrate + report, their ratio, and how much that ratio and
@@ -118,7 +121,8 @@ def real_case(
     Batches are tensors or tokenizer dicts, already on the model's device. With
     ``calibrations`` > 1 the calibration is repeated (each one starts afresh) and
     the fastest is reported beside the first, which pays one-time costs such as
-    loading the GPU's solver. With ``load`` > 0, plain forwards and one
+    loading the GPU's solver; the first projecting forward after each is
+    timed, and the median reported. With ``load`` > 0, plain forwards and one
     calibration are measured again while ``load`` busy processes run.
     """
     model.eval()
@@ -134,16 +138,22 @@ def real_case(
         warnings.simplefilter("ignore")  # e.g. a tied output layer left alone
         wrapped = ps.pca_wrap(model, 0.99, include=include)
     load_before = os.getloadavg()[0]
-    runs = [
-        timed(lambda: (ps.calibrate(wrapped, batches, progress=False), ps.report(wrapped)))
-        for _ in range(calibrations)
-    ]
+    runs, firsts, colds = [], [], []
+    for _ in range(calibrations):
+        runs.append(
+            timed(lambda: (ps.calibrate(wrapped, batches, progress=False), ps.report(wrapped)))
+        )
+        # the first forward of any kind after calibrating runs slower than a warm one
+        # here: a plain one goes first (printed beside), so that the projecting one shows
+        # its own work (a plain forward runs none of the wrapped model's code)
+        colds.append(timed(lambda: forward(model, batches[:1])))
+        firsts.append(timed(lambda: forward(wrapped, batches[:1])))
     calibrate = min(runs)
     if calibrations > 1:
         print(f"{name}: calibrate+report {', '.join(f'{t:.2f}' for t in runs)} s "
               f"(first {runs[0] / plain:.2f}x plain)", flush=True)  # fmt: skip
-    first = timed(lambda: forward(wrapped, batches[:1]))
     plain_one = min(timed(lambda: forward(model, batches[:1])) for _ in range(3))
+    first, cold = statistics.median(firsts), statistics.median(colds)
     steady = statistics.median(
         timed(lambda: forward(wrapped, batches)) / timed(lambda: forward(model, batches))
         for _ in range(3)
@@ -152,6 +162,7 @@ def real_case(
     print(f"{name}: {len(widths)} PCA layers (widest {widths[:3]}), load average {load_before:.2f} -> "
           f"{os.getloadavg()[0]:.2f}: calibrate+report {calibrate:.1f} s / plain {plain:.1f} s = "
           f"{calibrate / plain:.2f}x (goal <= {goal:g}x); first projecting forward {first / plain_one:.2f}x "
+          f"(a plain one right after calibrating: {cold / plain_one:.2f}x) "
           f"(goal <= 1.1x); steady projecting forward {steady:.2f}x", flush=True)  # fmt: skip
     out = {f"{name} calibrate": calibrate / plain, f"{name} first": first / plain_one,
            f"{name} project": steady}  # fmt: skip
