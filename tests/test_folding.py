@@ -150,7 +150,7 @@ def test_the_folded_weights_follow_every_change_of_weights_and_projection():
 def test_calibrate_folds_at_its_end_so_the_first_forward_builds_nothing(monkeypatch):
     from pcasurgery.layers import folding
 
-    net, wrapped = calibrated_net()
+    _, wrapped = calibrated_net()
     assert all(m.__dict__[_CACHE][2] is not None for m in (wrapped.conv, wrapped.fc))
     built = []
     monkeypatch.setattr(folding, "_fold", lambda *a: built.append(a) or _fold(*a))
@@ -183,7 +183,7 @@ def test_calibrate_folds_at_its_end_so_the_first_forward_builds_nothing(monkeypa
 def test_a_fold_that_fails_in_calibrate_leaves_the_model_as_it_was(monkeypatch):
     from pcasurgery.layers import folding
 
-    net, wrapped = calibrated_net()
+    _, wrapped = calibrated_net()
     state = {k: v.clone() for k, v in wrapped.state_dict().items()}
     caches = {name: m.__dict__[_CACHE] for name, m in (("conv", wrapped.conv), ("fc", wrapped.fc))}
 
