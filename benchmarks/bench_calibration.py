@@ -25,7 +25,10 @@ package, else its architecture with random weights). ``--device cuda`` runs
 these on a GPU. For each: (calibrate,
 then ``report``) / the plain forwards over the same batches, the first
 projecting forward after that / a plain one (no eigen-work may hide there),
-and the steady projecting forward / plain. The first projecting forward runs
+and the steady projecting forward / plain, with the last calibration's steps
+(the stream of batches, mapping widening layers' input moments, the
+decompositions, the folds) as multiples of the plain forwards. The first
+projecting forward runs
 after one plain forward: the first forward of any kind after calibrating is
 slower than a warm one on this machine (that plain one's ratio is printed
 beside it). The load average is printed with the ratios.
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import statistics
 import subprocess
@@ -119,10 +123,13 @@ def real_case(
     """(calibrate + report), first projecting forward and steady projecting forward / plain.
 
     Batches are tensors or tokenizer dicts, already on the model's device. With
-    ``calibrations`` > 1 the calibration is repeated (each one starts afresh) and
-    the fastest is reported beside the first, which pays one-time costs such as
-    loading the GPU's solver; the first projecting forward after each is
-    timed, and the median reported. With ``load`` > 0, plain forwards and one
+    ``calibrations`` > 1 the calibration is repeated (each one starts afresh;
+    the first pays one-time costs such as loading the GPU's solver). Each
+    calibration's time is divided by the plain forwards timed just before it,
+    and the median of these paired ratios reported, the ratio of the fastest
+    times beside it: on a shared machine the plain forwards alone have varied
+    2x between runs minutes apart. The first projecting
+    forward after each calibration is timed, and the median reported. With ``load`` > 0, plain forwards and one
     calibration are measured again while ``load`` busy processes run.
     """
     model.eval()
@@ -138,20 +145,27 @@ def real_case(
         warnings.simplefilter("ignore")  # e.g. a tied output layer left alone
         wrapped = ps.pca_wrap(model, 0.99, include=include)
     load_before = os.getloadavg()[0]
-    runs, firsts, colds = [], [], []
+    runs, firsts, colds, paired = [], [], [], []
     for _ in range(calibrations):
-        runs.append(
-            timed(lambda: (ps.calibrate(wrapped, batches, progress=False), ps.report(wrapped)))
-        )
+        split: dict[str, float] = {}
+        base = timed(lambda: forward(model, batches))
+        with phases(split):
+            runs.append(
+                timed(lambda: (ps.calibrate(wrapped, batches, progress=False), ps.report(wrapped)))
+            )
         # the first forward of any kind after calibrating runs slower than a warm one
         # here: a plain one goes first (printed beside), so that the projecting one shows
         # its own work (a plain forward runs none of the wrapped model's code)
+        paired.append(runs[-1] / base)
         colds.append(timed(lambda: forward(model, batches[:1])))
         firsts.append(timed(lambda: forward(wrapped, batches[:1])))
+    plain = min(plain, base)
     calibrate = min(runs)
+    ratio = statistics.median(paired)
     if calibrations > 1:
-        print(f"{name}: calibrate+report {', '.join(f'{t:.2f}' for t in runs)} s "
-              f"(first {runs[0] / plain:.2f}x plain)", flush=True)  # fmt: skip
+        print(f"{name}: calibrate+report {', '.join(f'{t:.2f}' for t in runs)} s, each over the "
+              f"plain forwards timed just before it: "
+              f"{', '.join(f'{r:.2f}x' for r in paired)}", flush=True)  # fmt: skip
     plain_one = min(timed(lambda: forward(model, batches[:1])) for _ in range(3))
     first, cold = statistics.median(firsts), statistics.median(colds)
     steady = statistics.median(
@@ -160,25 +174,62 @@ def real_case(
     )
     widths = sorted((layer.width for layer in ps.pca_layers_of(wrapped).values()), reverse=True)
     print(f"{name}: {len(widths)} PCA layers (widest {widths[:3]}), load average {load_before:.2f} -> "
-          f"{os.getloadavg()[0]:.2f}: calibrate+report {calibrate:.1f} s / plain {plain:.1f} s = "
-          f"{calibrate / plain:.2f}x (goal <= {goal:g}x); first projecting forward {first / plain_one:.2f}x "
+          f"{os.getloadavg()[0]:.2f}: calibrate+report / plain {ratio:.2f}x (goal <= {goal:g}x; "
+          f"fastest {calibrate:.1f} s / {plain:.1f} s = {calibrate / plain:.2f}x); "
+          f"first projecting forward {first / plain_one:.2f}x "
           f"(a plain one right after calibrating: {cold / plain_one:.2f}x) "
           f"(goal <= 1.1x); steady projecting forward {steady:.2f}x", flush=True)  # fmt: skip
-    out = {f"{name} calibrate": calibrate / plain, f"{name} first": first / plain_one,
+    print(f"{name}: the last calibration's steps / the plain forwards before it: " + ", ".join(
+        f"{step} {t / base:.2f}x" for step, t in split.items()), flush=True)  # fmt: skip
+    out = {f"{name} calibrate": ratio, f"{name} first": first / plain_one,
            f"{name} project": steady}  # fmt: skip
     if load:
         with busy(load):
             loaded_plain = min(timed(lambda: forward(model, batches)) for _ in range(2))
             loaded = timed(lambda: (ps.calibrate(wrapped, batches, progress=False),
                                     ps.report(wrapped)))  # fmt: skip
-        ratio = loaded / loaded_plain
+        loaded_ratio = loaded / loaded_plain
         print(f"{name} under load ({load} busy processes): plain {loaded_plain:.1f} s "
               f"({loaded_plain / plain:.2f}x quiet), calibrate+report {loaded:.1f} s "
-              f"({loaded / calibrate:.2f}x quiet) = {ratio:.2f}x plain, "
-              f"{ratio / (calibrate / plain):.2f}x the quiet ratio (goal <= 1.5x)", flush=True)  # fmt: skip
-        out.update({f"{name} loaded calibrate": ratio,
-                    f"{name} load growth": ratio / (calibrate / plain)})  # fmt: skip
+              f"({loaded / calibrate:.2f}x quiet) = {loaded_ratio:.2f}x plain, "
+              f"{loaded_ratio / ratio:.2f}x the quiet ratio (goal <= 1.5x)", flush=True)  # fmt: skip
+        out.update({f"{name} loaded calibrate": loaded_ratio,
+                    f"{name} load growth": loaded_ratio / ratio})  # fmt: skip
     return out
+
+
+PHASES = {  # calibrate's steps, as named in pcasurgery.surgery.calibrate
+    "_stream": "stream",
+    "_install_inputs": "input mapping",
+    "compute_eigenspaces": "decompositions",
+    "prefold": "folds",
+}
+
+
+@contextlib.contextmanager
+def phases(seconds: dict[str, float]) -> Iterator[None]:
+    """Add the seconds each of ``calibrate``'s steps (``PHASES``) takes into ``seconds``."""
+    module = importlib.import_module("pcasurgery.surgery.calibrate")
+    originals = {name: getattr(module, name) for name in PHASES}
+
+    def timing(name: str, fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync()
+                seconds[PHASES[name]] = seconds.get(PHASES[name], 0.0) + time.perf_counter() - start
+
+        return run
+
+    for name, fn in originals.items():
+        setattr(module, name, timing(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
 
 
 @contextlib.contextmanager
@@ -325,7 +376,7 @@ def main(argv=None) -> dict[str, float]:
                                  "wide"])  # fmt: skip
     parser.add_argument("--device", default="cpu", help="where the real cases run (e.g. cuda)")
     parser.add_argument("--calibrations", type=int, default=1,
-                        help="calibrations per real case; the fastest is reported")  # fmt: skip
+                        help="calibrations per real case; the median paired ratio is reported")  # fmt: skip
     parser.add_argument("--load", type=int, default=0,
                         help="measure the real cases again beside this many busy processes")  # fmt: skip
     args = parser.parse_args(argv)
