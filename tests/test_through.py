@@ -9,6 +9,8 @@ collecting its outputs itself in training mode).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -242,17 +244,97 @@ def test_a_non_finite_input_names_the_layer_and_leaves_the_model_as_it_was():
     assert all(layer._through is None for layer in ps.pca_layers_of(wrapped).values())
 
 
-def test_a_wide_layer_holds_little_more_than_its_covariance():
-    # Linear(3, 2048): the statistics are one 2048 x 2048 float64 square; the
-    # eigenvectors (3 of them) and the projection (k x 2048) add next to nothing
+def test_a_wide_layer_holds_its_covariance_only_once_it_is_read():
+    # Linear(3, 2048): the statistics' square is 2048 x 2048 float64 once formed;
+    # calibration leaves it as its factors (the 2048 x 3 weight and a 3 x 3 square)
     model = nn.Sequential(nn.Linear(3, 2048)).eval()
     wrapped = ps.pca_wrap(model, 0.99)
     layer = wrapped.get_submodule("0.pca")
     assert sum(b.numel() * b.element_size() for b in layer.buffers()) < 2**20  # nothing yet
     ps.calibrate(wrapped, [torch.randn(1024, 3) for _ in range(3)], progress=False)
     covariance = 2048 * 2048 * 8
+    assert sum(b.numel() * b.element_size() for b in layer.buffers()) < 0.01 * covariance
+    assert layer.shifted_sum_sq.shape == (2048, 2048)  # reading the buffer forms it
     held = sum(b.numel() * b.element_size() for b in layer.buffers())
-    assert layer.shifted_sum_sq.shape == (2048, 2048) and held < 1.01 * covariance
+    assert covariance <= held < 1.01 * covariance and layer._square_factors is None
+
+
+def test_the_square_of_a_widening_layer_is_formed_only_when_read(monkeypatch):
+    formed = []
+    mapped_square = _m.mapped_square
+    monkeypatch.setattr(_m, "mapped_square", lambda *a: formed.append(1) or mapped_square(*a))
+    model = _widening_linear(True)
+    x = torch.randn(300, 6, dtype=torch.float64) * 2 + 3
+    wrapped = ps.calibrate(ps.pca_wrap(model, 0.9), x.split(50), progress=False)
+    layer = wrapped.get_submodule("0.pca")
+    ps.report(wrapped)
+    ps.budget_plan(wrapped, remove=0.2)
+    small = ps.compress(wrapped)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), wrapped(x))
+    layer.threshold = 0.99  # a new rank from the spectrum, not from the statistics
+    assert formed == [] and layer._buffers["shifted_sum_sq"].shape == (0, 0)
+    with torch.no_grad():
+        outputs = model[0](x)
+        wrapped[0].weight.mul_(2)  # the square is of the outputs seen, whatever the weight is now
+    state = wrapped.state_dict()
+    assert formed == [1]
+    y = outputs.numpy()
+    np.testing.assert_allclose(
+        _m.covariance(layer.statistics()).numpy(), np.cov(y.T, bias=True), atol=1e-10
+    )
+    square = state["0.pca.shifted_sum_sq"].numpy()
+    shifted = y - state["0.pca.shift"].numpy()
+    np.testing.assert_allclose(square, shifted.T @ shifted, rtol=1e-10)
+
+
+@pytest.mark.parametrize("read", ["statistics", "buffer", "move", "collect", "copy"])
+def test_every_way_of_reading_the_statistics_sees_the_formed_square(read):
+    model = _widening_linear(True)
+    x = torch.randn(300, 6, dtype=torch.float64) * 2 + 3
+    reference = ps.pca_wrap(model, 0.9).train()  # training mode: the layers collect their outputs
+    with torch.no_grad():
+        reference(x[:200])
+    wrapped = ps.calibrate(ps.pca_wrap(model, 0.9), [x[:200]], progress=False)
+    layer: PCALayer = wrapped.get_submodule("0.pca")
+    assert layer._square_factors is not None
+    expected = reference.get_submodule("0.pca").statistics()
+    if read == "statistics":
+        square = layer.statistics().total_sq
+    elif read == "buffer":
+        square = layer.shifted_sum_sq
+    elif read == "move":
+        square = wrapped.to("cpu").get_submodule("0.pca")._buffers["shifted_sum_sq"]
+    elif read == "copy":
+        square = copy.deepcopy(wrapped).state_dict()["0.pca.shifted_sum_sq"]
+    else:  # training mode adds the next batches to the calibrated statistics
+        with torch.no_grad():
+            layer.mode = "collect"
+            wrapped(x[200:])
+            reference(x[200:])
+        expected = reference.get_submodule("0.pca").statistics()
+        square = layer.statistics().total_sq
+    assert square.shape == (20, 20)
+    state = layer.statistics()  # each way of collecting picks its own shift
+    torch.testing.assert_close(square, _m.reshift(expected, state.shift).total_sq, rtol=1e-9,
+                               atol=1e-9)  # fmt: skip
+
+
+def test_a_failed_calibration_keeps_a_square_held_as_factors():
+    model = _widening_linear(True)
+    wrapped = ps.calibrate(ps.pca_wrap(model, 0.99), [torch.randn(50, 6, dtype=torch.float64)],
+                           progress=False)  # fmt: skip
+    before = copy.deepcopy(wrapped).state_dict()
+    layer = wrapped.get_submodule("0.pca")
+    assert layer._square_factors is not None
+    bad = torch.randn(50, 6, dtype=torch.float64)
+    bad[3, 2] = float("nan")
+    with pytest.raises(ps.NonFiniteError):
+        ps.calibrate(wrapped, [torch.randn(50, 6, dtype=torch.float64), bad], progress=False)
+    assert layer._square_factors is not None
+    after = wrapped.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]) or (value.isnan().all() and after[key].isnan().all())
 
 
 class GatedMLP(nn.Module):

@@ -43,6 +43,7 @@ __all__ = [
     "covariance",
     "empty_moments",
     "map_moments",
+    "mapped_square",
     "mean",
     "merge_moments",
     "reshift",
@@ -296,7 +297,9 @@ def reshift(m: Moments, shift: Tensor) -> Moments:
     return Moments(m.count.clone(), shift.clone(), total, total_sq)
 
 
-def map_moments(m: Moments, weight: Tensor, bias: Tensor | None = None) -> Moments:
+def map_moments(
+    m: Moments, weight: Tensor, bias: Tensor | None = None, square: bool = True
+) -> Moments:
     """The moments of ``y = weight @ x + bias`` from those of ``x`` (exact algebra in float64).
 
     Around the shift ``weight @ shift + bias``, ``y - shift_y = weight (x - shift)``:
@@ -307,12 +310,22 @@ def map_moments(m: Moments, weight: Tensor, bias: Tensor | None = None) -> Momen
         m: moments of ``x`` (width ``r``).
         weight: ``(d, r)``.
         bias: ``(d,)``, or None for zero.
+        square: map the products too (:func:`mapped_square`); otherwise the
+            result's ``total_sq`` is an empty ``(0, 0)`` placeholder, for a
+            caller that keeps the factors of the square instead.
     """
     w = weight.to(device=m.shift.device, dtype=torch.float64)
     shift = w @ m.shift
     if bias is not None:
         shift = shift + bias.to(shift)
-    return Moments(m.count.clone(), shift, w @ m.total, w @ m.total_sq @ w.T)
+    total_sq = mapped_square(w, m.total_sq) if square else m.total_sq.new_zeros(0, 0)
+    return Moments(m.count.clone(), shift, w @ m.total, total_sq)
+
+
+def mapped_square(weight: Tensor, inner: Tensor) -> Tensor:
+    """``weight @ inner @ weight.T`` in float64, on ``inner``'s device: products mapped through ``weight``."""
+    w = weight.to(device=inner.device, dtype=torch.float64)
+    return w @ inner.to(torch.float64) @ w.T
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

@@ -199,6 +199,11 @@ class PCALayer(nn.Module):
     # calibration only: where the followed module's inputs are collected instead
     # of this layer's (a layers.through.InputStatistics); never saved or copied
     _through: Any = None
+    # ``(W, C)`` while the statistics' square is held as its factors ``W C W^T``
+    # (a widening layer calibrated on its input, layers.through): the square is
+    # formed the first time anything reads it (``statistics()``, the buffer, the
+    # state dict, a move), so that calibration and its spectrum never need it
+    _square_factors: tuple[Tensor, Tensor] | None = None
 
     # The buffers of _STATE, for type checkers (nn.Module resolves them at run time).
     sample_count: Tensor
@@ -286,13 +291,32 @@ class PCALayer(nn.Module):
     def _stale(self) -> bool:
         return self._n > 0 and self._n != self._computed
 
+    def _held_moments(self) -> _m.Moments:
+        """The moment buffers as they are: the square may still be unformed (``(0, 0)``)."""
+        return _m.Moments(*(self._buffers[name] for name in _MOMENTS))  # type: ignore[arg-type]
+
+    def _form_square(self) -> None:
+        """Form the square from its factors, if it is held that way (see ``_square_factors``)."""
+        factors = self._square_factors
+        if factors is not None:
+            weight, inner = factors
+            with torch.inference_mode(False):
+                self._buffers["shifted_sum_sq"] = _m.mapped_square(weight, inner)
+            self._square_factors = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "shifted_sum_sq":
+            self._form_square()
+        return super().__getattr__(name)
+
     def statistics(self) -> _m.Moments:
         """The accumulated moments (the buffers themselves; modify with care).
 
         A layer that has seen no data holds no ``(width, width)`` square yet;
         its moments are returned with a zero square then (not stored).
         """
-        state = _m.Moments(*(self._buffers[name] for name in _MOMENTS))  # type: ignore[arg-type]
+        self._form_square()
+        state = self._held_moments()
         if state.total_sq.shape != (self.width, self.width):
             square = torch.zeros(self.width, self.width, dtype=_F64, device=state.shift.device)
             state = state._replace(total_sq=square)
@@ -300,6 +324,7 @@ class PCALayer(nn.Module):
 
     def _allocate_statistics(self) -> None:
         """Allocate the ``(width, width)`` square, where the other statistics live, if it is not yet."""
+        self._form_square()
         if self.shifted_sum_sq.shape != (self.width, self.width):
             with torch.inference_mode(False):  # a buffer that later updates may change in place
                 self._buffers["shifted_sum_sq"] = torch.zeros(
@@ -308,6 +333,7 @@ class PCALayer(nn.Module):
 
     def _fresh_statistics(self) -> None:
         """Statistics of no data (the square is released until the next batch)."""
+        self._square_factors = None
         for spec in _STATE:
             if spec.statistic:
                 current = self._buffers[spec.name]
@@ -322,15 +348,28 @@ class PCALayer(nn.Module):
             self._put("computed_count", -1)
         self._sync_flags()
 
-    def load_statistics(self, state: _m.Moments, examples: int | None = None) -> None:
-        """Replace the statistics by ``state`` (e.g. the all-reduced moments of all ranks)."""
+    def load_statistics(
+        self,
+        state: _m.Moments,
+        examples: int | None = None,
+        *,
+        square_factors: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """Replace the statistics by ``state`` (e.g. the all-reduced moments of all ranks).
+
+        With ``square_factors`` ``(W, C)`` the square is ``W C W^T``, formed when
+        first read (``state.total_sq`` is ignored); ``W`` must not change after.
+        """
         if state.shift.shape != (self.width,):
             raise ValueError(
                 f"{self.name}: statistics of width {state.shift.shape[0]} do not fit width {self.width}"
             )
+        if square_factors is not None:
+            state = state._replace(total_sq=state.shift.new_zeros(0, 0))
         for name, value in zip(_MOMENTS, state, strict=True):
             if value is not self._buffers[name]:  # its own buffers: nothing to copy
                 self._put(name, value)
+        self._square_factors = square_factors
         if examples is not None:
             self._put("example_count", int(examples))
         if self._has_spectrum:
@@ -340,6 +379,7 @@ class PCALayer(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.half()/float()/to(dtype) would cast the float64 statistics; keep
         # every buffer in its declared dtype and only follow the device.
+        self._form_square()
         keep = {s.name: self._buffers[s.name] for s in _STATE if s.dtype is not None}
         super()._apply(fn, recurse)
         device = self.projection_weight.device
@@ -347,6 +387,10 @@ class PCALayer(nn.Module):
             if value is not None:
                 self._buffers[name] = value.to(device)
         return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._form_square()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # fmt: skip
@@ -373,6 +417,8 @@ class PCALayer(nn.Module):
             if spec.resizable and isinstance(incoming, Tensor) and current is not None:
                 if incoming.shape != current.shape:
                     self._buffers[spec.name] = current.new_empty(incoming.shape)
+        if prefix + "shifted_sum_sq" in state_dict:
+            self._square_factors = None  # the square comes from the checkpoint
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip
         for spec in _STATE:  # checkpoints written before these buffers existed
@@ -589,25 +635,28 @@ class PCALayer(nn.Module):
         matrix = self._matrix_to_decompose()
         self._install_spectrum(*_s.eigh_descending(matrix))
 
-    def _check_statistics(self) -> _m.Moments:
-        """The statistics, checked: there are some, and they are finite."""
+    def _check_statistics(self) -> None:
+        """Check the statistics: there are some, and they are finite (a square held as
+        its factors is checked through them, unformed)."""
         if self._empty:
             raise NotCalibratedError(
                 f"PCA layer {self.name!r} has no statistics yet: run calibration "
                 "(pcasurgery.calibrate) or forward data in training mode first"
             )
-        state = self.statistics()
-        if not (_s.all_finite(state.total) and _s.all_finite(state.total_sq)):
+        state = self._held_moments()
+        squares = self._square_factors or (self.statistics().total_sq,)
+        if not (_s.all_finite(state.total) and all(_s.all_finite(t) for t in squares)):
             raise NonFiniteError(
                 f"PCA layer {self.name!r} received NaN or infinite activations; "
                 "its statistics cannot be decomposed"
             )
-        return state
 
     def _matrix_to_decompose(self, checked: bool = False) -> Tensor:
         """The covariance (or second moment) to decompose, checked unless ``checked`` already."""
         with torch.inference_mode(False):
-            state = self.statistics() if checked else self._check_statistics()
+            if not checked:
+                self._check_statistics()
+            state = self.statistics()
             return _m.covariance(state) if self.centering else _m.second_moment(state)
 
     @torch.no_grad()
@@ -615,7 +664,7 @@ class PCALayer(nn.Module):
         with torch.inference_mode(False):
             self._put("eigenvalues", values)
             self._put("eigenvectors", vectors)
-            self._put("mean", _m.mean(self.statistics()))
+            self._put("mean", _m.mean(self._held_moments()))
             self._put("computed_count", self.sample_count)
             self._computed = self._n
             self._update_projection()

@@ -12,7 +12,9 @@ operations; a ConvNeXt block's 768 -> 3072: 16x and 64x).
 
 The statistics the layer ends with are the same as if its outputs had been
 collected (to float64 rounding of the exact outputs ``W x + b``; the float32
-outputs the model computes differ from those by their own rounding). Only
+outputs the model computes differ from those by their own rounding), their
+``(out, out)`` square held as its factors until something reads it
+(``PCALayer._square_factors``). Only
 ``calibrate`` collects this way, while the weights cannot change; a layer
 collecting in training mode (tracking during training) sees its outputs as
 always.
@@ -158,11 +160,24 @@ class InputStatistics:
         return weight_matrix(self.module, torch.float64)
 
     def install(self) -> None:
-        """Give the PCA layer the moments of the module's outputs (a layer that saw nothing keeps none)."""
+        """Give the PCA layer the moments of the module's outputs (a layer that saw nothing keeps none).
+
+        The ``(out, out)`` square ``W S W^T`` is left to the layer as its factors,
+        ``W`` copied as the module holds it: it is formed only if something reads it
+        (the spectrum comes from :meth:`eigenspace`), which saves its product and
+        its memory (``(out / in)^2`` times the input's square).
+        """
         if self.state is None or int(self.state.count) == 0:
             return
-        weight, bias = self._affine()
-        self.pca.load_statistics(_m.map_moments(self.state, weight, bias), self.examples)
+        own = self.module.weight
+        assert isinstance(own, Tensor)
+        held, bias = weight_matrix(self.module, own.dtype)
+        held = held.clone() if held.data_ptr() == own.data_ptr() else held  # not a view of it
+        self.pca.load_statistics(
+            _m.map_moments(self.state, held, bias, square=False),
+            self.examples,
+            square_factors=(held, self.state.total_sq),
+        )
         self.pca._put("sample_positions", self.positions)
 
     @property

@@ -54,7 +54,6 @@ from ..layers.pca import (
     _SUMMED,
     PCALayer,
     compute_eigenspaces,
-    side_by_side,
     token_mask,
 )
 from ..layers.sites import fold_pairs, sites_of
@@ -134,7 +133,7 @@ class _Snapshot:
             )
             for m in model.modules()
         ]
-        self.layers = [(layer, layer.mode, layer.epoch) for layer in layers]
+        self.layers = [(layer, layer.mode, layer.epoch, layer._square_factors) for layer in layers]
         self._buffers = {id(m): buffers for m, buffers, *_ in self.modules}
 
     def buffers_of(self, layer: PCALayer) -> dict[str, Tensor]:
@@ -143,7 +142,7 @@ class _Snapshot:
 
     def restore_modes(self) -> None:
         """Put every PCA layer's mode back."""
-        for layer, mode, _ in self.layers:
+        for layer, mode, *_ in self.layers:
             layer.mode = mode
 
     def restore(self) -> None:
@@ -157,8 +156,9 @@ class _Snapshot:
                     param = params[name]
                     if param is not None and param.data is not tensor:
                         param.data = tensor
-        for layer, _, epoch in self.layers:
+        for layer, _, epoch, factors in self.layers:
             layer.epoch = epoch
+            layer._square_factors = factors
             layer._sync_flags()
         self.restore_modes()
 
@@ -229,6 +229,9 @@ def calibrate(
     layers = pca_layers_of(model)
     _require_layers(layers)
 
+    if not reset:  # the statistics to add to: a square still held as factors is formed
+        for layer in layers.values():
+            layer._form_square()
     snapshot = _Snapshot(model, layers.values())
     with kept_modes(model):
         try:
@@ -267,15 +270,9 @@ def calibrate(
 
 
 def _install_inputs(sources: Iterable[InputStatistics]) -> None:
-    """Map the collected input moments to the layers' outputs, the CPU ones side by side."""
-    on_cpu: list[InputStatistics] = []
-    elsewhere: list[InputStatistics] = []
+    """Map the collected input moments to the layers' outputs (their squares stay factored)."""
     for source in sources:
         source.release_shared()  # the last input seen is no longer needed
-        cpu = source.state is not None and source.state.shift.device.type == "cpu"
-        (on_cpu if cpu else elsewhere).append(source)
-    side_by_side([source.install for source in sorted(on_cpu, key=lambda s: -s.pca.width)])
-    for source in elsewhere:
         source.install()
 
 
@@ -373,6 +370,16 @@ def _combine(
 ) -> None:
     """Put together the new statistics, the previous ones (``reset=False``) and other ranks'."""
     distributed = _distributed()
+    if reset and not distributed:  # the new statistics are the layers' own already
+        if batches == 0:
+            raise ValueError("data yielded no batch: nothing to calibrate on")
+        for layer in layers.values():
+            if layer._has_spectrum:
+                layer._put("computed_count", -1)  # the spectrum no longer matches
+            layer._put("statistics_shared", False)
+            layer._sync_flags()
+        _require_reached(layers)
+        return
     states, after = [], []
     for layer in layers.values():
         state, old = layer.statistics(), None
@@ -400,6 +407,10 @@ def _combine(
             _add_summed(layer, snapshot.buffers_of(layer))
         layer.load_statistics(state)
         layer._put("statistics_shared", distributed)
+    _require_reached(layers)
+
+
+def _require_reached(layers: Mapping[str, PCALayer]) -> None:
     unreached = [name for name, layer in layers.items() if layer._empty]
     if unreached:
         raise ValueError(
