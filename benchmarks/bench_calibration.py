@@ -149,6 +149,7 @@ def real_case(
     for _ in range(calibrations):
         split: dict[str, float] = {}
         base = timed(lambda: forward(model, batches))
+        plain = min(plain, base)
         with phases(split):
             runs.append(
                 timed(lambda: (ps.calibrate(wrapped, batches, progress=False), ps.report(wrapped)))
@@ -159,7 +160,6 @@ def real_case(
         paired.append(runs[-1] / base)
         colds.append(timed(lambda: forward(model, batches[:1])))
         firsts.append(timed(lambda: forward(wrapped, batches[:1])))
-    plain = min(plain, base)
     calibrate = min(runs)
     ratio = statistics.median(paired)
     if calibrations > 1:
