@@ -286,6 +286,10 @@ def test_the_square_of_a_widening_layer_is_formed_only_when_read(monkeypatch):
     square = state["0.pca.shifted_sum_sq"].numpy()
     shifted = y - state["0.pca.shift"].numpy()
     np.testing.assert_allclose(square, shifted.T @ shifted, rtol=1e-10)
+    # calibrating again, moving the model first, forms nothing of the statistics it replaces
+    ps.calibrate(wrapped, x.split(50), device="cpu", progress=False)
+    ps.calibrate(wrapped, x.split(50), device="cpu", progress=False)
+    assert formed == [1]
 
 
 @pytest.mark.parametrize("read", ["statistics", "buffer", "move", "collect", "copy"])

@@ -235,12 +235,13 @@ def calibrate(
     snapshot = _Snapshot(model, layers.values())
     with kept_modes(model):
         try:
+            for layer in layers.values():  # the old statistics are the snapshot's now
+                layer._fresh_statistics()
             if target is not None:
                 model.to(target)
             else:
                 target = _model_device(model)
             for layer in layers.values():
-                layer._fresh_statistics()
                 layer._sync_flags()
                 layer.mode = "collect"
             inputs = _input_side(model)
