@@ -310,8 +310,8 @@ def map_moments(
         m: moments of ``x`` (width ``r``).
         weight: ``(d, r)``.
         bias: ``(d,)``, or None for zero.
-        square: map the products too (:func:`mapped_square`); otherwise the
-            result's ``total_sq`` is an empty ``(0, 0)`` placeholder, for a
+        square: map the products too (``weight @ total_sq @ weight.T``); otherwise
+            the result's ``total_sq`` is an empty ``(0, 0)`` placeholder, for a
             caller that keeps the factors of the square instead.
     """
     w = weight.to(device=m.shift.device, dtype=torch.float64)
