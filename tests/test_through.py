@@ -307,8 +307,10 @@ def test_every_way_of_reading_the_statistics_sees_the_formed_square(read):
         square = layer.statistics().total_sq
     elif read == "buffer":
         square = layer.shifted_sum_sq
-    elif read == "move":
-        square = wrapped.to("cpu").get_submodule("0.pca")._buffers["shifted_sum_sq"]
+    elif read == "move":  # the factors follow the device and keep their dtypes
+        wrapped.to("cpu", torch.float16)
+        assert layer._square_factors is not None and layer._square_factors[0].dtype == torch.float64
+        square = layer.statistics().total_sq
     elif read == "copy":
         square = copy.deepcopy(wrapped).state_dict()["0.pca.shifted_sum_sq"]
     else:  # training mode adds the next batches to the calibrated statistics

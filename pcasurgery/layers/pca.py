@@ -202,7 +202,7 @@ class PCALayer(nn.Module):
     # ``(W, C)`` while the statistics' square is held as its factors ``W C W^T``
     # (a widening layer calibrated on its input, layers.through): the square is
     # formed the first time anything reads it (``statistics()``, the buffer, the
-    # state dict, a move), so that calibration and its spectrum never need it
+    # state dict, more data), so that calibration and its spectrum never need it
     _square_factors: tuple[Tensor, Tensor] | None = None
 
     # The buffers of _STATE, for type checkers (nn.Module resolves them at run time).
@@ -378,14 +378,17 @@ class PCALayer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Module.half()/float()/to(dtype) would cast the float64 statistics; keep
-        # every buffer in its declared dtype and only follow the device.
-        self._form_square()
+        # every buffer in its declared dtype and only follow the device (a square
+        # held as its factors too).
         keep = {s.name: self._buffers[s.name] for s in _STATE if s.dtype is not None}
         super()._apply(fn, recurse)
         device = self.projection_weight.device
         for name, value in keep.items():
             if value is not None:
                 self._buffers[name] = value.to(device)
+        if self._square_factors is not None:
+            weight, inner = self._square_factors
+            self._square_factors = (weight.to(device), inner.to(device))
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
