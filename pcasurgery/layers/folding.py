@@ -161,10 +161,11 @@ def prefold(pairs: Iterable[tuple[nn.Module, PCALayer]]) -> None:
         module, pca, kind = jobs[i]
         built[i] = _build(kind, module, pca, 0)
 
-    on_cpu = [i for i, (module, *_) in enumerate(jobs) if module.weight.device.type == "cpu"]
-    side_by_side([partial(job, i) for i in on_cpu])
-    for i in sorted(set(range(len(jobs))) - set(on_cpu)):
-        job(i)
+    on_cpu = [module.weight.device.type == "cpu" for module, *_ in jobs]
+    side_by_side([partial(job, i) for i, cpu in enumerate(on_cpu) if cpu])
+    for i, cpu in enumerate(on_cpu):
+        if not cpu:
+            job(i)
     for i, (module, _, _) in enumerate(jobs):
         module.__dict__[_CACHE] = built[i]
 

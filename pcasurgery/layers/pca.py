@@ -344,6 +344,10 @@ class PCALayer(nn.Module):
     def reset_statistics(self) -> None:
         """Forget the collected statistics; the current projection stays in place."""
         self._fresh_statistics()
+        self._statistics_replaced()
+
+    def _statistics_replaced(self) -> None:
+        """Mark a spectrum computed before as not matching the statistics now held."""
         if self._has_spectrum:
             self._put("computed_count", -1)
         self._sync_flags()
@@ -372,9 +376,7 @@ class PCALayer(nn.Module):
         self._square_factors = square_factors
         if examples is not None:
             self._put("example_count", int(examples))
-        if self._has_spectrum:
-            self._put("computed_count", -1)  # the spectrum no longer matches the statistics
-        self._sync_flags()
+        self._statistics_replaced()
 
     def _apply(self, fn, recurse=True):
         # Module.half()/float()/to(dtype) would cast the float64 statistics; keep

@@ -375,10 +375,8 @@ def _combine(
         if batches == 0:
             raise ValueError("data yielded no batch: nothing to calibrate on")
         for layer in layers.values():
-            if layer._has_spectrum:
-                layer._put("computed_count", -1)  # the spectrum no longer matches
             layer._put("statistics_shared", False)
-            layer._sync_flags()
+            layer._statistics_replaced()
         _require_reached(layers)
         return
     states, after = [], []
