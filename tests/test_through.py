@@ -343,6 +343,24 @@ def test_a_failed_calibration_keeps_a_square_held_as_factors():
         assert torch.equal(value, after[key]) or (value.isnan().all() and after[key].isnan().all())
 
 
+def test_a_half_precision_widening_layer_whose_weights_sum_past_its_range_calibrates():
+    """Its factors are checked through float64 sums: the half weight's own sum is inf."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 4096)).half()
+    with torch.no_grad():
+        model[0].weight.normal_(1.0, 0.1)
+    assert model[0].weight.sum().isinf()  # 131072 > 65504, every element finite
+    x = [torch.randn(256, 32).half() for _ in range(2)]
+    half = ps.calibrate(ps.pca_wrap(model, 0.99), x, progress=False)
+    full = ps.calibrate(ps.pca_wrap(copy.deepcopy(model).float(), 0.99), [b.float() for b in x],
+                        progress=False)  # fmt: skip
+    a, b = half.get_submodule("0.pca"), full.get_submodule("0.pca")
+    assert a._square_factors is not None  # calibrated through its input, as the float one
+    torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-9, atol=1e-9)
+    assert _s.all_finite(torch.full((70000,), 1.0, dtype=torch.float16))
+    assert not _s.all_finite(torch.ones(3), torch.tensor([1.0, float("nan")]))
+
+
 class GatedMLP(nn.Module):
     """A Llama MLP: gate and up projections fed the same tensor."""
 

@@ -31,13 +31,15 @@ __all__ = [
 ]
 
 
-def all_finite(t: Tensor) -> bool:
-    """Whether every element of ``t`` is finite, read off its sum (no per-element temporary).
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether every element of ``tensors`` is finite, read off their float64 sums in one sync.
 
-    A sum is non-finite iff some element is (or the sum overflows: float64
-    statistics would be unusable then too).
+    A sum is non-finite iff some element is (no per-element temporary). The sums
+    are taken in float64, so that a half-precision tensor of finite elements is
+    never reported non-finite because its sum overflows its own dtype.
     """
-    return bool(torch.isfinite(t.sum()))
+    sums = [t.sum(dtype=torch.float64) for t in tensors]
+    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
 
 
 def _check_square(matrix: Tensor, name: str = "cov") -> None:

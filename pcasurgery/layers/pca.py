@@ -650,7 +650,7 @@ class PCALayer(nn.Module):
             )
         state = self._held_moments()
         squares = self._square_factors or (self.statistics().total_sq,)
-        if not (_s.all_finite(state.total) and all(_s.all_finite(t) for t in squares)):
+        if not _s.all_finite(state.total, *squares):
             raise NonFiniteError(
                 f"PCA layer {self.name!r} received NaN or infinite activations; "
                 "its statistics cannot be decomposed"
