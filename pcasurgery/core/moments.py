@@ -183,7 +183,7 @@ def _batch_moments(
             total += shifted.sum(2).to(torch.float64).sum(0)
         count = lead * trail
     return Moments(
-        torch.tensor(count, dtype=torch.int64, device=x.device),
+        torch.full((), count, dtype=torch.int64, device=x.device),  # no host-to-device copy
         shift64,
         total,
         total_sq,

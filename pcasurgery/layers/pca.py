@@ -184,9 +184,9 @@ class PCALayer(nn.Module):
 
     The feature dimension is ``channel_dim``; every other position of the input
     is one sample of the statistics. The layer's whole state is the buffers
-    declared in :data:`_STATE`; host-side mirrors of the sample counts keep the
-    forward free of device syncs and are derived from the buffers in one place
-    (:meth:`_sync_flags`).
+    declared in :data:`_STATE`; host-side mirrors of the sample counts, the scalar
+    settings and the rank keep the forward and their reads free of device syncs, and
+    are derived from the buffers in one place (:meth:`_sync_flags`).
 
     Buffers are replaced, never changed in place, except the statistics while a
     batch is added: a shallow copy of ``_buffers`` is then a complete snapshot,
@@ -265,8 +265,8 @@ class PCALayer(nn.Module):
         assert current is not None
         dtype = _SPEC[name].dtype or current.dtype
         with torch.inference_mode(False):
-            if not isinstance(value, Tensor):
-                value = torch.tensor(value, dtype=dtype)
+            if not isinstance(value, Tensor):  # filled where it lives: no host-to-device copy
+                value = torch.full((), value, dtype=dtype, device=current.device)
             value = value.to(device=current.device, dtype=dtype)
             if value.is_inference() or value is current:
                 value = value.clone()
@@ -274,10 +274,24 @@ class PCALayer(nn.Module):
 
     def _sync_flags(self) -> None:
         """Derive the host-side mirrors from the buffers (one device sync)."""
-        counts = torch.stack([self.sample_count, self.computed_count]).tolist()
-        self._n, self._computed = int(counts[0]), int(counts[1])
-        self._subtract = bool(self.shift.any())
-        self._keepdim_host = bool(self._keepdim)
+        flags = torch.stack(
+            [
+                t.to(_F64)
+                for t in (
+                    self.sample_count,
+                    self.computed_count,
+                    self.shift.any(),
+                    self._keepdim,
+                    self._threshold,
+                    self._centering,
+                    self.rank,
+                )
+            ]  # fmt: skip
+        ).tolist()
+        self._n, self._computed = int(flags[0]), int(flags[1])
+        self._subtract, self._keepdim_host = bool(flags[2]), bool(flags[3])
+        self._threshold_host, self._centering_host = flags[4], bool(flags[5])
+        self._rank_host = int(flags[6])
 
     @property
     def _empty(self) -> bool:
@@ -444,21 +458,22 @@ class PCALayer(nn.Module):
     @property
     def threshold(self) -> float:
         """Fraction of variance the projection keeps; setting it recomputes the projection."""
-        return float(self._threshold)
+        return self._threshold_host
 
     @threshold.setter
     def threshold(self, value: float) -> None:
         value = check_threshold(value)
         current = self._has_spectrum and not self._stale and not bool(self.random_directions)
         self._put("_threshold", value)
-        if current and _s.intrinsic_dimensionality(self.eigenvalues, value) == int(self.rank):
+        self._threshold_host = value
+        if current and _s.intrinsic_dimensionality(self.eigenvalues, value) == self._rank_host:
             return  # the same k: the projection stands
         self._refresh()
 
     @property
     def centering(self) -> bool:
         """Decompose the covariance around the mean (True) or the uncentred second moment."""
-        return bool(self._centering)
+        return self._centering_host
 
     @centering.setter
     def centering(self, value: bool) -> None:
@@ -470,6 +485,7 @@ class PCALayer(nn.Module):
                 f"{self.name}: changing centering needs the statistics, which were reset"
             )
         self._put("_centering", value)
+        self._centering_host = value
         if self._has_spectrum:
             self.compute_eigenspace()
 
@@ -565,7 +581,7 @@ class PCALayer(nn.Module):
     def in_dim(self) -> int:
         """``k``: the number of kept eigendirections."""
         self._ensure_current()
-        return int(self.rank)
+        return self._rank_host
 
     @property
     def fs_dim(self) -> int:
@@ -586,7 +602,7 @@ class PCALayer(nn.Module):
     def explained(self) -> float:
         """Fraction of the variance the kept directions carry."""
         self._ensure_current()
-        return _s.explained_fraction(self.eigenvalues, int(self.rank))
+        return _s.explained_fraction(self.eigenvalues, self._rank_host)
 
     @property
     def positions(self) -> int:
@@ -677,7 +693,7 @@ class PCALayer(nn.Module):
             log.info(
                 "%s: k=%d of %d (saturation %.4f%%)",
                 self.name,
-                int(self.rank),
+                self._rank_host,
                 self.width,
                 self.sat,
             )
@@ -690,6 +706,7 @@ class PCALayer(nn.Module):
         with torch.inference_mode(False):
             k = _s.intrinsic_dimensionality(self.eigenvalues, self.threshold)
             self._put("rank", k)
+            self._rank_host = k
             self._set_projection(self._leading_vectors(k))
             self._put("random_directions", False)
 
@@ -731,7 +748,7 @@ class PCALayer(nn.Module):
         Changing ``threshold`` or ``centering`` afterwards restores the PCA projection.
         """
         self._ensure_current()
-        k = int(self.rank)
+        k = self._rank_host
         q = torch.from_numpy(_s.random_orthogonal(self.width, random_state)[:, :k])
         with torch.inference_mode(False):
             self._set_projection(q.to(self.mean.device))
@@ -832,7 +849,7 @@ class PCALayer(nn.Module):
         return self._affine(x)
 
     def extra_repr(self) -> str:
-        k = int(self.rank) if self._has_spectrum else None
+        k = self._rank_host if self._has_spectrum else None
         return (
             f"{self.width}, threshold={self.threshold:g}, centering={self.centering}, "
             f"keepdim={self.keepdim}, k={k}"
