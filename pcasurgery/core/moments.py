@@ -198,12 +198,15 @@ def _check(batch: Moments, count: int) -> tuple[bool, bool]:
     some feature's mean lies more than ``SHIFT_RATIO`` standard deviations from
     the shift, i.e. ``d^2 > R^2 / (1 + R^2) * E[(x - shift)^2]`` with ``d`` the
     mean of ``x - shift``; both sides are sums of squares, free of cancellation.
+    Both are read off one number, the least ``diag(total_sq) - total^2 / (R' n)``:
+    negative iff some feature is far, NaN iff ``total`` is not finite (an infinite
+    sum has an infinite square on the diagonal, and ``inf - inf`` is NaN).
     """
-    d = batch.total / count
-    finite = torch.isfinite(batch.total).all()
-    far = (d * d > _FAR * (batch.total_sq.diagonal() / count)).any()
-    flags = torch.stack([finite, far]).tolist()
-    return bool(flags[0]), bool(flags[1])
+    margin = torch.addcmul(
+        batch.total_sq.diagonal(), batch.total, batch.total, value=-1.0 / (_FAR * count)
+    )
+    least = float(margin.min())
+    return not math.isnan(least), least < 0
 
 
 def _accumulate(
