@@ -65,6 +65,36 @@ def test_eigh_through_equals_the_eigendecomposition_of_the_product(r):
         _s.eigh_through(torch.ones(3, 3), torch.eye(3))
 
 
+@pytest.mark.parametrize("case", ["conditioned", "ill-conditioned", "rank-deficient"])
+def test_eigh_through_takes_householder_qr_where_the_cholesky_route_would_lose_orthogonality(
+    case, monkeypatch
+):
+    """A well-conditioned ``a`` goes through the Cholesky factor of ``a^T a`` (no QR);
+    cond(a) = 1e6, or a repeated column, through Householder QR. Both match numpy."""
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((40, 9)))
+    v, _ = np.linalg.qr(rng.standard_normal((9, 9)))
+    singular = np.logspace(0, -6 if case == "ill-conditioned" else -1, 9)
+    a = (u * singular) @ v.T
+    if case == "rank-deficient":
+        a[:, 8] = a[:, 0]
+    f = rng.standard_normal((9, 9))
+    inner = f @ f.T
+    qr_calls = []
+    original = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *x: qr_calls.append(1) or original(*x))
+    values, vectors = _s.eigh_through(torch.from_numpy(a), torch.from_numpy(inner))
+    assert len(qr_calls) == (case != "conditioned")
+    ref_values, ref_vectors = np.linalg.eigh(a @ inner @ a.T)
+    ref_values, ref_vectors = ref_values[::-1], ref_vectors[:, ::-1]
+    np.testing.assert_allclose(values.numpy(), np.clip(ref_values, 0, None),
+                               atol=1e-12 * ref_values[0])  # fmt: skip
+    np.testing.assert_allclose(vectors.T.numpy() @ vectors.numpy(), np.eye(9), atol=1e-12)
+    k = 5  # a gap in every case's spectrum
+    np.testing.assert_allclose(_projector(vectors.numpy(), k), _projector(ref_vectors, k),
+                               atol=1e-7)  # fmt: skip
+
+
 def _reference(outputs: np.ndarray, centering: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(eigenvalues, eigenvectors, mean)`` of outputs ``(n, d)`` by numpy, descending."""
     mean = outputs.mean(0)

@@ -77,14 +77,28 @@ def _fix_signs(vectors: Tensor) -> Tensor:
     return vectors * signs
 
 
+# eigh_through's Cholesky route: the bound on its basis' loss of orthogonality
+# (eps x an upper bound on cond(a^T a)) above which the Householder route is
+# taken; a tenth of float32's rounding, the precision the projections run in.
+_THROUGH_ORTHOGONALITY = 1e-8
+
+
 def eigh_through(a: Tensor, inner: Tensor) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of ``a @ inner @ a.T`` without forming or decomposing it.
 
     ``a`` is ``(d, r)`` with ``r < d`` and ``inner`` a symmetric PSD ``(r, r)``
     matrix: the covariance of a layer's input, say, with ``a`` its weight, so
-    that the product is the covariance of the layer's output. With the thin QR
-    ``a = Q R``, ``a inner a^T = Q (R inner R^T) Q^T``: one ``r``-wide ``eigh``
-    and orthogonal maps (no loss of precision), instead of a ``d``-wide one.
+    that the product is the covariance of the layer's output. With a thin
+    factorisation ``a = Q R`` (``Q`` orthonormal), ``a inner a^T = Q (R inner
+    R^T) Q^T``: one ``r``-wide ``eigh`` and orthogonal maps instead of a
+    ``d``-wide decomposition, with eigenvectors ``Q V``.
+
+    ``R`` is the Cholesky factor of ``a^T a`` (``Q = a R^{-1}``, never formed),
+    all matrix products; ``Q``'s columns are then orthonormal to about
+    ``eps * cond(a^T a)``. Where an upper bound on that loss (``eps ||G||_F
+    ||R^{-1}||_F^2`` with ``G = a^T a``) exceeds ``_THROUGH_ORTHOGONALITY``, or
+    ``a`` is rank-deficient, the Householder QR of ``a`` is used instead
+    (orthonormal to rounding, 1.8x the time at 1536 x 576 on one CPU thread).
 
     Returns:
         ``(eigenvalues, eigenvectors)``: float64 ``(d,)`` descending (the last
@@ -95,10 +109,36 @@ def eigh_through(a: Tensor, inner: Tensor) -> tuple[Tensor, Tensor]:
     if inner.shape != (r, r) or r >= d:
         raise ValueError(f"eigh_through needs a (d, r) with r < d and inner (r, r), got "
                          f"{tuple(a.shape)} and {tuple(inner.shape)}")  # fmt: skip
-    q, upper = torch.linalg.qr(a.to(torch.float64))
-    small = upper @ inner.to(torch.float64) @ upper.T
-    values, vectors = eigh_descending((small + small.T) / 2)
-    return torch.cat([values, values.new_zeros(d - r)]), _fix_signs(q @ vectors)
+    a, inner = a.to(torch.float64), inner.to(torch.float64)
+    factor = _gram_factor(a)
+    if factor is None:
+        q, upper = torch.linalg.qr(a)
+        values, vectors = eigh_descending(_symmetric(upper @ inner @ upper.T))
+        basis = q @ vectors
+    else:
+        lower, inverse = factor  # a^T a = lower lower^T; q = a inverse^T
+        values, vectors = eigh_descending(_symmetric(lower.T @ inner @ lower))
+        basis = a @ (inverse.T @ vectors)
+    return torch.cat([values, values.new_zeros(d - r)]), _fix_signs(basis)
+
+
+def _gram_factor(a: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(L, L^{-1})`` with ``a^T a = L L^T``, or None where ``a L^{-T}`` could lose
+    orthogonality beyond ``_THROUGH_ORTHOGONALITY`` (or ``a`` is rank-deficient)."""
+    gram = a.T @ a
+    lower, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        return None
+    eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+    inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
+    bound = torch.linalg.matrix_norm(gram) * inverse.square().sum()  # >= cond(a^T a)
+    if not float(bound) * torch.finfo(a.dtype).eps <= _THROUGH_ORTHOGONALITY:
+        return None
+    return lower, inverse
+
+
+def _symmetric(matrix: Tensor) -> Tensor:
+    return (matrix + matrix.T) / 2
 
 
 def _cumulative_fraction(eigenvalues: Tensor) -> Tensor | None:
