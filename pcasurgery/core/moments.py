@@ -198,7 +198,7 @@ def _check(batch: Moments, count: int) -> tuple[bool, bool]:
     some feature's mean lies more than ``SHIFT_RATIO`` standard deviations from
     the shift, i.e. ``d^2 > R^2 / (1 + R^2) * E[(x - shift)^2]`` with ``d`` the
     mean of ``x - shift``; both sides are sums of squares, free of cancellation.
-    Both are read off one number, the least ``diag(total_sq) - total^2 / (R' n)``:
+    Both are read off one number, the least ``diag(total_sq) - total^2 / (_FAR n)``:
     negative iff some feature is far, NaN iff ``total`` is not finite (an infinite
     sum has an infinite square on the diagonal, and ``inf - inf`` is NaN).
     """

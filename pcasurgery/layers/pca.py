@@ -286,7 +286,7 @@ class PCALayer(nn.Module):
                     self._centering,
                     self.rank,
                 )
-            ]  # fmt: skip
+            ]
         ).tolist()
         self._n, self._computed = int(flags[0]), int(flags[1])
         self._subtract, self._keepdim_host = bool(flags[2]), bool(flags[3])
