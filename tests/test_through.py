@@ -380,7 +380,7 @@ def test_a_half_precision_widening_layer_whose_weights_sum_past_its_range_calibr
     with torch.no_grad():
         model[0].weight.normal_(1.0, 0.1)
     assert model[0].weight.sum().isinf()  # 131072 > 65504, every element finite
-    x = [torch.randn(256, 32).half() for _ in range(2)]
+    x = [torch.randn(1024, 32).half() for _ in range(4)]  # as many rows as the width
     half = ps.calibrate(ps.pca_wrap(model, 0.99), x, progress=False)
     full = ps.calibrate(ps.pca_wrap(copy.deepcopy(model).float(), 0.99), [b.float() for b in x],
                         progress=False)  # fmt: skip
