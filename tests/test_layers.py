@@ -133,12 +133,14 @@ def test_setting_threshold_reuses_the_cached_spectrum(monkeypatch):
 
 
 def test_the_scalar_settings_are_read_without_reading_a_tensor(monkeypatch):
-    """threshold, centering and keepdim come from host mirrors (no device sync on a GPU)."""
+    """threshold, centering, keepdim and k come from host mirrors (no device sync on a GPU)."""
     layer = fitted_linear(decaying_data(200, 6, decay=0.7), threshold=0.9)
     layer.threshold, layer.centering = 0.8, False
+    k = int(layer.rank)
     for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
-        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("a tensor was read"))
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, **kw: pytest.fail("a tensor was read"))
     assert (layer.threshold, layer.centering, layer.keepdim) == (0.8, False, True)
+    assert layer.in_dim == k
 
 
 def test_state_dict_round_trips_into_a_fresh_layer():
