@@ -98,7 +98,7 @@ def eigh_through(a: Tensor, inner: Tensor) -> tuple[Tensor, Tensor]:
     ``eps * cond(a^T a)``. Where an upper bound on that loss (``eps ||G||_F
     ||R^{-1}||_F^2`` with ``G = a^T a``) exceeds ``_THROUGH_ORTHOGONALITY``, or
     ``a`` is rank-deficient, the Householder QR of ``a`` is used instead
-    (orthonormal to rounding, 1.8x the time at 1536 x 576 on one CPU thread).
+    (orthonormal to rounding; 1.3x to 1.6x the time at 1536 x 576 on one CPU thread).
 
     Returns:
         ``(eigenvalues, eigenvectors)``: float64 ``(d,)`` descending (the last
