@@ -372,8 +372,7 @@ def _combine(
     """Put together the new statistics, the previous ones (``reset=False``) and other ranks'."""
     distributed = _distributed()
     if reset and not distributed:  # the new statistics are the layers' own already
-        if batches == 0:
-            raise ValueError("data yielded no batch: nothing to calibrate on")
+        _require_batches(batches)
         for layer in layers.values():
             layer._put("statistics_shared", False)
             layer._statistics_replaced()
@@ -398,8 +397,7 @@ def _combine(
         for layer, sums in zip(layers.values(), summed, strict=True):
             for name, value in sums.items():
                 layer._put(name, value)
-    if batches == 0:
-        raise ValueError("data yielded no batch: nothing to calibrate on")
+    _require_batches(batches)
     for layer, state, old in zip(layers.values(), states, after, strict=True):
         if old is not None and int(old.count) > 0:  # already a union over the group
             state = _m.merge_moments(old, state)
@@ -407,6 +405,11 @@ def _combine(
         layer.load_statistics(state)
         layer._put("statistics_shared", distributed)
     _require_reached(layers)
+
+
+def _require_batches(batches: int) -> None:
+    if batches == 0:
+        raise ValueError("data yielded no batch: nothing to calibrate on")
 
 
 def _require_reached(layers: Mapping[str, PCALayer]) -> None:
