@@ -225,6 +225,31 @@ def test_shift_is_adopted_only_where_raw_products_lose_accuracy(sigmas):
     assert relative_error(m.covariance(state).numpy(), reference) <= 1e-5
 
 
+def test_a_feature_that_stops_varying_does_not_remeasure_every_batch(monkeypatch):
+    """A dead channel (exactly zero after a ReLU) whose shift is not exactly zero.
+
+    Its own mean then lies infinitely many (zero) standard deviations from the
+    shift, yet the offset is negligible next to the other features' spread: no
+    batch is measured again for it, and the covariance stays exact.
+    """
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(2000, 6)) + 50).astype(np.float32)  # far from zero: the shift moves
+    x[:400, 0] = 1e-4 * (1 + 0.01 * rng.normal(size=400))  # alive in the first batch only
+    x[400:, 0] = 0.0
+    calls = []
+    batch_moments = m._batch_moments
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return batch_moments(*args, **kwargs)
+
+    monkeypatch.setattr(m, "_batch_moments", counted)
+    state = stream(x, batch=400)
+    assert len(calls) == 5 + 1  # one product per batch, the first one measured again
+    reference = np.cov(x.astype(np.float64), rowvar=False, bias=True)
+    assert relative_error(m.covariance(state).numpy(), reference) <= 1e-6
+
+
 def drifting(first_offset: float, later_offset: float) -> np.ndarray:
     """A first batch near one mean, then batches far from it (std about 1)."""
     x = decaying_data(4000, 12, decay=0.8).astype(np.float64)
@@ -300,6 +325,10 @@ def test_empty_batches_are_skipped_and_non_finite_batches_leave_the_state_alone(
     bad[4, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         m._accumulate(state, bad)
+    huge = good.clone()
+    huge[4, 1] = 1e20  # finite, but its square is not in float32
+    with pytest.raises(ValueError, match="squares overflow torch.float32"):
+        m._accumulate(state, huge)
     for t, b in zip(state, before, strict=True):
         assert torch.equal(t, b)
 

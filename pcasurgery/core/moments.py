@@ -117,6 +117,10 @@ def _gram(left: Tensor) -> Tensor:
 # (2e-6); a batch farther away is measured again around its own mean.
 SHIFT_RATIO = 4.0
 _FAR = SHIFT_RATIO**2 / (1.0 + SHIFT_RATIO**2)
+# An offset from the shift with d^2 below this fraction of the largest feature's
+# E[(x - shift)^2] never moves the shift: its products' rounding stays below
+# float32 epsilon x 1e-3 of the covariance's norm (see _check).
+_NEGLIGIBLE = 1e-6
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -197,16 +201,26 @@ def _check(batch: Moments, count: int) -> tuple[bool, bool]:
     dtype), so the check costs ``width`` operations, not one per element. ``far``:
     some feature's mean lies more than ``SHIFT_RATIO`` standard deviations from
     the shift, i.e. ``d^2 > R^2 / (1 + R^2) * E[(x - shift)^2]`` with ``d`` the
-    mean of ``x - shift``; both sides are sums of squares, free of cancellation.
-    Both are read off one number, the least ``diag(total_sq) - total^2 / (_FAR n)``:
-    negative iff some feature is far, NaN iff ``total`` is not finite (an infinite
-    sum has an infinite square on the diagonal, and ``inf - inf`` is NaN).
+    mean of ``x - shift`` (both sides sums of squares, free of cancellation),
+    and ``d^2`` is more than ``_NEGLIGIBLE`` of the largest feature's
+    ``E[(x - shift)^2]``. Below that the offset's rounding is negligible next to
+    the covariance's norm (the contract is norm-wise), whatever the feature's own
+    spread: a feature that stops varying (a ReLU channel dead in this batch) has
+    a mean infinitely many standard deviations from any shift but its own, which
+    rounding may never reach, and must not have every batch measured again.
+    The per-feature test is read off one number, the least of
+    ``max(diag(total_sq) - total^2 / (_FAR n), _NEGLIGIBLE max(diag(total_sq)) - total^2 / n)``:
+    negative iff some feature is far, NaN iff ``total`` is not finite (an
+    infinite sum has an infinite square on the diagonal, and ``inf - inf`` is
+    NaN); the largest diagonal, read with it, is infinite where a square
+    overflowed.
     """
-    margin = torch.addcmul(
-        batch.total_sq.diagonal(), batch.total, batch.total, value=-1.0 / (_FAR * count)
-    )
-    least = float(margin.min())
-    return not math.isnan(least), least < 0
+    diagonal = batch.total_sq.diagonal()
+    top = diagonal.max()
+    margin = torch.addcmul(diagonal, batch.total, batch.total, value=-1.0 / (_FAR * count))
+    slack = torch.addcmul(_NEGLIGIBLE * top, batch.total, batch.total, value=-1.0 / count)
+    least, largest = torch.stack([torch.maximum(margin, slack).min(), top]).tolist()
+    return not math.isnan(least) and math.isfinite(largest), least < 0
 
 
 def _accumulate(
@@ -270,7 +284,10 @@ def _accumulate_known(
     for _ in range(3):
         finite, far = _check(batch, count)
         if not finite:
-            raise NonFiniteError("activations contain NaN or infinite values")
+            raise NonFiniteError(
+                "activations contain NaN or infinite values, or values whose squares "
+                f"overflow {_compute_dtype(x.dtype)}"
+            )
         if not far:
             break
         # the batch's own mean, rounded to its compute dtype so that the subtraction is exact
