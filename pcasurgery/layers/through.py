@@ -22,6 +22,7 @@ always.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -125,10 +126,10 @@ class InputStatistics:
         # What identifies these samples: the very tensor (held, so that its id is not
         # reused), taken at the same positions, under the same token mask, and
         # unchanged: calibration runs in inference mode, where tensors have no version
-        # counter, so each column's sum and sum of squares (a pass over the samples,
-        # 1/width of the moments' product) must be the same to the bit.
+        # counter, so a random weighting of the samples (_fingerprint: one read of
+        # them, 1/width of the moments' product) must be the same to the bit.
         seen = (given, self.kind, getattr(self.module, "stride", None), _TOKEN_MASK.get(),
-                _fingerprint(samples, channel_dim))  # fmt: skip
+                _fingerprint(samples, channel_dim, self._shared.setdefault("weights", {})))  # fmt: skip
         last = self._shared.get("seen")
         same = (
             last is not None
@@ -208,12 +209,30 @@ class InputStatistics:
         return _s.eigh_through(torch.cat([weight, bias[:, None]], 1), inner)
 
 
-def _fingerprint(samples: Tensor, channel_dim: int) -> Tensor:
-    """Each feature's float64 sum and sum of squares over the samples, ``(2, width)``."""
-    dims = [d for d in range(samples.dim()) if d != channel_dim % samples.dim()]
-    if not dims:
-        one = samples.to(torch.float64)
-        return torch.stack([one, one.square()])
-    return torch.stack(
-        [samples.sum(dims, dtype=torch.float64), samples.square().sum(dims, dtype=torch.float64)]
+def _fingerprint(samples: Tensor, channel_dim: int, cache: dict[str, Any]) -> Tensor:
+    """Each feature's samples weighted by fixed random weights and summed: ``(width,)`` numbers.
+
+    Any change to the values changes it with probability one, also one that keeps
+    every feature's sum and sum of squares (two samples swapped in one feature:
+    the cross-products change). It is one read of the samples, a matrix-vector
+    product laid out like the moments' own (rows for ``(..., width)`` and
+    channels-last maps, one per image for NCHW), and the same tensor gives the
+    same numbers to the bit. The weights are drawn from a fixed seed, never
+    from the global generator; ``cache`` keeps the last layout's.
+    """
+    width = samples.shape[channel_dim]
+    cd = channel_dim % samples.dim()
+    last = samples.movedim(cd, -1)
+    rows = last.is_contiguous()
+    view = (
+        last.reshape(-1, width)  # (samples, width)
+        if rows
+        else samples.reshape(math.prod(samples.shape[:cd]), width, -1)  # (images, width, positions)
     )
+    shape = (view.shape[0],) if rows else (view.shape[0], view.shape[2], 1)
+    key = (shape, view.dtype, view.device)
+    if cache.get("key") != key:
+        weights = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        cache.update(key=key, weights=weights.to(device=view.device, dtype=view.dtype))
+    weights = cache["weights"]
+    return weights @ view if rows else torch.bmm(view, weights).reshape(-1)
