@@ -250,6 +250,50 @@ def test_a_feature_that_stops_varying_does_not_remeasure_every_batch(monkeypatch
     assert relative_error(m.covariance(state).numpy(), reference) <= 1e-6
 
 
+@pytest.mark.parametrize("sigmas", [0.0, 3.0, 5.0, 50.0, 1e6])
+def test_a_probed_first_batch_is_measured_once(monkeypatch, sigmas):
+    """An empty accumulator finds a far first batch's shift from a subsample."""
+    rng = np.random.default_rng(4)
+    scales = 0.7 ** np.arange(10)
+    x = (rng.normal(size=(4000, 10)) * scales + sigmas * scales).astype(np.float32)
+    calls = []
+    batch_moments = m._batch_moments
+    monkeypatch.setattr(
+        m, "_batch_moments", lambda *a, **k: calls.append(1) or batch_moments(*a, **k)
+    )
+    state = m.empty_moments(10)
+    for i in range(0, 4000, 1000):
+        m._accumulate(state, torch.from_numpy(x[i : i + 1000]), empty=i == 0)
+    assert len(calls) == 4  # no batch measured twice
+    assert bool(state.shift.any()) == (sigmas > 4.0)  # data near zero is never shifted
+    reference = np.cov(x.astype(np.float64), rowvar=False, bias=True)
+    assert relative_error(m.covariance(state).numpy(), reference) <= 1e-5
+
+
+def test_a_misleading_probe_is_corrected_by_the_check():
+    """Every 8th sample (the probe's) sits far from the others: the batch is measured again."""
+    x = decaying_data(1024, 6, decay=0.8).astype(np.float32)
+    x[::8] += 1e4
+    state = m.empty_moments(6)
+    m._accumulate(state, torch.from_numpy(x), empty=True)
+    reference = np.cov(x.astype(np.float64), rowvar=False, bias=True)
+    assert relative_error(m.covariance(state).numpy(), reference) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels-last"])
+def test_a_probed_image_batch_matches_numpy(layout):
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy((rng.normal(size=(4, 6, 24, 24)) * 0.01 + 3).astype(np.float32))
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    state = m.empty_moments(6)
+    m._accumulate(state, x, channel_dim=1, empty=True)
+    assert bool(state.shift.any())
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 6).double().numpy()
+    reference = np.cov(rows, rowvar=False, bias=True)
+    assert relative_error(m.covariance(state).numpy(), reference) <= 1e-5
+
+
 def drifting(first_offset: float, later_offset: float) -> np.ndarray:
     """A first batch near one mean, then batches far from it (std about 1)."""
     x = decaying_data(4000, 12, decay=0.8).astype(np.float64)

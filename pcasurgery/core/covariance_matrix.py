@@ -101,6 +101,7 @@ class TorchCovarianceMatrix:
             channel_dim = -1
         width = x.shape[channel_dim]
         x = x.detach().to(self.device)
+        empty = self.moments is None
         if self.moments is None:
             self.moments = _m.empty_moments(width, self.device)
         elif width != self.moments.shift.shape[0]:
@@ -108,7 +109,9 @@ class TorchCovarianceMatrix:
                 f"x has {width} features but earlier batches had {self.moments.shift.shape[0]}"
             )
         try:
-            _, self._subtract = _m._accumulate(self.moments, x, channel_dim, self._subtract)
+            _, self._subtract = _m._accumulate(
+                self.moments, x, channel_dim, self._subtract, empty=empty
+            )
         except NonFiniteError as err:
             raise NonFiniteError("x contains NaN or infinite values") from err
         if self.save_data:

@@ -12,11 +12,13 @@ products are taken around the current shift in the batch's own precision
 (float32 for float32, float16 and bfloat16 activations; float64 for float64);
 when the batch's mean lies more than ``SHIFT_RATIO`` standard deviations from
 the shift in some feature (read off the batch's own sums, at no extra pass),
-the batch is measured again around its own mean, and the accumulated sums are
+and by more than a negligible fraction of the largest feature's spread, the
+batch is measured again around its own mean, and the accumulated sums are
 re-expressed around that new shift (exact algebra in float64). So the contract
 (1e-5 relative for |mean| up to 1e6 x std) holds in any order of batches, and
 data whose mean is within a few standard deviations of zero (most activations)
-is never shifted at all.
+is never shifted at all. An accumulator's first batch is probed on a subsample
+for a mean far from zero, so that it is measured once, around that mean.
 
 Two accumulators merge exactly (:func:`merge_moments`), and
 :func:`all_reduce_moments` sums many accumulators across processes with any
@@ -194,6 +196,46 @@ def _batch_moments(
     )
 
 
+# The first batch of an accumulator is probed on every _PROBE_STRIDE-th sample
+# (at least _PROBE_SAMPLES of them) for a mean far from the zero shift.
+_PROBE_STRIDE = 8
+_PROBE_SAMPLES = 64
+
+
+def _probe_shift(x: Tensor, channel_dim: int) -> Tensor | None:
+    """A shift for a first batch whose mean is far from zero, read off a subsample; else None.
+
+    Every ``_PROBE_STRIDE``-th sample (rows, or positions of each image for NCHW
+    maps) is summed with its squares, a read of a fraction of the batch, and
+    the subsample's mean is tested as :func:`_check` tests a batch. Where some
+    feature is far from zero, that mean (rounded to the compute dtype, so that
+    the subtraction is exact) is the shift to measure the batch around; the
+    check that follows still measures it again if the subsample misled. Without
+    the probe, a far first batch (most layers of a trained network) has its
+    products taken twice: around zero, then around its own mean.
+    """
+    width = _width(x, channel_dim)
+    cd = channel_dim % x.dim()
+    count = x.numel() // width if width else 0
+    stride = _PROBE_STRIDE if count >= _PROBE_STRIDE * _PROBE_SAMPLES else 1
+    dtype = _compute_dtype(x.dtype)
+    last = x.movedim(cd, -1)
+    if last.is_contiguous() or x.dim() == 1:
+        sample = last.reshape(-1, width)[::stride].to(dtype)
+        total, squares = sample.sum(0), sample.square().sum(0)
+    else:
+        lead = math.prod(x.shape[:cd])
+        sample = x.reshape(lead, width, -1)[:, :, ::stride].to(dtype)
+        total, squares = sample.sum((0, 2)), sample.square().sum((0, 2))
+    n = float(sample.numel() // width)
+    mean, second = total.to(torch.float64) / n, squares.to(torch.float64) / n
+    square = mean.square()
+    far = (square > _FAR * second) & (square > _NEGLIGIBLE * second.max())
+    if not bool(far.any()):
+        return None
+    return mean.to(dtype).to(torch.float64)
+
+
 def _check(batch: Moments, count: int) -> tuple[bool, bool]:
     """``(finite, far)`` for a batch's moments, read in one device sync.
 
@@ -224,7 +266,11 @@ def _check(batch: Moments, count: int) -> tuple[bool, bool]:
 
 
 def _accumulate(
-    state: Moments, x: Tensor, channel_dim: int = -1, subtract: bool | None = None
+    state: Moments,
+    x: Tensor,
+    channel_dim: int = -1,
+    subtract: bool | None = None,
+    empty: bool = False,
 ) -> tuple[int, bool]:
     """Add the samples of ``x`` (features on ``channel_dim``) into ``state``, in place.
 
@@ -233,7 +279,7 @@ def _accumulate(
     Returns:
         ``(samples added, whether the shift is non-zero now)``.
     """
-    added, subtract, _ = _accumulate_known(state, x, channel_dim, subtract)
+    added, subtract, _ = _accumulate_known(state, x, channel_dim, subtract, empty=empty)
     return added, subtract
 
 
@@ -243,6 +289,7 @@ def _accumulate_known(
     channel_dim: int = -1,
     subtract: bool | None = None,
     known: Moments | None = None,
+    empty: bool = False,
 ) -> tuple[int, bool, Moments | None]:
     """Add the samples of ``x`` (features on ``channel_dim``) into ``state``, in place.
 
@@ -258,7 +305,12 @@ def _accumulate_known(
             (saves a device sync); computed when None.
         known: the moments of these same samples returned by an earlier call
             (for another accumulator fed the same tensor): used instead of
-            computing them again where their shift equals ``state``'s.
+            computing them again where their shift equals ``state``'s (any
+            shift, when ``state`` is empty).
+        empty: ``state`` holds no sample yet, if the caller knows (saves a
+            device sync): a batch far from the zero shift is then found from a
+            subsample (:func:`_probe_shift`) and measured once, around the
+            subsample's mean, instead of twice.
 
     Returns:
         ``(samples added, whether the shift is non-zero now, the batch's moments)``;
@@ -273,14 +325,22 @@ def _accumulate_known(
         subtract = bool(state.shift.any())
     if count == 0:
         return 0, subtract, None
+    moved = False
     if known is not None and known.total_sq.shape == (width, width):
-        if known.shift.device == state.shift.device and torch.equal(known.shift, state.shift):
+        if known.shift.device != state.shift.device:
+            known = None
+        elif empty and not torch.equal(known.shift, state.shift):
+            batch, moved = known, True  # an empty state takes any shift for free
+        elif torch.equal(known.shift, state.shift):
             batch = known
         else:
             known = None
     if known is None:
-        batch = _batch_moments(x, state.shift, channel_dim, subtract)
-    moved = False
+        probed = _probe_shift(x, channel_dim) if empty and not subtract else None
+        if probed is None:
+            batch = _batch_moments(x, state.shift, channel_dim, subtract)
+        else:
+            batch, moved = _batch_moments(x, probed, channel_dim, subtract=True), True
     for _ in range(3):
         finite, far = _check(batch, count)
         if not finite:

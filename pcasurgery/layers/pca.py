@@ -793,7 +793,7 @@ class PCALayer(nn.Module):
         self._allocate_statistics()
         try:
             added, self._subtract = _m._accumulate(
-                self.statistics(), x, self.channel_dim, self._subtract
+                self.statistics(), x, self.channel_dim, self._subtract, empty=self._n == 0
             )
         except NonFiniteError as err:
             raise NonFiniteError(

@@ -141,7 +141,7 @@ class InputStatistics:
         try:
             added, self._subtract, moments = _m._accumulate_known(
                 self.state, samples, channel_dim, self._subtract,
-                self._shared["moments"] if same else None,
+                self._shared["moments"] if same else None, empty=self.examples == 0,
             )  # fmt: skip
         except NonFiniteError as err:
             raise NonFiniteError(
