@@ -205,6 +205,26 @@ def test_seed_stats_match_numpy():
     )
 
 
+def test_eigenvector_signs_follow_the_largest_magnitude_entry():
+    """scikit-learn's convention, ties going to the first such entry (as ``argmax``)."""
+    rng = np.random.default_rng(6)
+    columns = [
+        rng.normal(size=7),
+        [1.0, -1.0, 0.5, 0, 0, 0, 0],  # tie: the first is positive
+        [-2.0, 2.0, 0.5, 0, 0, 0, 0],  # tie: the first is negative
+        [0.0] * 7,
+        [0.1, -3.0, 2.9, 0, 0, 0, 0],
+    ]
+    v = np.array(columns).T
+    pivots = np.abs(v).argmax(0)
+    signs = np.sign(v[pivots, range(v.shape[1])])
+    expected = v * np.where(signs == 0, 1.0, signs)
+    got = s._fix_signs(torch.from_numpy(v.copy()))
+    np.testing.assert_array_equal(got.numpy(), expected)
+    pivots_only = torch.from_numpy(v) * s._pivot_signs(torch.from_numpy(v))  # the GPU's way
+    np.testing.assert_array_equal(pivots_only.numpy(), expected)
+
+
 def test_non_square_or_non_finite_matrices_are_rejected():
     with pytest.raises(ValueError, match="square matrix"):
         s.eigh_descending(torch.ones(2, 3))

@@ -68,13 +68,31 @@ def eigh_descending(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _fix_signs(vectors: Tensor) -> Tensor:
-    """Each column times the sign of its largest-magnitude entry (scikit-learn's convention)."""
+    """Each column times the sign of its largest-magnitude entry (scikit-learn's convention), in place.
+
+    Ties go to the first such entry, as ``argmax`` has them. On the CPU the
+    signs are read off each column's largest and smallest entries, two
+    reductions along the rows (``abs().argmax(0)`` takes 2x to 3x as long),
+    and only columns whose two have equal magnitudes are searched.
+    """
     if not vectors.numel():
         return vectors
+    if vectors.device.type == "cpu":
+        largest, smallest = vectors.amax(0), vectors.amin(0)
+        signs = torch.where(largest > -smallest, 1.0, -1.0).to(vectors.dtype)
+        tied = largest == -smallest
+        if bool(tied.any()):  # no device sync on the CPU
+            signs[tied] = _pivot_signs(vectors[:, tied])
+    else:
+        signs = _pivot_signs(vectors)
+    return vectors.mul_(signs)
+
+
+def _pivot_signs(vectors: Tensor) -> Tensor:
+    """The sign of each column's first largest-magnitude entry (1 for a zero column)."""
     pivots = vectors.abs().argmax(dim=0)
-    signs = torch.sign(vectors.gather(0, pivots[None, :]))
-    signs[signs == 0] = 1.0
-    return vectors * signs
+    signs = torch.sign(vectors.gather(0, pivots[None, :]))[0]
+    return torch.where(signs == 0, 1.0, signs).to(vectors.dtype)
 
 
 # eigh_through's Cholesky route: the bound on its basis' loss of orthogonality
