@@ -210,7 +210,7 @@ class InputStatistics:
 
 
 def _fingerprint(samples: Tensor, channel_dim: int, cache: dict[str, Any]) -> Tensor:
-    """Each feature's samples weighted by fixed random weights and summed: ``(width,)`` numbers.
+    """Each feature's samples weighted by fixed random weights and summed (per image for NCHW maps).
 
     Any change to the values changes it with probability one, also one that keeps
     every feature's sum and sum of squares (two samples swapped in one feature:
