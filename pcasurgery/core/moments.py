@@ -326,13 +326,14 @@ def _accumulate_known(
     if count == 0:
         return 0, subtract, None
     moved = False
-    if known is not None and known.total_sq.shape == (width, width):
-        if known.shift.device != state.shift.device:
-            known = None
-        elif empty and not torch.equal(known.shift, state.shift):
-            batch, moved = known, True  # an empty state takes any shift for free
-        elif torch.equal(known.shift, state.shift):
-            batch = known
+    if known is not None and (
+        known.total_sq.shape != (width, width) or known.shift.device != state.shift.device
+    ):
+        known = None
+    if known is not None:
+        same = torch.equal(known.shift, state.shift)
+        if same or empty:  # an empty state takes any shift for free
+            batch, moved = known, not same
         else:
             known = None
     if known is None:
