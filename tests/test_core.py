@@ -180,6 +180,21 @@ def test_a_narrower_projection_is_the_float64_one_rounded_built_by_blocks(monkey
     torch.testing.assert_close(bias, center - basis @ basis.T @ center)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_projection_built_from_the_dropped_directions_is_the_same_map(monkeypatch, dtype):
+    monkeypatch.setattr(s, "_BLOCK_BYTES", 8 * 10 * 3)  # blocks of 3 rows of 10
+    q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
+    center = torch.randn(10, dtype=torch.float64) * 100
+    for k in (3, 8):  # the rest is used only where it is the smaller of the two
+        weight, bias = s.projection_affine(q[:, :k], center, dtype=dtype, rest=q[:, k:])
+        expected_w, expected_b = q[:, :k] @ q[:, :k].T, center - q[:, :k] @ q[:, :k].T @ center
+        torch.testing.assert_close(weight, expected_w.to(dtype), rtol=0, atol=1e-14 * (
+            1 if dtype == torch.float64 else 1e8))  # fmt: skip
+        torch.testing.assert_close(bias, expected_b.to(dtype), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"rest must complete basis \(10, 8\)"):
+        s.projection_affine(q[:, :8], center, rest=q[:, 7:])
+
+
 def test_random_orthogonal_is_haar_special_orthogonal_and_seedable():
     q = s.random_orthogonal(7, 3)
     np.testing.assert_allclose(q @ q.T, np.eye(7), atol=1e-12)

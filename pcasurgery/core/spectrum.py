@@ -216,7 +216,11 @@ def explained_fraction(eigenvalues: Tensor, k: int) -> float:
 
 
 def projection_affine(
-    basis: Tensor, center: Tensor, keepdim: bool = True, dtype: torch.dtype = torch.float64
+    basis: Tensor,
+    center: Tensor,
+    keepdim: bool = True,
+    dtype: torch.dtype = torch.float64,
+    rest: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The affine map of a projection onto the span of ``basis`` around ``center``.
 
@@ -227,20 +231,41 @@ def projection_affine(
     Every entry is computed in float64 and then rounded to ``dtype``; the
     ``(d, d)`` weight is built a block of rows at a time, so no float64 copy
     of it is ever held when ``dtype`` is narrower.
+
+    ``rest``, optional, is ``(d, d - k)``: orthonormal columns that complete
+    ``basis`` to a basis of the whole space (the other eigenvectors). Where they
+    are fewer than ``basis``' columns, ``V V^T`` is built as ``I - R R^T``,
+    ``d^2 (d - k)`` multiply-accumulates instead of ``d^2 k``.
     """
     basis = basis.to(torch.float64)
     center = center.to(torch.float64)
     if not keepdim:
         weight = basis.T.contiguous()
         return weight.to(dtype), (-(weight @ center)).to(dtype)
-    d = basis.shape[0]
-    bias = center - basis @ (basis.T @ center)
+    d, k = basis.shape
+    if rest is not None and rest.shape != (d, d - k):
+        raise ValueError(f"rest must complete basis {tuple(basis.shape)} to ({d}, {d}), got "
+                         f"shape {tuple(rest.shape)}")  # fmt: skip
+    if rest is not None and rest.shape[1] < k:
+        others = rest.to(torch.float64)
+        bias = others @ (others.T @ center)  # mu - V V^T mu
+
+        def rows_of(start: int, stop: int) -> Tensor:
+            block = -(others[start:stop] @ others.T)
+            block[:, start:stop].diagonal().add_(1.0)  # the rows of I - R R^T
+            return block
+    else:
+        bias = center - basis @ (basis.T @ center)
+
+        def rows_of(start: int, stop: int) -> Tensor:
+            return basis[start:stop] @ basis.T
+
     if dtype == torch.float64:
-        return basis @ basis.T, bias
+        return rows_of(0, d), bias
     weight = torch.empty(d, d, dtype=dtype, device=basis.device)
     rows = max(1, _BLOCK_BYTES // (8 * max(d, 1)))
     for start in range(0, d, rows):
-        weight[start : start + rows] = basis[start : start + rows] @ basis.T
+        weight[start : start + rows] = rows_of(start, start + rows)
     return weight, bias.to(dtype)
 
 
