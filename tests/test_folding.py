@@ -147,6 +147,44 @@ def test_the_folded_weights_follow_every_change_of_weights_and_projection():
     check()
 
 
+@pytest.mark.parametrize("widening", [False, True])
+def test_a_layer_keeping_most_directions_folds_through_those_it_drops(widening):
+    # Linear(32, 24) is decomposed at its width; Linear(24, 64) through its 24 inputs,
+    # whose eigenvectors span its weights' range only while the weights stay as they were
+    torch.manual_seed(2)
+    fan_in, width = (24, 64) if widening else (32, 24)
+    module = nn.Linear(fan_in, width)
+    data = torch.randn(512, fan_in) @ (torch.randn(fan_in, fan_in) * torch.logspace(0, -2, fan_in))
+    wrapped = ps.calibrate(ps.pca_wrap(nn.Sequential(module).eval(), 0.999), [data], progress=False)
+    fc, layer = wrapped.get_submodule("0"), ps.pca_layers_of(wrapped)["0"]
+    k, computed = layer.in_dim, layer.eigenvectors.shape[1]
+    assert computed == fan_in if widening else computed == width
+    assert computed - k < k  # the dropped directions are the fewer
+    assert layer._discarded(fc).shape == (width, computed - k)
+
+    def check():
+        with torch.no_grad():
+            out = fc(data)
+        assert fc.__dict__[_CACHE][2] is not None
+        torch.testing.assert_close(out, reference(fc, layer, data).float(), atol=1e-4, rtol=1e-4)
+
+    check()
+    layer.load_state_dict(layer.state_dict())  # eigenvectors written in place: not trusted
+    assert (layer._discarded(fc) is None) == widening
+    with torch.no_grad():
+        fc.weight.add_(torch.randn_like(fc.weight))  # a step that leaves the old range
+        fc.bias.add_(1.0)
+    assert (layer._discarded(fc) is None) == widening
+    check()
+    layer.inject_random_directions(0)
+    assert layer._discarded(fc) is None
+    check()
+    small = ps.compress(wrapped.float())
+    torch.testing.assert_close(
+        small(data), reference(fc, layer, data).float(), atol=1e-4, rtol=1e-4
+    )
+
+
 def test_calibrate_folds_at_its_end_so_the_first_forward_builds_nothing(monkeypatch):
     from pcasurgery.layers import folding
 

@@ -208,7 +208,9 @@ def _compress_pair(layer: PCALayer, module: Dense, plan: LayerPlan) -> nn.Module
     w, b = weight_matrix(module, torch.float64)
     k = v.shape[1]
     if plan.action == "folded":
-        return _set(_like(module, layer.width), *folded_affine(w, b, layer))
+        return _set(
+            _like(module, layer.width), *folded_affine(w, b, layer, layer._discarded(module))
+        )
     down = _set(_like(module, k), v.T @ w, v.T @ (b - c))
     if plan.action == "down-projection":
         return down

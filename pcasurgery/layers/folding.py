@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .kinds import affine_kind, weight_matrix
-from .pca import PCALayer, _exporting, side_by_side
+from .pca import PCALayer, _exporting, _tokens, side_by_side
 
 __all__ = ["factorising_pays", "folded_affine", "folded_forward", "prefold"]
 
@@ -49,22 +49,29 @@ def _hooked(pca: PCALayer) -> bool:
     )
 
 
-def _token(t: Tensor | None) -> tuple:
-    return (None,) if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
-
-
-def folded_affine(w: Tensor, b: Tensor, pca: PCALayer) -> tuple[Tensor, Tensor]:
+def folded_affine(
+    w: Tensor, b: Tensor, pca: PCALayer, rest: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """``(P W, P b + q)``: the projection of ``pca`` after ``x -> W x + b``, as one affine map.
 
     ``W`` is (outputs, inputs) and the result is computed in its dtype. With
     ``V`` the kept basis and ``c`` the centre, ``P = V V^T`` and ``q = c - P c``
-    (``keepdim=False``: ``P = V^T``, ``q = -V^T c``); the product is taken
-    through ``V`` (``V (V^T W)``) where that is cheaper than through ``P``.
+    (``keepdim=False``: ``P = V^T``, ``q = -V^T c``). The product is taken
+    the cheapest way: through ``V`` (``V (V^T W)``), through ``P``, or, given
+    ``rest`` (the dropped directions ``R`` that complete ``V`` to a basis of
+    the range of ``W`` and ``b - c``: ``PCALayer._discarded``), as
+    ``W - R (R^T W)``, which for a layer that keeps most of its directions
+    costs a fraction of the others.
     """
     v, c = pca.basis.to(w.device, w.dtype), pca.center().to(w.device, w.dtype)
     if not pca.keepdim:
         return v.T @ w, v.T @ (b - c)
-    if 2 * v.shape[1] < v.shape[0]:
+    (d, k), n = v.shape, w.shape[1]
+    through_basis, through_projection = 2 * d * k * n, d * d * (k + n)  # multiply-accumulates
+    if rest is not None and 2 * d * rest.shape[1] * n < min(through_basis, through_projection):
+        r = rest.to(w.device, w.dtype)
+        return w - r @ (r.T @ w), b - r @ (r.T @ (b - c))
+    if through_basis <= through_projection:
         return v @ (v.T @ w), v @ (v.T @ (b - c)) + c
     p = v @ v.T
     return p @ w, p @ (b - c) + c
@@ -104,7 +111,7 @@ def _fold(kind: str, module: nn.Module, pca: PCALayer) -> tuple[Tensor, ...]:
         v, c = pca.basis.to(w.device, w.dtype), pca.center().to(w.device, w.dtype)
         folded_w, folded_b = v.T @ w, v.T @ (b - c)
     else:
-        folded_w, folded_b = folded_affine(w, b, pca)
+        folded_w, folded_b = folded_affine(w, b, pca, pca._discarded(module))
     if kind == "conv1d":
         folded_w = folded_w.T
     else:
@@ -134,7 +141,7 @@ def _foldable(module: nn.Module, pca: PCALayer) -> str | None:
 
 def _cache_key(module: nn.Module, pca: PCALayer) -> tuple[tuple, tuple]:
     tensors = (module.weight, module.bias, pca.projection_weight, pca.projection_bias)
-    return tensors, tuple(_token(t) for t in tensors)  # type: ignore[arg-type]  # _foldable checked them
+    return tensors, _tokens(tensors)  # type: ignore[arg-type]  # _foldable checked them
 
 
 def _build(kind: str, module: nn.Module, pca: PCALayer, rows: int) -> tuple:
@@ -151,10 +158,11 @@ def prefold(pairs: Iterable[tuple[nn.Module, PCALayer]]) -> None:
     costs what a plain one does: building a fold costs about what projecting
     as many rows as the module has inputs does, which on a batch of 1024
     tokens is most of a transformer projection's own cost. CPU folds are built
-    side by side on one-thread workers (``layers.pca.side_by_side``). Either
-    every fold is stored or, on an error, none.
+    side by side on one-thread workers (``layers.pca.side_by_side``), the
+    largest weights first. Either every fold is stored or, on an error, none.
     """
     jobs = [(module, pca, kind) for module, pca in pairs if (kind := _foldable(module, pca))]
+    jobs.sort(key=lambda job: -cast(Tensor, job[0].weight).numel())  # _foldable checked it
     built: dict[int, tuple] = {}
 
     def job(i: int) -> None:

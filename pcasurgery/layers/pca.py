@@ -204,6 +204,11 @@ class PCALayer(nn.Module):
     # formed the first time anything reads it (``statistics()``, the buffer, the
     # state dict, more data), so that calibration and its spectrum never need it
     _square_factors: tuple[Tensor, Tensor] | None = None
+    # ``((eigenvectors, weight, bias), their tokens)`` where the computed eigenvectors,
+    # fewer than the width, span the range of the followed module's map as it was
+    # when they were computed (layers.through); see ``_discarded``. Cleared when the
+    # spectrum is installed; a weight replaced since stays referenced until then.
+    _spans: tuple[tuple, tuple] | None = None
 
     # The buffers of _STATE, for type checkers (nn.Module resolves them at run time).
     sample_count: Tensor
@@ -682,6 +687,7 @@ class PCALayer(nn.Module):
 
     @torch.no_grad()
     def _install_spectrum(self, values: Tensor, vectors: Tensor) -> None:
+        self._spans = None
         with torch.inference_mode(False):
             self._put("eigenvalues", values)
             self._put("eigenvectors", vectors)
@@ -707,7 +713,10 @@ class PCALayer(nn.Module):
             k = _s.intrinsic_dimensionality(self.eigenvalues, self.threshold)
             self._put("rank", k)
             self._rank_host = k
-            self._set_projection(self._leading_vectors(k))
+            basis = self._leading_vectors(k)
+            vectors = self.eigenvectors
+            rest = vectors[:, k:] if vectors.shape[1] == self.width else None
+            self._set_projection(basis, rest)
             self._put("random_directions", False)
 
     def _leading_vectors(self, k: int) -> Tensor:
@@ -727,10 +736,33 @@ class PCALayer(nn.Module):
         """The point the projection is taken around: the mean, or zero when not centring."""
         return self._center()
 
-    def _set_projection(self, basis: Tensor) -> None:
+    def _discarded(self, module: nn.Module | None = None) -> Tensor | None:
+        """The computed eigenvectors the projection drops, where with the kept ones they
+        make an orthonormal basis of the whole space, or of the range of ``module``'s map.
+
+        ``(width, m - k)`` for ``m`` computed eigenvectors of which ``k`` are kept:
+        then ``V V^T = I - R R^T`` on the whole space (every eigenvector computed),
+        and ``V V^T W = W - R R^T W`` for the weights ``W`` of the module this layer
+        follows where the ``m`` span their range (a widening layer decomposed
+        through its input, ``layers.through``, whose weights have not changed
+        since). None where neither holds, or the projection is onto random directions.
+        """
+        vectors, k = self.eigenvectors, self.basis.shape[1]
+        if vectors.shape[1] < k or bool(self.random_directions):
+            return None
+        if vectors.shape[1] == self.width:
+            return vectors[:, k:]
+        if module is None or self._spans is None:
+            return None
+        tensors = (vectors, getattr(module, "weight", None), getattr(module, "bias", None))
+        held, tokens = self._spans
+        same = all(a is b for a, b in zip(held, tensors, strict=True))
+        return vectors[:, k:] if same and tokens == _tokens(tensors) else None
+
+    def _set_projection(self, basis: Tensor, rest: Tensor | None = None) -> None:
         dtype = self.projection_weight.dtype
         fused = self.keepdim and 2 * basis.shape[1] >= self.width
-        weight, bias = _s.projection_affine(basis, self._center(), fused, dtype)
+        weight, bias = _s.projection_affine(basis, self._center(), fused, dtype, rest)
         for name, value in (
             ("projection_weight", weight),
             ("projection_bias", bias),
@@ -1039,6 +1071,15 @@ def _install(layer: PCALayer, source: Any) -> None:
         layer._install_spectrum(*_s.eigh_descending(layer._matrix_to_decompose(checked=True)))
     else:
         layer._install_spectrum(*source.eigenspace(layer.centering))
+        tensors = (layer.eigenvectors, source.module.weight, source.module.bias)
+        layer._spans = (tensors, _tokens(tensors))
+
+
+def _tokens(tensors: Iterable[Tensor | None]) -> tuple:
+    """What changes when a tensor is modified in place, moved or given new data."""
+    return tuple(
+        None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors
+    )
 
 
 def _one_thread(job: Callable[[], Any]) -> None:
