@@ -147,18 +147,21 @@ def test_the_folded_weights_follow_every_change_of_weights_and_projection():
     check()
 
 
+@pytest.mark.parametrize("centering", [True, False])
 @pytest.mark.parametrize("widening", [False, True])
-def test_a_layer_keeping_most_directions_folds_through_those_it_drops(widening):
-    # Linear(32, 24) is decomposed at its width; Linear(24, 64) through its 24 inputs,
-    # whose eigenvectors span its weights' range only while the weights stay as they were
+def test_a_layer_keeping_most_directions_folds_through_those_it_drops(widening, centering):
+    # Linear(32, 24) is decomposed at its width; Linear(24, 64) through its 24 inputs
+    # (and its bias, uncentred), whose eigenvectors span its map's range only while
+    # the weights stay as they were
     torch.manual_seed(2)
     fan_in, width = (24, 64) if widening else (32, 24)
     module = nn.Linear(fan_in, width)
     data = torch.randn(512, fan_in) @ (torch.randn(fan_in, fan_in) * torch.logspace(0, -2, fan_in))
-    wrapped = ps.calibrate(ps.pca_wrap(nn.Sequential(module).eval(), 0.999), [data], progress=False)
+    wrapped = ps.pca_wrap(nn.Sequential(module).eval(), 0.999, centering=centering)
+    wrapped = ps.calibrate(wrapped, [data + 3.0], progress=False)
     fc, layer = wrapped.get_submodule("0"), ps.pca_layers_of(wrapped)["0"]
     k, computed = layer.in_dim, layer.eigenvectors.shape[1]
-    assert computed == fan_in if widening else computed == width
+    assert computed == (fan_in + (not centering) if widening else width)
     assert computed - k < k  # the dropped directions are the fewer
     assert layer._discarded(fc).shape == (width, computed - k)
 
