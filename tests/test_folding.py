@@ -15,7 +15,7 @@ from models import GPT2Block, reference
 from torch import nn
 
 import pcasurgery as ps
-from pcasurgery.layers import sites_of
+from pcasurgery.layers import folding, sites_of
 from pcasurgery.layers.folding import _CACHE, _fold
 
 
@@ -149,7 +149,9 @@ def test_the_folded_weights_follow_every_change_of_weights_and_projection():
 
 @pytest.mark.parametrize("centering", [True, False])
 @pytest.mark.parametrize("widening", [False, True])
-def test_a_layer_keeping_most_directions_folds_through_those_it_drops(widening, centering):
+def test_a_layer_keeping_most_directions_folds_through_those_it_drops(
+    widening, centering, monkeypatch
+):
     # Linear(32, 24) is decomposed at its width; Linear(24, 64) through its 24 inputs
     # (and its bias, uncentred), whose eigenvectors span its map's range only while
     # the weights stay as they were
@@ -172,6 +174,15 @@ def test_a_layer_keeping_most_directions_folds_through_those_it_drops(widening, 
         torch.testing.assert_close(out, reference(fc, layer, data).float(), atol=1e-4, rtol=1e-4)
 
     check()
+
+    def no_room(*_):
+        raise MemoryError("no room")
+
+    with monkeypatch.context() as patch:  # a failed calibration keeps what it found
+        patch.setattr(folding, "_fold", no_room)
+        with pytest.raises(MemoryError, match="no room"):
+            ps.calibrate(wrapped, [data], progress=False)
+    assert layer._discarded(fc).shape == (width, computed - k)
     layer.load_state_dict(layer.state_dict())  # eigenvectors written in place: not trusted
     assert (layer._discarded(fc) is None) == widening
     with torch.no_grad():
@@ -222,8 +233,6 @@ def test_calibrate_folds_at_its_end_so_the_first_forward_builds_nothing(monkeypa
 
 
 def test_a_fold_that_fails_in_calibrate_leaves_the_model_as_it_was(monkeypatch):
-    from pcasurgery.layers import folding
-
     _, wrapped = calibrated_net()
     state = {k: v.clone() for k, v in wrapped.state_dict().items()}
     caches = {name: m.__dict__[_CACHE] for name, m in (("conv", wrapped.conv), ("fc", wrapped.fc))}

@@ -730,6 +730,7 @@ class PCALayer(nn.Module):
             q, _ = torch.linalg.qr(vectors, mode="complete")
             vectors = torch.cat([vectors, q[:, vectors.shape[1] :]], 1)
             self._put("eigenvectors", vectors)
+            self._spans = None  # every eigenvector is there now
         return vectors[:, :k]
 
     def center(self) -> Tensor:

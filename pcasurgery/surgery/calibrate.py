@@ -133,7 +133,10 @@ class _Snapshot:
             )
             for m in model.modules()
         ]
-        self.layers = [(layer, layer.mode, layer.epoch, layer._square_factors) for layer in layers]
+        self.layers = [
+            (layer, layer.mode, layer.epoch, layer._square_factors, layer._spans)
+            for layer in layers
+        ]
         self._buffers = {id(m): buffers for m, buffers, *_ in self.modules}
 
     def buffers_of(self, layer: PCALayer) -> dict[str, Tensor]:
@@ -156,9 +159,10 @@ class _Snapshot:
                     param = params[name]
                     if param is not None and param.data is not tensor:
                         param.data = tensor
-        for layer, _, epoch, factors in self.layers:
+        for layer, _, epoch, factors, spans in self.layers:
             layer.epoch = epoch
             layer._square_factors = factors
+            layer._spans = spans
             layer._sync_flags()
         self.restore_modes()
 
