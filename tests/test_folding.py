@@ -200,8 +200,6 @@ def test_a_layer_keeping_most_directions_folds_through_those_it_drops(
 
 
 def test_calibrate_folds_at_its_end_so_the_first_forward_builds_nothing(monkeypatch):
-    from pcasurgery.layers import folding
-
     _, wrapped = calibrated_net()
     assert all(m.__dict__[_CACHE][2] is not None for m in (wrapped.conv, wrapped.fc))
     built = []
