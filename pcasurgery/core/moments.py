@@ -227,13 +227,24 @@ def _probe_shift(x: Tensor, channel_dim: int) -> Tensor | None:
         lead = math.prod(x.shape[:cd])
         sample = x.reshape(lead, width, -1)[:, :, ::stride].to(dtype)
         total, squares = sample.sum((0, 2)), sample.square().sum((0, 2))
-    n = float(sample.numel() // width)
-    mean, second = total.to(torch.float64) / n, squares.to(torch.float64) / n
-    square = mean.square()
-    far = (square > _FAR * second) & (square > _NEGLIGIBLE * second.max())
-    if not bool(far.any()):
+    n = sample.numel() // width
+    total = total.to(torch.float64)
+    least, _ = _least_margin(total, squares.to(torch.float64), n)
+    if not float(least) < 0:  # nothing far (or not finite: the check will say so)
         return None
-    return mean.to(dtype).to(torch.float64)
+    return (total / n).to(dtype).to(torch.float64)
+
+
+def _least_margin(total: Tensor, squares: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """``(least margin, largest square)`` for samples' sums and sums of squares about a shift.
+
+    The margin is negative iff some feature is far (see :func:`_check`), NaN iff
+    ``total`` is not finite; both are left on the device, to be read together.
+    """
+    top = squares.max()
+    margin = torch.addcmul(squares, total, total, value=-1.0 / (_FAR * count))
+    slack = torch.addcmul(_NEGLIGIBLE * top, total, total, value=-1.0 / count)
+    return torch.maximum(margin, slack).min(), top
 
 
 def _check(batch: Moments, count: int) -> tuple[bool, bool]:
@@ -257,11 +268,9 @@ def _check(batch: Moments, count: int) -> tuple[bool, bool]:
     NaN); the largest diagonal, read with it, is infinite where a square
     overflowed.
     """
-    diagonal = batch.total_sq.diagonal()
-    top = diagonal.max()
-    margin = torch.addcmul(diagonal, batch.total, batch.total, value=-1.0 / (_FAR * count))
-    slack = torch.addcmul(_NEGLIGIBLE * top, batch.total, batch.total, value=-1.0 / count)
-    least, largest = torch.stack([torch.maximum(margin, slack).min(), top]).tolist()
+    least, largest = torch.stack(
+        _least_margin(batch.total, batch.total_sq.diagonal(), count)
+    ).tolist()
     return not math.isnan(least) and math.isfinite(largest), least < 0
 
 
