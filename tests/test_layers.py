@@ -344,3 +344,38 @@ def test_a_projection_onto_few_directions_is_held_as_two_skinny_maps(keepdim):
     layer.threshold = 1.0  # more than half the width: one fused map again
     assert layer.in_dim * 2 >= 32
     assert layer.projection_weight.shape == ((32, 32) if keepdim else (layer.in_dim, 32))
+
+
+def test_the_kept_basis_is_a_view_of_the_eigenvectors_and_loads_without_writing_them():
+    def shared(layer):
+        return (
+            layer.basis.untyped_storage().data_ptr()
+            == layer.eigenvectors.untyped_storage().data_ptr()
+        )
+
+    x = decaying_data(2000, 16, offset=2.0, decay=0.7)
+    layer = fitted_linear(x, threshold=0.9)
+    k = layer.in_dim
+    assert 0 < k < 16
+    # no second float64 copy of the leading eigenvectors
+    assert shared(layer)
+    torch.testing.assert_close(layer.basis, layer.eigenvectors[:, :k], atol=0, rtol=0)
+    # a checkpoint whose basis is not the leading eigenvectors (random directions) loads
+    # into a layer whose basis is such a view without overwriting its eigenvectors
+    random = fitted_linear(x, threshold=0.9)
+    random.inject_random_directions(random_state=0)
+    expected = random(torch.from_numpy(x[:20]))
+    layer.load_state_dict(random.state_dict())
+    torch.testing.assert_close(layer.eigenvectors, random.eigenvectors, atol=0, rtol=0)
+    torch.testing.assert_close(layer.basis, random.basis, atol=0, rtol=0)
+    torch.testing.assert_close(layer(torch.from_numpy(x[:20])), expected)
+    assert not shared(layer)  # loaded into a buffer of its own
+    layer.threshold = 0.9  # back to the PCA projection: the leading eigenvectors again
+    assert shared(layer)
+    buffer = io.BytesIO()  # saved once: the view shares the eigenvectors' storage
+    torch.save(layer.state_dict(), buffer)
+    fresh = LinearPCALayer(16).eval()
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(fresh(torch.from_numpy(x[:20])), layer(torch.from_numpy(x[:20])))
+    torch.testing.assert_close(fresh.eigenvectors, layer.eigenvectors, atol=0, rtol=0)

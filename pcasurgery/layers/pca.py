@@ -85,6 +85,9 @@ class _StateSpec:
         initial: the value it starts from (and returns to on reset).
         optional: added after checkpoints were first written; a checkpoint
             without it loads, keeping the initial value.
+        view: may be a strided view of another buffer's storage (the basis: the
+            leading columns of the eigenvectors, not a second copy of them); a
+            checkpoint is loaded into a buffer of its own, never through the view.
     """
 
     name: str
@@ -95,6 +98,7 @@ class _StateSpec:
     resizable: bool = False
     initial: float = 0
     optional: bool = False
+    view: bool = False
 
 
 def _scalar(width: int, keepdim: bool) -> tuple[int, ...]:
@@ -139,7 +143,7 @@ _STATE: tuple[_StateSpec, ...] = (
     # PCALayer._factored), and the (width, k) basis it keeps
     _StateSpec("projection_weight", lambda w, keep: (0, w), None, resizable=True),
     _StateSpec("projection_bias", lambda w, keep: (0,), None, resizable=True),
-    _StateSpec("basis", lambda w, keep: (w, 0), _F64, resizable=True),
+    _StateSpec("basis", lambda w, keep: (w, 0), _F64, resizable=True, view=True),
 )
 _SPEC = {spec.name: spec for spec in _STATE}
 _MOMENTS = tuple(s.name for s in _STATE if s.reduce == "moments")  # Moments' field order
@@ -265,17 +269,22 @@ class PCALayer(nn.Module):
 
     # ------------------------------------------------------------------ state
     def _put(self, name: str, value: Tensor | float | bool) -> None:
-        """Install a new tensor as buffer ``name``, in its declared dtype, on the layer's device."""
+        """Install a new tensor as buffer ``name``, in its declared dtype, on the layer's device.
+
+        Contiguous, except for a buffer declared a ``view``, which keeps the strides
+        it is given (a slice of another buffer stays a slice).
+        """
         current = self._buffers[name]
         assert current is not None
-        dtype = _SPEC[name].dtype or current.dtype
+        spec = _SPEC[name]
+        dtype = spec.dtype or current.dtype
         with torch.inference_mode(False):
             if not isinstance(value, Tensor):  # filled where it lives: no host-to-device copy
                 value = torch.full((), value, dtype=dtype, device=current.device)
             value = value.to(device=current.device, dtype=dtype)
             if value.is_inference() or value is current:
                 value = value.clone()
-            self._buffers[name] = value.contiguous()
+            self._buffers[name] = value if spec.view else value.contiguous()
 
     def _sync_flags(self) -> None:
         """Derive the host-side mirrors from the buffers (one device sync)."""
@@ -439,7 +448,7 @@ class PCALayer(nn.Module):
             incoming = state_dict.get(prefix + spec.name)
             current = self._buffers[spec.name]
             if spec.resizable and isinstance(incoming, Tensor) and current is not None:
-                if incoming.shape != current.shape:
+                if incoming.shape != current.shape or spec.view:  # never load through a view
                     self._buffers[spec.name] = current.new_empty(incoming.shape)
         if prefix + "shifted_sum_sq" in state_dict:
             self._square_factors = None  # the square comes from the checkpoint
