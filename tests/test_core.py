@@ -393,6 +393,28 @@ def test_gram_products_built_by_blocks_match_numpy(width, layout):
         m._accumulate(m.empty_moments(width), bad)
 
 
+def test_a_batch_square_is_added_to_the_float64_sums_by_blocks_of_rows_to_the_bit(monkeypatch):
+    # a float32 batch's products stay float32 until they are added: then a few rows
+    # at a time (no float64 copy of the whole square), with the same sums as one addition
+    x = decaying_data(700, 13, offset=5.0)
+    batch = m._batch_moments(torch.from_numpy(x[:100]), torch.zeros(13, dtype=torch.float64))
+    assert batch.total_sq.dtype == torch.float32
+    whole = stream(x, batch=100)
+    monkeypatch.setattr(m, "_ADD_BYTES", 8 * 13 * 4)  # 4 rows a block: 4 + 4 + 4 + 1
+    blocks = stream(x, batch=100)
+    assert torch.equal(blocks.total_sq, whole.total_sq) and torch.equal(blocks.total, whole.total)
+    reference = np.cov(x.astype(np.float64), rowvar=False, bias=True)
+    assert relative_error(m.covariance(blocks).numpy(), reference) <= 1e-5
+    total = torch.zeros(13, 13, dtype=torch.float64)
+    part = torch.from_numpy(x[:13].copy())
+    m._add_into(total, part)
+    assert torch.equal(total, part.double())
+    double = m._batch_moments(
+        torch.from_numpy(x[:100]).double(), torch.zeros(13, dtype=torch.float64)
+    )
+    assert double.total_sq.dtype == torch.float64
+
+
 def test_empty_batches_are_skipped_and_non_finite_batches_leave_the_state_alone():
     state = m.empty_moments(3)
     assert m._accumulate(state, torch.empty(0, 3)) == (0, False)

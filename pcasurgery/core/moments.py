@@ -114,6 +114,26 @@ def _gram(left: Tensor) -> Tensor:
     return out
 
 
+_ADD_BYTES = 4 * 2**20  # float64 rows a narrower square is promoted in, when added to the sums
+
+
+def _add_into(total: Tensor, part: Tensor) -> None:
+    """``total += part`` in place, a narrower ``part`` promoted a block of rows at a time.
+
+    torch promotes a whole mixed-dtype operand into a temporary first: for a batch's
+    float32 ``(4096, 4096)`` square, 128 MiB of float64 that the CPU allocator maps
+    afresh for every batch (glibc keeps no freed block over 32 MiB) and the kernel
+    zeroes page by page; in blocks of ``_ADD_BYTES`` the temporary is reused. The
+    sums are the same to the bit. On a GPU (a caching allocator) it is one addition.
+    """
+    if part.dtype == total.dtype or total.device.type != "cpu" or total.dim() != 2:
+        total.add_(part)
+        return
+    rows = max(1, _ADD_BYTES // (total.element_size() * max(1, total.shape[1])))
+    for start in range(0, total.shape[0], rows):
+        total[start : start + rows].add_(part[start : start + rows])
+
+
 # Products of samples taken around a shift within SHIFT_RATIO standard deviations
 # of their mean keep the covariance's relative error below ~17 float32 epsilons
 # (2e-6); a batch farther away is measured again around its own mean.
@@ -152,7 +172,10 @@ def _batch_moments(
             zero); computed from ``shift`` when None, which costs a device sync.
 
     Returns:
-        The batch's :class:`Moments` with the given shift.
+        The batch's :class:`Moments` with the given shift; ``total_sq`` in the
+        compute dtype for activations with one row per sample (float32 products
+        of float32 activations, promoted only as they are added to float64 sums,
+        :func:`_add_into`), float64 for the per-image products of NCHW maps.
     """
     width = _width(x, channel_dim)
     if shift.shape != (width,):
@@ -172,7 +195,7 @@ def _batch_moments(
         # the per-image products would
         rows = last.reshape(-1, width).to(dtype)
         rows = rows - s if subtract else rows
-        total_sq = _gram(rows.T).to(torch.float64)
+        total_sq = _gram(rows.T)  # in the compute dtype: added to float64 sums by _add_into
         count = rows.shape[0]
         total = rows.sum(0).to(torch.float64)
     else:
@@ -185,7 +208,7 @@ def _batch_moments(
         for start in range(0, lead, step):
             shifted = view[start : start + step].to(dtype)
             shifted = shifted - s[:, None] if subtract else shifted
-            total_sq += _gram(shifted).to(torch.float64)
+            _add_into(total_sq, _gram(shifted))
             total += shifted.sum(2).to(torch.float64).sum(0)
         count = lead * trail
     return Moments(
@@ -269,7 +292,7 @@ def _check(batch: Moments, count: int) -> tuple[bool, bool]:
     overflowed.
     """
     least, largest = torch.stack(
-        _least_margin(batch.total, batch.total_sq.diagonal(), count)
+        _least_margin(batch.total, batch.total_sq.diagonal().to(torch.float64), count)
     ).tolist()
     return not math.isnan(least) and math.isfinite(largest), least < 0
 
@@ -372,7 +395,7 @@ def _accumulate_known(
         subtract = bool(batch.shift.any())
     state.count.add_(count)
     state.total.add_(batch.total.to(state.total.device))
-    state.total_sq.add_(batch.total_sq.to(state.total_sq.device))
+    _add_into(state.total_sq, batch.total_sq.to(state.total_sq.device))
     return count, subtract, batch
 
 
