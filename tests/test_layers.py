@@ -379,3 +379,26 @@ def test_the_kept_basis_is_a_view_of_the_eigenvectors_and_loads_without_writing_
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     torch.testing.assert_close(fresh(torch.from_numpy(x[:20])), layer(torch.from_numpy(x[:20])))
     torch.testing.assert_close(fresh.eigenvectors, layer.eigenvectors, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "meta",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ),
+    ],
+)
+def test_a_moved_layer_keeps_its_basis_a_view_of_the_eigenvectors(device):
+    x = decaying_data(2000, 16, offset=2.0, decay=0.7)
+    layer = fitted_linear(x, threshold=0.9)
+    k = layer.in_dim
+    expected = layer(torch.from_numpy(x[:20]))
+    layer.to(device)
+    assert layer.basis.device.type == device and layer.basis.shape == (16, k)
+    assert layer.basis.stride() == layer.eigenvectors.stride()  # a slice, not a (16, k) copy
+    if device != "meta":
+        assert layer.basis.data_ptr() == layer.eigenvectors.data_ptr()
+        torch.testing.assert_close(layer(torch.from_numpy(x[:20]).to(device)).cpu(), expected)

@@ -85,8 +85,9 @@ class _StateSpec:
         initial: the value it starts from (and returns to on reset).
         optional: added after checkpoints were first written; a checkpoint
             without it loads, keeping the initial value.
-        view: may be a strided view of another buffer's storage (the basis: the
-            leading columns of the eigenvectors, not a second copy of them); a
+        view_of: the buffer whose leading columns it may be, a strided view that
+            shares their storage (the basis: the kept eigenvectors, not a second
+            copy of them) and is sliced again after a move to another device; a
             checkpoint is loaded into a buffer of its own, never through the view.
     """
 
@@ -98,7 +99,7 @@ class _StateSpec:
     resizable: bool = False
     initial: float = 0
     optional: bool = False
-    view: bool = False
+    view_of: str | None = None
 
 
 def _scalar(width: int, keepdim: bool) -> tuple[int, ...]:
@@ -143,7 +144,7 @@ _STATE: tuple[_StateSpec, ...] = (
     # PCALayer._factored), and the (width, k) basis it keeps
     _StateSpec("projection_weight", lambda w, keep: (0, w), None, resizable=True),
     _StateSpec("projection_bias", lambda w, keep: (0,), None, resizable=True),
-    _StateSpec("basis", lambda w, keep: (w, 0), _F64, resizable=True, view=True),
+    _StateSpec("basis", lambda w, keep: (w, 0), _F64, resizable=True, view_of="eigenvectors"),
 )
 _SPEC = {spec.name: spec for spec in _STATE}
 _MOMENTS = tuple(s.name for s in _STATE if s.reduce == "moments")  # Moments' field order
@@ -271,8 +272,8 @@ class PCALayer(nn.Module):
     def _put(self, name: str, value: Tensor | float | bool) -> None:
         """Install a new tensor as buffer ``name``, in its declared dtype, on the layer's device.
 
-        Contiguous, except for a buffer declared a ``view``, which keeps the strides
-        it is given (a slice of another buffer stays a slice).
+        Contiguous, except for a buffer declared a view of another (``view_of``),
+        which keeps the strides it is given (a slice of that buffer stays a slice).
         """
         current = self._buffers[name]
         assert current is not None
@@ -284,7 +285,7 @@ class PCALayer(nn.Module):
             value = value.to(device=current.device, dtype=dtype)
             if value.is_inference() or value is current:
                 value = value.clone()
-            self._buffers[name] = value if spec.view else value.contiguous()
+            self._buffers[name] = value if spec.view_of else value.contiguous()
 
     def _sync_flags(self) -> None:
         """Derive the host-side mirrors from the buffers (one device sync)."""
@@ -411,11 +412,20 @@ class PCALayer(nn.Module):
         # every buffer in its declared dtype and only follow the device (a square
         # held as its factors too).
         keep = {s.name: self._buffers[s.name] for s in _STATE if s.dtype is not None}
+        views = {
+            s.name: _leading_columns(self._buffers[s.name], self._buffers[s.view_of])
+            for s in _STATE
+            if s.view_of
+        }
         super()._apply(fn, recurse)
         device = self.projection_weight.device
         for name, value in keep.items():
             if value is not None:
                 self._buffers[name] = value.to(device)
+        for name, k in views.items():  # still a view, not a copy, on the new device
+            base = self._buffers[str(_SPEC[name].view_of)]
+            if k is not None and base is not None:
+                self._buffers[name] = base[:, :k]
         if self._square_factors is not None:
             weight, inner = self._square_factors
             self._square_factors = (weight.to(device), inner.to(device))
@@ -448,7 +458,7 @@ class PCALayer(nn.Module):
             incoming = state_dict.get(prefix + spec.name)
             current = self._buffers[spec.name]
             if spec.resizable and isinstance(incoming, Tensor) and current is not None:
-                if incoming.shape != current.shape or spec.view:  # never load through a view
+                if incoming.shape != current.shape or spec.view_of:  # never through a view
                     self._buffers[spec.name] = current.new_empty(incoming.shape)
         if prefix + "shifted_sum_sq" in state_dict:
             self._square_factors = None  # the square comes from the checkpoint
@@ -1083,6 +1093,20 @@ def _install(layer: PCALayer, source: Any) -> None:
         layer._install_spectrum(*source.eigenspace(layer.centering))
         tensors = (layer.eigenvectors, source.module.weight, source.module.bias)
         layer._spans = (tensors, _tokens(tensors))
+
+
+def _leading_columns(view: Tensor | None, base: Tensor | None) -> int | None:
+    """``k`` where ``view`` is ``base[:, :k]`` (the same storage, offset and strides), else None."""
+    if view is None or base is None or view.dim() != 2 or base.dim() != 2 or not view.numel():
+        return None
+    same = (
+        view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+        and view.storage_offset() == base.storage_offset()
+        and view.stride() == base.stride()
+        and view.shape[0] == base.shape[0]
+        and view.shape[1] <= base.shape[1]
+    )
+    return view.shape[1] if same else None
 
 
 def _tokens(tensors: Iterable[Tensor | None]) -> tuple:
