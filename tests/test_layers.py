@@ -372,13 +372,20 @@ def test_the_kept_basis_is_a_view_of_the_eigenvectors_and_loads_without_writing_
     assert not shared(layer)  # loaded into a buffer of its own
     layer.threshold = 0.9  # back to the PCA projection: the leading eigenvectors again
     assert shared(layer)
-    buffer = io.BytesIO()  # saved once: the view shares the eigenvectors' storage
-    torch.save(layer.state_dict(), buffer)
+    state = layer.state_dict()  # the basis as a tensor of its own, the layer's a view still
+    assert state["basis"].is_contiguous() and shared(layer)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     fresh = LinearPCALayer(16).eval()
     buffer.seek(0)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     torch.testing.assert_close(fresh(torch.from_numpy(x[:20])), layer(torch.from_numpy(x[:20])))
     torch.testing.assert_close(fresh.eigenvectors, layer.eigenvectors, atol=0, rtol=0)
+    safetensors = pytest.importorskip("safetensors.torch")  # refuses strided or shared tensors
+    loaded = safetensors.load(safetensors.save(state))
+    assert torch.equal(loaded["basis"], layer.basis) and torch.equal(
+        loaded["eigenvectors"], layer.eigenvectors
+    )
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,35 @@ def test_a_causal_lm_keeps_its_class_and_generate(build):
     assert ps.count_params(small) < ps.count_params(model)
 
 
+def test_a_calibrated_model_saves_with_save_pretrained_and_loads_back(tmp_path):
+    # safetensors refuses tensors that share memory: no PCA buffer aliases another
+    safetensors = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    model, blocks = llama()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = ps.pca_wrap(model, 0.9, include=blocks)
+        fresh = ps.pca_wrap(model, 0.5, include=blocks)
+    ps.calibrate(wrapped, token_batches(96), progress=False)
+    prompt = torch.randint(3, 96, (2, 5))
+    with torch.no_grad():
+        expected = wrapped(input_ids=prompt).logits
+    wrapped.save_pretrained(tmp_path)
+    state = {}
+    for path in sorted(tmp_path.glob("*.safetensors")):
+        state.update(safetensors.load_file(path))
+    assert any(key.endswith("pca.eigenvectors") for key in state)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in key for key in missing)  # tied to the embedding
+    fresh.eval()
+    assert {n: lay.in_dim for n, lay in ps.pca_layers_of(fresh).items()} == {
+        n: lay.in_dim for n, lay in ps.pca_layers_of(wrapped).items()
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=prompt).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_bert_encoder_compresses_and_exports_with_dynamic_batch_and_sequence(tmp_path):
     torch.manual_seed(0)
     config = transformers.BertConfig(

@@ -274,6 +274,9 @@ class PCALayer(nn.Module):
 
         Contiguous, except for a buffer declared a view of another (``view_of``),
         which keeps the strides it is given (a slice of that buffer stays a slice).
+        It shares memory with no other buffer (a tensor that does is copied): a
+        state dict of tensors that share memory is refused by safetensors, and so
+        by ``save_pretrained``.
         """
         current = self._buffers[name]
         assert current is not None
@@ -283,9 +286,19 @@ class PCALayer(nn.Module):
             if not isinstance(value, Tensor):  # filled where it lives: no host-to-device copy
                 value = torch.full((), value, dtype=dtype, device=current.device)
             value = value.to(device=current.device, dtype=dtype)
-            if value.is_inference() or value is current:
+            if value.is_inference() or self._aliases(value, spec):
                 value = value.clone()
             self._buffers[name] = value if spec.view_of else value.contiguous()
+
+    def _aliases(self, value: Tensor, spec: _StateSpec) -> bool:
+        """Whether ``value`` shares memory with a buffer, other than the one ``spec``
+        declares it a view of (and its own view of that one)."""
+        ptr = value.untyped_storage().data_ptr()
+        allowed = (spec.view_of, spec.name) if spec.view_of else ()
+        return bool(ptr) and any(
+            other is not None and name not in allowed and other.untyped_storage().data_ptr() == ptr
+            for name, other in self._buffers.items()
+        )
 
     def _sync_flags(self) -> None:
         """Derive the host-side mirrors from the buffers (one device sync)."""
@@ -434,6 +447,9 @@ class PCALayer(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._form_square()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        for spec in _STATE:  # a tensor of its own: safetensors refuses strided and shared ones
+            if spec.view_of and prefix + spec.name in destination:
+                destination[prefix + spec.name] = destination[prefix + spec.name].contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # fmt: skip
