@@ -360,6 +360,10 @@ def test_the_kept_basis_is_a_view_of_the_eigenvectors_and_loads_without_writing_
     # no second float64 copy of the leading eigenvectors
     assert shared(layer)
     torch.testing.assert_close(layer.basis, layer.eigenvectors[:, :k], atol=0, rtol=0)
+    vectors = layer.eigenvectors.clone()
+    layer.double().reduced_transformation_matrix.zero_()  # a copy, also in float64
+    assert torch.equal(layer.eigenvectors, vectors)
+    layer.float()
     # a checkpoint whose basis is not the leading eigenvectors (random directions) loads
     # into a layer whose basis is such a view without overwriting its eigenvectors
     random = fitted_linear(x, threshold=0.9)

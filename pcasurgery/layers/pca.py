@@ -664,9 +664,9 @@ class PCALayer(nn.Module):
 
     @property
     def reduced_transformation_matrix(self) -> Tensor:
-        """The ``(width, k)`` basis ``V_k`` the projection keeps (random after injection)."""
+        """The ``(width, k)`` basis ``V_k`` the projection keeps (random after injection), a copy."""
         self._ensure_current()
-        return self.basis.to(self.projection_weight.dtype)
+        return self.basis.to(self.projection_weight.dtype, copy=True)
 
     # ------------------------------------------------------------ computation
     def _ensure_current(self) -> None:
