@@ -1,4 +1,4 @@
-"""Module-level attachment: the model keeps its class; in eval the projection runs folded.
+"""Module-level attachment: the model keeps its class; inside ``ps.folded`` eval runs folded.
 
 References are computed apart, in float64: the module's own map, then
 ``(y - c) V V^T + c`` from the layer's basis and centre.
@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import copy
 import pickle
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from models import GPT2Block, reference
 from torch import nn
 
 import pcasurgery as ps
 from pcasurgery.layers import folding, sites_of
-from pcasurgery.layers.folding import _CACHE, _fold
+from pcasurgery.layers.folding import _fold, cached_fold
 
 
 class Net(nn.Module):
@@ -70,10 +72,11 @@ def test_eval_runs_folded_and_equals_the_projection_of_the_output(keepdim):
     for name in ["conv"] if not keepdim else ["conv", "fc"]:
         module = wrapped.get_submodule(name)
         layer = ps.pca_layers_of(wrapped)[name]
-        inputs = x if name == "conv" else torch.randn(200, 128)  # at least fan-in rows
-        with torch.no_grad():
+        inputs = x if name == "conv" else torch.randn(200, 128)
+        with torch.no_grad(), ps.folded(wrapped):
             out = module(inputs)
-        assert module.__dict__[_CACHE][2] is not None  # it ran folded
+            assert cached_fold(module) is not None  # it ran folded
+        assert cached_fold(module) is None  # and the fold went with the scope
         expected = reference(module, layer, inputs).float()
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         if not keepdim:
@@ -87,9 +90,9 @@ def test_gpt2_conv1d_runs_folded_too():
     ps.calibrate(wrapped, torch.randn(16, 12, 16).split(4), progress=False)
     x = torch.randn(3, 12, 16)
     module, layer = wrapped.c_fc, ps.pca_layers_of(wrapped)["c_fc"]
-    with torch.no_grad():
+    with torch.no_grad(), ps.folded(wrapped):
         out = module(x)
-    assert module.__dict__[_CACHE][2] is not None
+        assert cached_fold(module) is not None
     torch.testing.assert_close(out, reference(module, layer, x).float(), atol=1e-5, rtol=1e-5)
 
 
@@ -109,10 +112,11 @@ def test_few_kept_directions_run_as_the_compressed_pair_and_many_as_one_folded_m
     wrapped = ps.calibrate(ps.pca_wrap(model.eval(), threshold), [data], progress=False)
     name = {"linear": "0", "conv2d": "0", "conv1d": "c_fc"}[kind]
     module, layer = wrapped.get_submodule(name), ps.pca_layers_of(wrapped)[name]
-    probe = data if kind == "linear" else data[:3]  # at least fan-in rows: folded
-    with torch.no_grad():
+    probe = data if kind == "linear" else data[:3]
+    with torch.no_grad(), ps.folded(wrapped):
         out = module(probe)
-    parts = module.__dict__[_CACHE][2]
+        parts = cached_fold(module)
+    assert parts is not None
     assert len(parts) == (4 if threshold < 1 else 2)  # (V^T W, V^T (b - c), V, c) or (P W, P b + q)
     torch.testing.assert_close(out, reference(module, layer, probe).float(), atol=1e-4, rtol=1e-4)
 
@@ -120,14 +124,14 @@ def test_few_kept_directions_run_as_the_compressed_pair_and_many_as_one_folded_m
 def test_the_folded_weights_follow_every_change_of_weights_and_projection():
     _, wrapped = calibrated_net()
     fc, layer = wrapped.fc, ps.pca_layers_of(wrapped)["fc"]
-    x = torch.randn(200, 128)  # more rows than fc's 128 inputs: it folds at once
+    x = torch.randn(200, 128)
 
     def check():
-        with torch.no_grad():
+        with torch.no_grad(), ps.folded(wrapped):
             out = fc(x)
-        assert fc.__dict__[_CACHE][2] is not None
-        expected = reference(fc, layer, x).to(x.dtype)
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+            assert cached_fold(fc) is not None
+            expected = reference(fc, layer, x).to(x.dtype)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
     check()
     layer.threshold = 0.5
@@ -168,9 +172,9 @@ def test_a_layer_keeping_most_directions_folds_through_those_it_drops(
     assert layer._discarded(fc).shape == (width, computed - k)
 
     def check():
-        with torch.no_grad():
+        with torch.no_grad(), ps.folded(wrapped):
             out = fc(data)
-        assert fc.__dict__[_CACHE][2] is not None
+            assert cached_fold(fc) is not None
         torch.testing.assert_close(out, reference(fc, layer, data).float(), atol=1e-4, rtol=1e-4)
 
     check()
@@ -179,7 +183,7 @@ def test_a_layer_keeping_most_directions_folds_through_those_it_drops(
         raise MemoryError("no room")
 
     with monkeypatch.context() as patch:  # a failed calibration keeps what it found
-        patch.setattr(folding, "_fold", no_room)
+        patch.setattr(ps.pca_layers_of(wrapped)["0"], "_install_spectrum", no_room)
         with pytest.raises(MemoryError, match="no room"):
             ps.calibrate(wrapped, [data], progress=False)
     assert layer._discarded(fc).shape == (width, computed - k)
@@ -199,41 +203,44 @@ def test_a_layer_keeping_most_directions_folds_through_those_it_drops(
     )
 
 
-def test_calibrate_folds_at_its_end_so_the_first_forward_builds_nothing(monkeypatch):
+def test_the_scope_folds_when_it_opens_so_the_first_forward_builds_nothing(monkeypatch):
     _, wrapped = calibrated_net()
-    assert all(m.__dict__[_CACHE][2] is not None for m in (wrapped.conv, wrapped.fc))
+    assert cached_fold(wrapped.conv) is None and cached_fold(wrapped.fc) is None  # no scope
     built = []
     monkeypatch.setattr(folding, "_fold", lambda *a: built.append(a) or _fold(*a))
     x = torch.randn(2, 3, 4, 4)
-    with torch.no_grad():
-        out = wrapped(x)
-    assert built == []
+    with ps.folded(wrapped):
+        assert len(built) == 2
+        with torch.no_grad():
+            out = wrapped(x)
+        assert len(built) == 2
+        with ps.folded(wrapped):  # scopes nest: the inner one's end keeps the outer's folds
+            pass
+        assert cached_fold(wrapped.fc) is not None
+    assert cached_fold(wrapped.conv) is None and cached_fold(wrapped.fc) is None
     conv, fc = wrapped.conv, wrapped.fc
     layers = ps.pca_layers_of(wrapped)
     hidden = torch.relu(reference(conv, layers["conv"], x)).flatten(1).float()
     torch.testing.assert_close(
         out, reference(fc, layers["fc"], hidden).float(), atol=1e-5, rtol=1e-5
     )
-    # a wrapper's module too; none where the layer will collect (training) or is watched
-    model = nn.Sequential(nn.Linear(6, 5)).eval()
-    model[0].forward = model[0].forward  # an instance-level forward: wrapped, not swapped
-    wrapped = ps.pca_wrap(model, 0.9)
-    ps.calibrate(wrapped, [torch.randn(32, 6)], progress=False)
-    assert sites_of(wrapped)[0].attachment == "wrapper"
-    assert wrapped[0].module.__dict__[_CACHE][2] is not None
+    # none where the layer collects (training) or is watched
     trained = ps.pca_wrap(Net().train(), 0.9)
     ps.calibrate(trained, [torch.randn(16, 3, 4, 4)], progress=False)
-    assert _CACHE not in trained.fc.__dict__
+    with ps.folded(trained):
+        assert cached_fold(trained.fc) is None
     watched = ps.pca_wrap(Net().eval(), 0.9)
     ps.pca_layers_of(watched)["fc"].register_forward_hook(lambda *a: None)
     ps.calibrate(watched, [torch.randn(16, 3, 4, 4)], progress=False)
-    assert _CACHE not in watched.fc.__dict__ and _CACHE in watched.conv.__dict__
+    with ps.folded(watched):
+        assert cached_fold(watched.fc) is None and cached_fold(watched.conv) is not None
+    with pytest.raises(ValueError, match="no PCA layer"):
+        with ps.folded(Net()):
+            pass
 
 
-def test_a_fold_that_fails_in_calibrate_leaves_the_model_as_it_was(monkeypatch):
+def test_a_fold_that_fails_as_the_scope_opens_leaves_no_fold(monkeypatch):
     _, wrapped = calibrated_net()
-    state = {k: v.clone() for k, v in wrapped.state_dict().items()}
-    caches = {name: m.__dict__[_CACHE] for name, m in (("conv", wrapped.conv), ("fc", wrapped.fc))}
 
     def fail(kind, module, pca):
         if module is wrapped.fc:
@@ -242,38 +249,83 @@ def test_a_fold_that_fails_in_calibrate_leaves_the_model_as_it_was(monkeypatch):
 
     monkeypatch.setattr(folding, "_fold", fail)
     with pytest.raises(MemoryError, match="no room"):
-        ps.calibrate(wrapped, [torch.randn(16, 3, 4, 4) * 3], progress=False)
-    for key, value in wrapped.state_dict().items():
-        assert torch.equal(value, state[key]), key
-    assert (
-        wrapped.conv.__dict__[_CACHE] is caches["conv"]
-        and wrapped.fc.__dict__[_CACHE] is caches["fc"]
-    )
+        with ps.folded(wrapped):
+            pass
+    assert cached_fold(wrapped.conv) is None and cached_fold(wrapped.fc) is None
+    assert not folding._SCOPES
 
 
-def test_small_batches_run_apart_until_folding_pays():
+@pytest.mark.parametrize("update", ["data", "vector_to_parameters", "ema", "tie"])
+def test_eval_outside_a_scope_reads_the_current_weights(update):
+    """Changes that no version counter sees: a projecting forward follows them all."""
     _, wrapped = calibrated_net()
     fc, layer = wrapped.fc, ps.pca_layers_of(wrapped)["fc"]
-    layer.threshold = 0.8  # a new projection: calibrate's fold no longer applies
-    for i, rows in enumerate([50, 50, 50]):  # fc has 128 inputs: the third batch folds
-        x = torch.randn(rows, 128)
-        with torch.no_grad():
-            out = fc(x)
-        torch.testing.assert_close(out, reference(fc, layer, x).float(), atol=1e-5, rtol=1e-5)
-        assert (fc.__dict__[_CACHE][2] is not None) == (i == 2)
-    layer.threshold = 0.5  # a new projection: apart again until 128 more rows
+    x = torch.randn(200, 128)
     with torch.no_grad():
-        fc(torch.randn(50, 128))
-    assert fc.__dict__[_CACHE][2] is None
+        wrapped.fc(x)  # an eval forward before the update
+        if update == "data":
+            for p in wrapped.parameters():
+                p.data.add_(0.1)  # a hand-written SGD step
+        elif update == "vector_to_parameters":
+            vector = torch.nn.utils.parameters_to_vector(wrapped.parameters())
+            torch.nn.utils.vector_to_parameters(vector * 1.5, wrapped.parameters())
+        elif update == "ema":
+            for p in wrapped.parameters():
+                p.data.copy_(0.5 * p.data + 0.5 * torch.randn_like(p))
+        else:
+            fc.weight = nn.Parameter(torch.randn(10, 128))
+        out = fc(x)
+    torch.testing.assert_close(out, reference(fc, layer, x).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_change_inside_the_scope_folds_again_at_the_next_call():
+    _, wrapped = calibrated_net()
+    fc, layer = wrapped.fc, ps.pca_layers_of(wrapped)["fc"]
+    x = torch.randn(5, 128)
+    with torch.no_grad(), ps.folded(wrapped):
+        first = cached_fold(fc)
+        fc(x)
+        assert cached_fold(fc) is first
+        layer.threshold = 0.5
+        out = fc(x)
+        assert cached_fold(fc) is not first
+    torch.testing.assert_close(out, reference(fc, layer, x).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_module_with_a_forward_of_its_own_is_projected_after_that_forward():
+    """An instance-level forward (a user's patch) is what the PCA layer follows, folded or not."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    lin.forward = types.MethodType(lambda s, x: F.linear(x, s.weight, s.bias) * 2, lin)
+    model = nn.Sequential(lin).eval()
+    wrapped = ps.calibrate(ps.pca_wrap(model, 0.8), [torch.randn(64, 6)], progress=False)
+    assert sites_of(wrapped)[0].attachment == "wrapper"
+    layer, x = ps.pca_layers_of(wrapped)["0"], torch.randn(7, 6)
+    expected = layer(lin(x)).detach()
+    direct = (lin(x).double() - layer.center()) @ layer.basis @ layer.basis.T + layer.center()
+    torch.testing.assert_close(expected, direct.float(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), expected, atol=1e-5, rtol=1e-5)
+        with ps.folded(wrapped):
+            torch.testing.assert_close(wrapped(x), expected, atol=1e-5, rtol=1e-5)
+    plan = ps.compression_plan(wrapped)
+    small = ps.compress(wrapped)
+    torch.testing.assert_close(small(x), expected, atol=1e-5, rtol=1e-5)
+    assert (
+        ps.count_params(small) - ps.count_params(model)
+        == (plan["params_after"] - plan["params_before"]).sum()
+    )
 
 
 def test_training_gradients_and_hooks_run_the_separate_map():
     _, wrapped = calibrated_net()
     fc, layer = wrapped.fc, ps.pca_layers_of(wrapped)["fc"]
-    del fc.__dict__[_CACHE]  # calibrate's fold: none of these calls may build one
     x = torch.randn(4, 128)
+    scope = ps.folded(wrapped)
+    scope.__enter__()
+    folding._FOLDS.pop(fc)  # the scope's fold: none of these calls may build one
     out = fc(x)  # eval, but gradients are wanted: not folded
-    assert _CACHE not in fc.__dict__
+    assert cached_fold(fc) is None
     out.sum().backward()
     assert fc.weight.grad is not None and fc.weight.grad.abs().sum() > 0
     seen = []
@@ -281,22 +333,24 @@ def test_training_gradients_and_hooks_run_the_separate_map():
     with torch.no_grad():
         fc(x)
     handle.remove()
-    assert seen == [(4, 10)] and _CACHE not in fc.__dict__
+    assert seen == [(4, 10)] and cached_fold(fc) is None
     wrapped.train()
     with torch.no_grad():
         fc(x)  # training mode collects
-    assert int(layer.sample_count) == 4 and _CACHE not in fc.__dict__  # a fresh phase
+    assert int(layer.sample_count) == 4 and cached_fold(fc) is None  # a fresh phase
+    scope.__exit__(None, None, None)
 
 
 def test_the_cache_is_never_copied_or_pickled_and_the_state_dict_is_unchanged():
     _, wrapped = calibrated_net()
-    with torch.no_grad():
+    with torch.no_grad(), ps.folded(wrapped):
         wrapped(torch.randn(2, 3, 4, 4))
-    assert _CACHE in wrapped.fc.__dict__
-    keys = set(wrapped.state_dict())
+        assert cached_fold(wrapped.fc) is not None
+        keys = set(wrapped.state_dict())
+        clones = (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped)))
     assert not any("fold" in k for k in keys)
-    for clone in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
-        assert _CACHE not in clone.fc.__dict__ and type(clone.fc) is type(wrapped.fc)
+    for clone in clones:
+        assert cached_fold(clone.fc) is None and type(clone.fc) is type(wrapped.fc)
         assert set(clone.state_dict()) == keys
         x = torch.randn(3, 3, 4, 4)
         with torch.no_grad():

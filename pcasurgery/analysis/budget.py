@@ -61,7 +61,7 @@ from .._validation import check_choice, check_patterns, kept_modes
 from ..compression.compress import _followed, _plan_layer
 from ..compression.counting import count_params
 from ..core.spectrum import explained_fraction, explained_fractions
-from ..layers.network import _calibrated_layers, set_threshold
+from ..layers.network import _calibrated_layers, folded, set_threshold
 from ..layers.pca import PCALayer
 from ..layers.sites import Site, sites_of
 from ..surgery.calibrate import _distributed
@@ -409,7 +409,7 @@ def _refine(
             raise TypeError(f"evaluate(model) must return one number here, got {values!r}")
         return next(iter(values.values()))
 
-    with kept_modes(model), _kept_thresholds(layers):
+    with kept_modes(model), _kept_thresholds(layers), folded(model):
         reference = score(full, "full rank")
         drops = []
         for j, item in enumerate(items):

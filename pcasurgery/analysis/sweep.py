@@ -19,7 +19,7 @@ from .._validation import check_threshold, kept_modes
 from ..compression.compress import _plan_site, compress
 from ..compression.counting import count_macs, count_params
 from ..core.spectrum import intrinsic_dimensionality
-from ..layers.network import _calibrated_layers
+from ..layers.network import _calibrated_layers, folded
 from ..layers.pca import PCALayer
 from ..layers.sites import Site, sites_of
 
@@ -72,7 +72,8 @@ def sweep(
     For each threshold, every PCA layer is set to it (from the cached spectra),
     the model is compressed to count parameters (and, given ``example_inputs``,
     multiply-accumulates per example), and ``evaluate(model)`` is called with
-    the projecting model in eval mode. The model's thresholds and train/eval
+    the projecting model in eval mode, its projections folded into the weights
+    (``pcasurgery.folded``). The model's thresholds and train/eval
     flags are restored afterwards.
 
     Args:
@@ -101,7 +102,8 @@ def sweep(
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"evaluate must be callable as evaluate(model), got {evaluate!r}")
     rows = []
-    with kept_modes(model), _kept_thresholds(layers):
+    scope = folded(model) if evaluate is not None else contextlib.nullcontext()
+    with kept_modes(model), _kept_thresholds(layers), scope:
         for t in values:
             for layer in layers.values():
                 layer.threshold = t
@@ -146,7 +148,8 @@ def allocate(
     Args:
         model: a calibrated model with PCA layers.
         evaluate: ``evaluate(model) -> float``, higher is better (accuracy, say),
-            called with the projecting model in eval mode. A NaN or infinite
+            called with the projecting model in eval mode, folded
+            (``pcasurgery.folded``). A NaN or infinite
             value is a ``ValueError`` naming the thresholds that produced it.
         max_drop: how far below ``m0`` the metric may fall (>= 0).
         example_inputs: a batch to count the compressed model's MACs per example
@@ -178,7 +181,7 @@ def allocate(
             return metric, estimate
         return metric, count_macs(compress(model), example_inputs)
 
-    with kept_modes(model), _kept_thresholds(layers, restore=False):
+    with kept_modes(model), _kept_thresholds(layers, restore=False), folded(model):
         for layer in layers.values():
             layer.threshold = 1.0
         metric, macs = measure()

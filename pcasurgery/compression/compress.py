@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from torch import Tensor, fx, nn
 
-from ..layers.folding import factorising_pays, folded_affine
+from ..layers.folding import factorising_pays, folded_affine, own_forward
 from ..layers.kinds import is_conv1d, linear_like, weight_matrix
 from ..layers.network import _calibrated_layers
 from ..layers.pca import Conv2DPCALayer, PCALayer
@@ -261,6 +261,8 @@ def _fusable_batchnorm(module: nn.Module) -> bool:
 def _followed(model: nn.Module, site: Site) -> Dense | None:
     """The Linear/Conv2d whose output the site's layer projects directly, if it can be paired."""
     module = model.get_submodule(site.follows) if site.follows is not None else None
+    if module is None or not own_forward(module):  # its output is not its weights' map
+        return None
     if linear_like(module) or (isinstance(module, nn.Conv2d) and module.groups == 1):
         return module  # type: ignore[return-value]
     return None

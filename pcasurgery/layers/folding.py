@@ -3,26 +3,34 @@
 A PCA layer's projection is affine, ``y -> P y + q``. After a layer
 ``y = W x + b`` the pair is the layer ``x -> (P W) x + (P b + q)``: the same
 shape as the module (``keepdim=True``) or smaller (``keepdim=False``), so a
-projecting forward costs what the plain forward costs. In eval mode, with no
-gradient needed, a followed ``nn.Linear``, ``nn.Conv2d`` (``groups=1``) or
-transformers ``Conv1D`` runs folded: ``calibrate`` builds the folds at its end
-(:func:`prefold`), and after a change a pair folds again once it has projected
-as many rows (tokens, pixels) apart as the module has inputs, which is about
-what folding costs. The folded weights are cached on the module (never saved,
-copied or pickled) and rebuilt when the module's weights or the layer's
-projection change: the cache is keyed on the identity, version counter and
-storage of each of the four tensors, which every change of threshold,
-centring, random directions, a ``.to()`` or an optimiser step alters. The
-cache holds one extra copy of the module's weights.
+projecting forward costs what the plain forward costs.
+
+Folded weights are a cache, and a cache of weights can go stale in ways no
+check sees cheaply (``p.data.add_(...)`` changes a weight without touching its
+version counter). So, as ``torch.nn.utils.parametrize.cached()`` does, folds
+exist only inside an explicit scope: within ``with pcasurgery.folded(model):``
+an eval-mode call of a followed ``nn.Linear``, convolution (``groups=1``) or
+transformers ``Conv1D`` runs as one call with folded weights, built when the
+scope opens (:func:`prefold`) and dropped when it closes. Outside a scope every
+eval forward runs the module, then the projection, and so always reads the
+current weights. Inside one, a change of the projection (threshold, centring,
+random directions) or of a weight's tensor, version counter, storage, dtype or
+device (an optimiser step, ``.to()``) folds again at the next call; ``.data``
+updates inside the scope are the caller's to avoid, as with ``parametrize``.
+The folds are held apart from the modules (never saved, copied or pickled) and
+cost one extra copy of the folded modules' weights while the scope is open.
 
 Training (the layer collects), stale statistics, gradients, hooks on the PCA
-layer (``count_macs``, tracking, a user's own), subclasses with their own
-forward, and tracing or export run the module and the layer apart.
+layer (``count_macs``, tracking, a user's own), modules with their own forward
+(a subclass's, or one set on the instance), and tracing or export run the
+module and the layer apart, inside a scope too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import weakref
+from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import Any, cast
 
@@ -34,9 +42,15 @@ from torch.nn.modules import module as _module
 from .kinds import affine_kind, weight_matrix
 from .pca import PCALayer, _exporting, _tokens, side_by_side
 
-__all__ = ["factorising_pays", "folded_affine", "folded_forward", "prefold"]
-
-_CACHE = "_pcasurgery_fold"
+__all__ = [
+    "cached_fold",
+    "factorising_pays",
+    "fold_scope",
+    "folded_affine",
+    "folded_forward",
+    "own_forward",
+    "prefold",
+]
 
 
 def _hooked(pca: PCALayer) -> bool:
@@ -122,6 +136,23 @@ def _fold(kind: str, module: nn.Module, pca: PCALayer) -> tuple[Tensor, ...]:
     return folded
 
 
+def own_forward(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs its class's forward, so that its output is its weights' map.
+
+    False where a forward set on the instance replaces it (a user's patch), except
+    accelerate's hooks, which move the module's inputs, weights and outputs
+    between devices around the class's forward (``_old_forward``) and compute the
+    same map.
+    """
+    forward = module.__dict__.get("forward")
+    if forward is None:
+        return True
+    if getattr(module, "_hf_hook", None) is None:
+        return False
+    old = getattr(module.__dict__.get("_old_forward"), "__func__", None)
+    return old is not None and old is getattr(type(module), "forward", None)
+
+
 def _foldable(module: nn.Module, pca: PCALayer) -> str | None:
     """The module's affine kind where the pair runs folded whenever its input allows, else None."""
     if pca._collecting() or not pca._has_spectrum or pca._stale or _exporting() or _hooked(pca):
@@ -130,6 +161,7 @@ def _foldable(module: nn.Module, pca: PCALayer) -> str | None:
     weight, bias = module.weight, module.bias
     if (
         kind is None
+        or "forward" in module.__dict__
         or not isinstance(weight, Tensor)
         or pca.projection_weight.dtype != weight.dtype
     ):
@@ -139,27 +171,38 @@ def _foldable(module: nn.Module, pca: PCALayer) -> str | None:
     return kind
 
 
+# The folds of the modules inside an open scope: ``module -> (tensors, key, folded)``, and
+# how many open scopes hold each module. Weak keys: a fold lives no longer than its module,
+# and, held apart from the module, it is never copied, pickled or saved with it.
+_FOLDS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+_SCOPES: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def cached_fold(module: nn.Module) -> tuple[Tensor, ...] | None:
+    """The folded map ``module`` runs with now, or None where it has none (outside a scope)."""
+    entry = _FOLDS.get(module)
+    return None if entry is None else entry[2]
+
+
 def _cache_key(module: nn.Module, pca: PCALayer) -> tuple[tuple, tuple]:
     tensors = (module.weight, module.bias, pca.projection_weight, pca.projection_bias)
     return tensors, _tokens(tensors)  # type: ignore[arg-type]  # _foldable checked them
 
 
-def _build(kind: str, module: nn.Module, pca: PCALayer, rows: int) -> tuple:
-    """The cache entry: the key's tensors, the key, the folded map, the rows seen."""
+def _build(kind: str, module: nn.Module, pca: PCALayer) -> tuple:
+    """The cache entry: the key's tensors, the key, the folded map."""
     tensors, key = _cache_key(module, pca)
     with torch.inference_mode(False), torch.no_grad():
-        return (tensors, key, _fold(kind, module, pca), rows)
+        return (tensors, key, _fold(kind, module, pca))
 
 
 def prefold(pairs: Iterable[tuple[nn.Module, PCALayer]]) -> None:
     """Fold every ``(module, pca)`` pair that would run folded now, instead of at its first call.
 
-    ``calibrate`` does this last, so that the first projecting forward after it
-    costs what a plain one does: building a fold costs about what projecting
-    as many rows as the module has inputs does, which on a batch of 1024
-    tokens is most of a transformer projection's own cost. CPU folds are built
-    side by side on one-thread workers (``layers.pca.side_by_side``), the
-    largest weights first. Either every fold is stored or, on an error, none.
+    What opening a scope does, so that the first projecting forward in it costs
+    what a plain one does. CPU folds are built side by side on one-thread
+    workers (``layers.pca.side_by_side``), the largest weights first. Either
+    every fold is stored or, on an error, none.
     """
     jobs = [(module, pca, kind) for module, pca in pairs if (kind := _foldable(module, pca))]
     jobs.sort(key=lambda job: -cast(Tensor, job[0].weight).numel())  # _foldable checked it
@@ -167,7 +210,7 @@ def prefold(pairs: Iterable[tuple[nn.Module, PCALayer]]) -> None:
 
     def job(i: int) -> None:
         module, pca, kind = jobs[i]
-        built[i] = _build(kind, module, pca, 0)
+        built[i] = _build(kind, module, pca)
 
     on_cpu = [module.weight.device.type == "cpu" for module, *_ in jobs]
     side_by_side([partial(job, i) for i, cpu in enumerate(on_cpu) if cpu])
@@ -175,14 +218,36 @@ def prefold(pairs: Iterable[tuple[nn.Module, PCALayer]]) -> None:
         if not cpu:
             job(i)
     for i, (module, _, _) in enumerate(jobs):
-        module.__dict__[_CACHE] = built[i]
+        _FOLDS[module] = built[i]
+
+
+@contextlib.contextmanager
+def fold_scope(pairs: list[tuple[nn.Module, PCALayer]]) -> Iterator[None]:
+    """Within the block, the ``(module, pca)`` pairs run folded (built now); their folds go at its end.
+
+    Scopes nest: a pair's fold is dropped when the last scope holding it closes.
+    """
+    modules = [module for module, _ in pairs]
+    for module in modules:
+        _SCOPES[module] = _SCOPES.get(module, 0) + 1
+    try:
+        prefold(pairs)
+        yield
+    finally:
+        for module in modules:
+            depth = _SCOPES.get(module, 1) - 1
+            if depth > 0:
+                _SCOPES[module] = depth
+            else:
+                _SCOPES.pop(module, None)
+                _FOLDS.pop(module, None)
 
 
 def folded_forward(
     module: nn.Module, pca: PCALayer, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Tensor | None:
     """``pca(module(x))`` as one call of ``module`` with folded weights, or None where that does not apply."""
-    if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+    if module not in _SCOPES or kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return None
     kind = _foldable(module, pca)
     if kind is None:
@@ -197,26 +262,14 @@ def folded_forward(
     ):
         return None
     tensors, key = _cache_key(module, pca)
-    cached = module.__dict__.get(_CACHE)
+    cached = _FOLDS.get(module)
     if (
         cached is None
         or cached[1] != key
         or any(a is not b for a, b in zip(cached[0], tensors, strict=True))
     ):
-        cached = (tensors, key, None, 0)
-    if cached[2] is None:
-        # Folding costs about what projecting as many rows as the module has inputs
-        # does: project apart until that many rows have come (a first forward on a
-        # small batch never pays for a fold it may not need again).
-        rows = cached[3] + x.numel() // max(1, x.shape[1 if kind == "conv2d" else -1])
-        if rows < weight.numel() // weight.shape[1 if kind == "conv1d" else 0]:
-            module.__dict__[_CACHE] = (tensors, key, None, rows)
-            return None
-        cached = _build(kind, module, pca, rows)
-        module.__dict__[_CACHE] = cached
-    folded = cached[2]
-    assert folded is not None
-    w, b, *up = folded
+        cached = _FOLDS[module] = _build(kind, module, pca)
+    w, b, *up = cached[2]
     if kind == "linear":
         out = F.linear(x, w, b)
     elif kind == "conv2d":

@@ -12,21 +12,24 @@ those names (``"layer1.*"``).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 from torch import nn
 
 from .._errors import NotCalibratedError
 from .._validation import check_bool, check_module, check_patterns, check_seed, check_threshold
+from .folding import fold_scope
 from .pca import Conv2DPCALayer, LinearPCALayer, PCALayer  # noqa: F401  (doctests)
-from .sites import sites_of
+from .sites import fold_pairs, sites_of
 
 __all__ = [
     "change_all_pca_layer_centering",
+    "folded",
     "change_all_pca_layer_thresholds",
     "change_all_pca_layer_thresholds_and_inject_random_directions",
     "inject_random_directions",
@@ -57,6 +60,53 @@ def pca_layers_of(model: nn.Module) -> OrderedDict[str, PCALayer]:
         assert isinstance(layer, PCALayer), site
         layers[site.name] = layer
     return layers
+
+
+@contextlib.contextmanager
+def folded(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s eval forwards run with each projection folded into its module.
+
+    A projecting forward outside this block runs every followed module, then its
+    projection, so it always reads the module's current weights (in-place
+    ``.data`` updates included) and costs up to twice the plain forward on
+    transformer projections (a few percent on 3x3 convolutions). Inside it, a
+    followed ``nn.Linear``, convolution (``groups=1``) or transformers
+    ``Conv1D`` runs as one call with its projection multiplied into its weights,
+    which costs what the plain forward costs: the folds are built when the block
+    opens (side by side on the CPU's cores), kept while it is open, and dropped
+    when it closes, as ``torch.nn.utils.parametrize.cached()`` keeps its weights.
+    Inside, a new threshold, centring or random directions, an optimiser step or
+    a ``.to()`` folds again at the next call; a change that bypasses the version
+    counter (``p.data.copy_(...)``) is not seen until the block is left. Blocks nest.
+
+    ``sweep``, ``allocate`` and ``budget_plan(evaluate=...)`` call their metric
+    inside this block.
+
+    Args:
+        model: a model with PCA layers.
+
+    Yields:
+        ``model``.
+
+    Raises:
+        ValueError: the model has no PCA layer.
+
+    Example:
+        >>> import torch
+        >>> from pcasurgery import calibrate, pca_wrap
+        >>> wrapped = calibrate(pca_wrap(nn.Sequential(nn.Linear(8, 8))), [torch.randn(64, 8)],
+        ...                     progress=False).eval()
+        >>> x = torch.randn(4, 8)
+        >>> with torch.no_grad(), folded(wrapped):
+        ...     fast = wrapped(x)
+        >>> torch.allclose(fast, wrapped(x).detach(), atol=1e-5)
+        True
+    """
+    check_module(model)
+    if not pca_layers_of(model):
+        raise ValueError(f"model has no PCA layer to fold: {type(model).__name__}")
+    with fold_scope(fold_pairs(model)):
+        yield model
 
 
 def _select_layers(

@@ -26,8 +26,9 @@ Attachments:
   (models rewritten by earlier versions).
 * ``"manual"``: a PCA layer placed by hand; it follows nothing known.
 
-In eval mode a module followed by its PCA layer runs folded: one call of the
-module with the projection multiplied into its weights (``pcasurgery.layers.folding``).
+Inside ``pcasurgery.folded(model)``, an eval-mode module followed by its PCA
+layer runs folded: one call of the module with the projection multiplied into
+its weights (``pcasurgery.layers.folding``).
 """
 
 from __future__ import annotations
@@ -131,12 +132,10 @@ class _Followed:
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # the swapped class is made at run time: pickle the base class and rebuild it
-        state = {k: v for k, v in self.__dict__.items() if k != _FOLD_CACHE}
-        return (_rebuild_followed, (self._pcasurgery_base,), state)
+        return (_rebuild_followed, (self._pcasurgery_base,), dict(self.__dict__))
 
 
 _CHILD = "_pcasurgery_child"  # instance attribute: the name of the PCA layer's child
-_FOLD_CACHE = "_pcasurgery_fold"  # see folding.py; never copied or pickled
 _FOLLOWED_CLASSES: dict[type, type] = {}
 
 
@@ -301,7 +300,6 @@ def unfollow(module: nn.Module) -> nn.Module:
     if isinstance(module, _Followed):
         _plain_weight(module)
         del module._modules[module.__dict__.pop(_CHILD)]
-        module.__dict__.pop(_FOLD_CACHE, None)
         for key, hook in list(module._forward_pre_hooks.items()):
             if hook is _observed:
                 del module._forward_pre_hooks[key]

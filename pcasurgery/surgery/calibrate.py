@@ -47,7 +47,6 @@ from .._validation import (
     kept_modes,
 )
 from ..core import moments as _m
-from ..layers.folding import prefold
 from ..layers.network import _require_layers, pca_layers_of
 from ..layers.pca import (
     _MOMENTS,
@@ -56,7 +55,7 @@ from ..layers.pca import (
     compute_eigenspaces,
     token_mask,
 )
-from ..layers.sites import fold_pairs, sites_of
+from ..layers.sites import sites_of
 from ..layers.through import InputStatistics, input_statistics
 
 __all__ = ["all_reduce_statistics", "calibrate"]
@@ -265,11 +264,6 @@ def calibrate(
             for layer in layers.values():
                 layer._through = None
         snapshot.restore_modes()
-    try:  # the layers that will project folded fold now, not in the first forward
-        prefold(fold_pairs(model))
-    except BaseException:
-        snapshot.restore()
-        raise
     _warn_undersampled(layers)
     return model
 
