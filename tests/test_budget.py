@@ -339,3 +339,107 @@ def test_two_processes_weigh_their_shards_into_the_plan_of_the_union(tmp_path):
         plan = pd.read_csv(tmp_path / f"plan{r}.csv")
         assert plan["k"].tolist() == single["k"].tolist()
         np.testing.assert_allclose(np.load(tmp_path / f"penalties{r}.npy"), reference, rtol=1e-3)
+
+
+class MobileNetStyle(nn.Module):
+    """Inverted residuals: expand 1x1, depthwise 3x3 (groups = channels), project 1x1, BatchNorms."""
+
+    def __init__(self, squeeze_excite: bool = False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(16, 48, 1), nn.BatchNorm2d(48), nn.ReLU6())
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.BatchNorm2d(48), nn.ReLU6()
+        )
+        self.grouped = nn.Conv2d(48, 48, 1, groups=4)
+        self.se = (
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(1),
+                nn.Conv2d(48, 12, 1),
+                nn.SiLU(),
+                nn.Conv2d(12, 48, 1),
+                nn.Sigmoid(),
+            )  # fmt: skip
+            if squeeze_excite
+            else None
+        )
+        self.project = nn.Sequential(nn.Conv2d(48, 16, 1), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.grouped(self.depthwise(self.expand(h)))
+        if self.se is not None:
+            y = y * self.se(y)
+        return self.head((h + self.project(y)).mean((2, 3)))
+
+
+def _warmed(model: nn.Module) -> nn.Module:
+    """BatchNorms with running statistics of their own (not the identity)."""
+    torch.manual_seed(3)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 8, 8))
+    return model.eval()
+
+
+@pytest.mark.parametrize("squeeze_excite", [False, True])
+@pytest.mark.parametrize("remove", [0.2, 0.4])
+def test_the_plan_is_what_compress_delivers_on_depthwise_and_grouped_networks(
+    squeeze_excite, remove
+):
+    model = _warmed(MobileNetStyle(squeeze_excite))
+    data = [torch.randn(32, 3, 8, 8) for _ in range(3)]
+    wrapped = ps.calibrate(ps.pca_wrap(model, 0.99), data, progress=False)
+    sites = {site.name: site for site in sites_of(wrapped)}
+    assert "depthwise.0" in sites and "grouped" in sites  # wrapped: their saturation is reported
+    for by in ("params", "macs"):
+        plan = ps.budget_plan(wrapped, remove=remove, by=by)
+        rows = plan.set_index("layer")
+        assert rows.loc["depthwise.0", "action"] == "identity"
+        assert rows.loc["grouped", "action"] == "identity"
+        ps.apply_plan(wrapped, plan)
+        table = ps.compression_plan(wrapped).set_index("layer")
+        assert (table.loc[plan["layer"], "action"] == rows["action"]).all()
+        assert (table.loc[plan["layer"], "k"] == rows["k"]).all()
+        assert (table.loc[plan["layer"], "params_after"] == rows["params_after"]).all()
+        small = ps.compress(wrapped)
+        promised = int((plan["params_before"] - plan["params_after"]).sum())
+        assert ps.count_params(model) - ps.count_params(small) == promised
+        x = data[0][:4]
+        promised_macs = int((plan["macs_before"] - plan["macs_after"]).sum())
+        assert ps.count_macs(model, x) - ps.count_macs(small, x) == promised_macs
+        removed = plan[f"{by}_before"].sum() - plan[f"{by}_after"].sum()
+        assert removed >= remove * plan[f"{by}_before"].sum()
+        assert ps.count_params(small) < ps.count_params(model)
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), wrapped(x), atol=1e-4, rtol=1e-4)
+    # a standalone projection the user asks for is built, and the plan of compress counts it
+    ps.set_threshold(wrapped, {"depthwise.0": 0.5})
+    row = ps.compression_plan(wrapped).set_index("layer").loc["depthwise.0"]
+    assert row["action"].startswith("standalone") and row["params_before"] == 0
+    bigger = ps.compress(wrapped)
+    assert ps.count_params(bigger) - ps.count_params(small) == row["params_after"]
+
+
+def test_a_layer_that_never_varies_is_planned_and_built_as_its_mean():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 20)).eval()
+    with torch.no_grad():  # a zero-initialised head: its output is its bias, always
+        model[2].weight.zero_()
+        model[2].bias.uniform_()
+    wrapped = ps.calibrate(ps.pca_wrap(model), [torch.randn(128, 12)], progress=False)
+    plan = ps.budget_plan(wrapped, remove=0.2).set_index("layer")
+    assert plan.loc["2", "k"] == 0 and plan.loc["2", "action"] == "factorised"
+    assert plan.loc["2", "params_after"] == (32 + 1) + 20 * 2  # a rank-1 pair of zero weights
+    ps.apply_plan(wrapped, plan.reset_index())
+    table = ps.compression_plan(wrapped).set_index("layer")
+    assert table.loc["2", "k"] == 0 and table.loc["2", "action"] == "factorised"
+    small = ps.compress(wrapped)
+    promised = int((plan["params_before"] - plan["params_after"]).sum())
+    assert ps.count_params(model) - ps.count_params(small) == promised
+    x = torch.randn(6, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(small(x), wrapped(x), atol=1e-5, rtol=1e-5)

@@ -58,7 +58,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_patterns, kept_modes
-from ..compression.compress import _followed, _plan_layer
+from ..compression.compress import _followed, _fusable_batchnorms, _plan_layer
 from ..compression.counting import count_params
 from ..core.spectrum import explained_fraction, explained_fractions
 from ..layers.network import _calibrated_layers, folded, set_threshold
@@ -81,7 +81,7 @@ class _Layer:
     layer: PCALayer
     params_before: int
     macs_before: int
-    ks: np.ndarray  # candidate ranks 1..width
+    ks: np.ndarray  # candidate ranks, ascending, the last one the width
     loss: np.ndarray  # 1 - explained(k), of the variance (centred) or the second moment
     penalty: np.ndarray  # what the allocation minimises the sum of: (energy lost) ** 2
     params: np.ndarray  # params after compression at each k
@@ -89,19 +89,38 @@ class _Layer:
     actions: list[str]
 
 
-def _candidates(model: nn.Module, site: Site, layer: PCALayer) -> _Layer | None:
-    module = _followed(model, site)
-    if module is None or not layer.keepdim:
+def _candidates(
+    model: nn.Module, site: Site, layer: PCALayer, batchnorm: nn.Module | None = None
+) -> _Layer | None:
+    """The ranks a layer can take and what each costs, as ``compress`` will build it.
+
+    A layer that follows a Linear/Conv2d takes ``k = 1..width`` (``k = 0`` and
+    ``width`` when its output never varies: its mean is all it carries). A
+    standalone projection (after a grouped convolution, an activation, ...)
+    cannot remove anything, so it is planned at full rank, the identity, which
+    ``compress`` drops. ``batchnorm``, a BatchNorm2d that ``compress`` will fold
+    into the layer, counts among the parameters it removes.
+    """
+    if not layer.keepdim:
         return None
-    ks = np.arange(1, layer.width + 1)
+    module = _followed(model, site)
+    values = layer.eigenvalues.detach()
+    if module is None:
+        ks = np.array([layer.width])
+    elif not bool(values.any()):
+        ks = np.array([0, layer.width])
+    else:
+        ks = np.arange(1, layer.width + 1)
     plans = [_plan_layer(layer, module, int(k)) for k in ks]
-    loss = np.clip(1.0 - explained_fractions(layer.eigenvalues.detach()).cpu().numpy(), 0.0, 1.0)
+    fractions = np.concatenate([[0.0], explained_fractions(values).cpu().numpy()])
+    loss = np.clip(1.0 - fractions[ks], 0.0, 1.0) if bool(values.any()) else np.zeros(len(ks))
     positions = layer.positions
     dense = _plan_layer(layer, module, layer.width)
+    before = 0 if module is None else count_params(module)
     return _Layer(
         site=site,
         layer=layer,
-        params_before=count_params(module),
+        params_before=before + (count_params(batchnorm) if batchnorm is not None else 0),
         macs_before=positions * dense.macs_per_position,
         ks=ks,
         loss=loss,
@@ -142,12 +161,19 @@ def budget_plan(
     """Per-layer ranks that remove at least ``remove`` of the layers' parameters (or MACs).
 
     Nothing changes in ``model``: the plan is a table to read, then to hand to
-    :func:`apply_plan`. Only PCA layers that directly follow a Linear or Conv2d
-    (and keep their width) are planned; the budget is a fraction of those
-    layers' own parameters (``by="params"``) or multiply-accumulates per example
-    (``by="macs"``, from the shapes seen in calibration). A layer where
-    factorising does not pay at any rank worth its loss stays dense
-    (``action`` ``"folded"`` at full rank).
+    :func:`apply_plan`, and it is a promise: after ``apply_plan``,
+    ``compress`` builds exactly the planned layers, so the model loses exactly
+    ``params_before - params_after`` parameters per row (``compression_plan``
+    says the same). The budget is a fraction of the parameters
+    (``by="params"``) or multiply-accumulates per example (``by="macs"``, from
+    the shapes seen in calibration) of the Linear/Conv2d layers the PCA layers
+    follow directly, with the BatchNorm2d layers ``compress`` folds into them.
+    A layer where factorising does not pay at any rank worth its loss stays
+    dense (``action`` ``"folded"`` at full rank). A PCA layer that follows
+    nothing it can fold into (a depthwise or grouped convolution, an
+    activation) is planned at full rank, where ``compress`` drops it
+    (``"identity"``, no parameter added); a layer whose output never varies is
+    planned at ``k = 0``, its mean (built as a rank-1 pair of zero weights).
 
     Args:
         model: a calibrated model with PCA layers.
@@ -213,16 +239,17 @@ def budget_plan(
     by = check_choice(by, "by", ("params", "macs"))
     patterns = check_patterns(include, "include")
     items = []
+    batchnorms = _fusable_batchnorms(model)
     for site in sites_of(model):
         if patterns is not None and not any(fnmatch.fnmatchcase(site.name, p) for p in patterns):
             continue
-        item = _candidates(model, site, layers_by_name[site.name])
+        item = _candidates(model, site, layers_by_name[site.name], batchnorms.get(site.name))
         if item is not None:
             items.append(item)
-    if not items:
+    if not any(item.params_before for item in items):
         raise ValueError(
-            f"include={include!r} matches no PCA layer that directly follows a Linear or Conv2d; "
-            f"the layers are: {', '.join(layers_by_name)}"
+            f"include={include!r} matches no PCA layer that directly follows a Linear or Conv2d "
+            f"(and keeps its width); the layers are: {', '.join(layers_by_name)}"
         )
     if (loss is None) != (data is None):
         raise ValueError(
@@ -263,7 +290,7 @@ def _gradient_penalties(
     """Each planned layer's ``sum_{j > k} lambda_j s_j`` for ``k = 1..width`` (see ``budget_plan``)."""
     if not callable(loss):
         raise TypeError(f"loss must be callable as loss(model, batch), got {loss!r}")
-    planned = {item.site.name for item in items}
+    planned = {item.site.name for item in items if len(item.ks) > 1}  # a choice to weigh
     sums: dict[str, Tensor] = {}
     bases: dict[str, Tensor] = {}
     seen: set[str] = set()
@@ -413,6 +440,9 @@ def _refine(
         reference = score(full, "full rank")
         drops = []
         for j, item in enumerate(items):
+            if len(item.ks) == 1:  # full rank is its only rank
+                drops.append(0.0)
+                continue
             alone = list(full)
             alone[j] = choice[j]
             drops.append(max(reference - score(alone, f"{item.site.name} alone at its rank"), 0.0))

@@ -85,25 +85,40 @@ def _plan_layer(layer: PCALayer, follows: Dense | None, k: int | None = None) ->
     """Choose how ``layer`` (at rank ``k``, its current one by default) is compressed.
 
     ``follows`` is the Linear/Conv2d whose output the layer projects directly,
-    or None for a standalone projection. The choice minimises parameters.
+    or None for a standalone projection. The choice minimises parameters. A
+    layer at ``k = 0`` (its output is its mean) is built as a rank-1 pair whose
+    weights are zero, and counted so. A standalone projection at full rank is
+    the identity and is dropped (``"identity"``: no parameter, no
+    multiply-accumulate), so a plan that keeps such a layer at full rank never
+    adds a layer.
     """
     k = layer.in_dim if k is None else k
-    width = layer.width
+    width, built = layer.width, max(k, 1)
     if follows is not None and follows.__dict__.get(OTHER_BIAS):  # see layers.sites
         return LayerPlan("kept", width * (_fan_in(follows) + 1), width * _fan_in(follows))
     if follows is not None:
         fan_in, bias = _fan_in(follows), 1
-        down = k * (fan_in + bias)
         if not layer.keepdim:
-            return LayerPlan("down-projection", down, k * fan_in)
-        if factorising_pays(k, fan_in, width):
-            return LayerPlan("factorised", down + width * (k + 1), k * fan_in + width * k)
+            return LayerPlan("down-projection", k * (fan_in + bias), k * fan_in)
+        if factorising_pays(built, fan_in, width):
+            down = built * (fan_in + bias)
+            return LayerPlan("factorised", down + width * (built + 1), built * (fan_in + width))
         return LayerPlan("folded", width * (fan_in + 1), width * fan_in)
     if not layer.keepdim:
         return LayerPlan("standalone", k * (width + 1), k * width)
-    if factorising_pays(k, width, width):  # x -> k -> width against the width x width map
-        return LayerPlan("standalone-factorised", k * (width + 1) + width * (k + 1), 2 * k * width)
+    if k >= width:
+        return LayerPlan("identity", 0, 0)
+    if factorising_pays(built, width, width):  # x -> k -> width against the width x width map
+        return LayerPlan(
+            "standalone-factorised", built * (width + 1) + width * (built + 1), 2 * built * width
+        )
     return LayerPlan("standalone", width * (width + 1), width * width)
+
+
+def _kept_basis(layer: PCALayer) -> Tensor:
+    """The basis ``compress`` builds with: the kept one, or one zero column where ``k = 0``."""
+    v = layer.basis
+    return v if v.shape[1] else v.new_zeros(v.shape[0], 1)
 
 
 class LowRank(nn.Sequential):
@@ -203,7 +218,7 @@ def _set(layer: Dense, weight: Tensor, bias: Tensor) -> Dense:
 
 def _compress_pair(layer: PCALayer, module: Dense, plan: LayerPlan) -> nn.Module:
     """The plain layers computing ``layer(module(x))``."""
-    v = layer.basis.to(module.weight.device)
+    v = (_kept_basis(layer) if layer.keepdim else layer.basis).to(module.weight.device)
     c = layer.center().to(module.weight.device)
     w, b = weight_matrix(module, torch.float64)
     k = v.shape[1]
@@ -219,7 +234,10 @@ def _compress_pair(layer: PCALayer, module: Dense, plan: LayerPlan) -> nn.Module
 
 
 def _standalone(layer: PCALayer, plan: LayerPlan) -> nn.Module:
-    v, c, like = layer.basis, layer.center(), layer.projection_weight
+    if plan.action == "identity":
+        return nn.Identity()
+    v = _kept_basis(layer) if layer.keepdim else layer.basis
+    c, like = layer.center(), layer.projection_weight
     conv = isinstance(layer, Conv2DPCALayer)
     k, width = v.shape[1], layer.width
     if not layer.keepdim:
@@ -387,7 +405,7 @@ def _compress_site(root: nn.Module, site: Site, bn: nn.BatchNorm2d | None) -> di
             return _row(site, layer, plan.action, before, new, bn is not None)
         plan = _plan_layer(layer, None)
         standalone = _standalone(layer, plan)
-        replace_module(root, followed, nn.Sequential(unfollow(followed), standalone))
+        replace_module(root, followed, _then(unfollow(followed), standalone))
         return _row(site, layer, plan.action, 0, standalone, False)
     if site.attachment == "wrapper":
         wrapper = root.get_submodule(site.name)
@@ -399,12 +417,17 @@ def _compress_site(root: nn.Module, site: Site, bn: nn.BatchNorm2d | None) -> di
             return _row(site, layer, plan.action, count_params(module), new, False)
         plan = _plan_layer(layer, None)
         standalone = _standalone(layer, plan)
-        replace_module(root, wrapper, nn.Sequential(wrapper.module, standalone))
+        replace_module(root, wrapper, _then(wrapper.module, standalone))
         return _row(site, layer, plan.action, 0, standalone, False)
     plan = _plan_layer(layer, None)
     new = _standalone(layer, plan)
     replace_module(root, layer, new)
     return _row(site, layer, plan.action, 0, new, False)
+
+
+def _then(module: nn.Module, standalone: nn.Module) -> nn.Module:
+    """``module`` followed by a standalone projection (nothing for the identity)."""
+    return module if isinstance(standalone, nn.Identity) else nn.Sequential(module, standalone)
 
 
 def _fusable_batchnorms(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
