@@ -83,7 +83,7 @@ def test_hook_wrapped_and_hand_placed_layers_compress_too():
             seed(torch.randn(32, 3, 4, 4))  # training mode collects
     seed.eval()(torch.randn(2, 3, 4, 4))
     _, table = assert_compressed_equals_projected(seed, torch.randn(5, 3, 4, 4))
-    assert set(table["action"]) <= {"standalone", "standalone-factorised"}
+    assert set(table["action"]) <= {"standalone", "standalone-factorised", "identity"}
 
 
 def test_keepdim_false_becomes_the_down_projection_only():
@@ -259,3 +259,29 @@ def test_a_warning_when_most_weights_sit_in_modules_no_layer_can_follow():
     with pytest.warns(UserWarning, match=r"94% of the model's layer weights sit in modules that no "
                                          r"PCA layer can follow: Projection \(94%\)"):  # fmt: skip
         ps.pca_wrap(model)
+
+
+@pytest.mark.parametrize("holder", ["sequential", "data_parallel"])
+def test_a_model_holding_a_wrapped_model_is_reported_planned_and_compressed(holder):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
+    wrapped = ps.calibrate(ps.pca_wrap(net, 0.9), [torch.randn(256, 12) @ torch.randn(12, 12)],
+                           progress=False)  # fmt: skip
+    head = nn.Linear(16, 3)
+    model = nn.Sequential(wrapped, head) if holder == "sequential" else nn.DataParallel(wrapped)
+    prefix = "0" if holder == "sequential" else "module"
+    names = [f"{prefix}.0", f"{prefix}.2"]
+    assert list(ps.pca_layers_of(model)) == names
+    assert list(ps.report(model)["layer"]) == names
+    assert list(ps.compression_plan(model)["layer"]) == names
+    plan = ps.budget_plan(model, remove=0.3)
+    ps.apply_plan(model, plan)
+    small = ps.compress(model)
+    assert not any(isinstance(m, ps.PCALayer) for m in small.modules())
+    assert type(small) is type(model)
+    promised = int((plan["params_before"] - plan["params_after"]).sum())
+    assert ps.count_params(model) - ps.count_params(small) == promised
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+    assert ps.layers.sites_of(small) == ()

@@ -34,7 +34,7 @@ its weights (``pcasurgery.layers.folding``).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -357,15 +357,34 @@ def record_sites(model: nn.Module, sites: list[Site]) -> None:
         model.meta.setdefault(_PRESERVED, {})[SITES_ATTRIBUTE] = record
 
 
+def _records(model: nn.Module) -> list[tuple[str, nn.Module, tuple[Site, ...]]]:
+    """``(prefix, module, record)`` for ``model``'s own record, or else for each wrapped model
+    it holds (``nn.Sequential(wrapped, head)``, ``nn.DataParallel(wrapped)``)."""
+    own = getattr(model, SITES_ATTRIBUTE, None)
+    if isinstance(own, tuple):
+        return [("", model, own)]
+    found = []
+    for name, module in model.named_modules():
+        record = getattr(module, SITES_ATTRIBUTE, None) if name else None
+        if isinstance(record, tuple) and not any(name.startswith(f"{p}.") for p, *_ in found):
+            found.append((name, module, record))
+    return found
+
+
 def clear_sites(model: nn.Module) -> None:
-    """Remove the record (from a copy whose PCA layers are gone)."""
-    model.__dict__.pop(SITES_ATTRIBUTE, None)
-    if isinstance(model, fx.GraphModule):
-        model.meta.get(_PRESERVED, {}).pop(SITES_ATTRIBUTE, None)
+    """Remove the record (from a copy whose PCA layers are gone), and those of the models it holds."""
+    for _, module, _ in _records(model):
+        module.__dict__.pop(SITES_ATTRIBUTE, None)
+        if isinstance(module, fx.GraphModule):
+            module.meta.get(_PRESERVED, {}).pop(SITES_ATTRIBUTE, None)
 
 
-def _manual_sites(model: nn.Module) -> Iterator[Site]:
-    found = [(path, m) for path, m in model.named_modules() if isinstance(m, PCALayer)]
+def _manual_sites(model: nn.Module, covered: Collection[str] = ()) -> Iterator[Site]:
+    found = [
+        (path, m)
+        for path, m in model.named_modules()
+        if isinstance(m, PCALayer) and path not in covered
+    ]
     if isinstance(model, fx.GraphModule):
         position: dict[str, int] = {}
         for i, node in enumerate(model.graph.nodes):
@@ -376,14 +395,27 @@ def _manual_sites(model: nn.Module) -> Iterator[Site]:
         yield Site(path, path, None, "manual")
 
 
+def _prefixed(site: Site, prefix: str) -> Site:
+    def name(path: str | None) -> str | None:
+        return None if path is None else f"{prefix}.{path}"
+
+    return Site(f"{prefix}.{site.name}", f"{prefix}.{site.layer_path}", name(site.follows),
+                site.attachment)  # fmt: skip
+
+
 def sites_of(model: nn.Module) -> tuple[Site, ...]:
     """The PCA layers' sites in ``model``, in forward order.
 
-    The record ``pca_wrap`` left, or for a model with PCA layers placed by hand,
-    one ``"manual"`` site per layer (forward order is the graph's order for a
-    ``torch.fx.GraphModule``, registration order otherwise).
+    The record ``pca_wrap`` left. For a model that holds wrapped models (a
+    container, ``nn.DataParallel``), their records, with names and paths
+    prefixed by where each sits (``"0.fc"``, ``"module.fc"``), in registration
+    order. A PCA layer no record covers (placed by hand) has a ``"manual"`` site
+    (forward order is the graph's order for a ``torch.fx.GraphModule``,
+    registration order otherwise).
     """
-    recorded = getattr(model, SITES_ATTRIBUTE, None)
-    if isinstance(recorded, tuple):
-        return recorded
-    return tuple(_manual_sites(model))
+    records = _records(model)
+    if records and records[0][0] == "":
+        return records[0][2]
+    sites = [_prefixed(site, prefix) for prefix, _, record in records for site in record]
+    covered = {site.layer_path for site in sites}
+    return tuple(sites) + tuple(_manual_sites(model, covered))
