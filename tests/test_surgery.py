@@ -193,7 +193,9 @@ def test_bad_arguments_are_named():
     net = warmed_resnet()
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
         ps.pca_wrap(net, 2.0)
-    with pytest.raises(TypeError, match="targets must be nn.Linear and/or nn.Conv2d"):
+    with pytest.raises(
+        TypeError, match=r"targets must be layer classes .*nn.ConvTranspose2d.*ReLU"
+    ):
         ps.pca_wrap(net, targets=nn.ReLU)
     with pytest.raises(ValueError, match="no module of model matches"):
         ps.pca_wrap(net, include="nothing.*")

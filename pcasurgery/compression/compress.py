@@ -38,11 +38,12 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.folding import factorising_pays, folded_affine, own_forward
-from ..layers.kinds import is_conv1d, linear_like, weight_matrix
+from ..layers.kinds import LayerKind, foldable_kind, kind_of, pointwise, weight_matrix
 from ..layers.network import _calibrated_layers
-from ..layers.pca import Conv2DPCALayer, PCALayer
+from ..layers.pca import PCALayer
 from ..layers.sites import (
     OTHER_BIAS,
     Projected,
@@ -69,16 +70,18 @@ class LayerPlan:
     macs_per_position: int
 
 
-Dense = nn.Linear | nn.Conv2d  # the layers a projection can be folded into
+# a layer of a kind in ``layers.kinds.KINDS``: what a projection folds into
+Dense = Any
+
+
+def _kind(module: nn.Module) -> LayerKind:
+    kind = kind_of(module)
+    assert kind is not None, type(module)
+    return kind
 
 
 def _fan_in(module: Dense) -> int:
-    if is_conv1d(module):
-        return module.weight.shape[0]
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    kh, kw = module.kernel_size
-    return module.in_channels * kh * kw
+    return _kind(module).fan_in(module)
 
 
 def _plan_layer(layer: PCALayer, follows: Dense | None, k: int | None = None) -> LayerPlan:
@@ -94,16 +97,20 @@ def _plan_layer(layer: PCALayer, follows: Dense | None, k: int | None = None) ->
     """
     k = layer.in_dim if k is None else k
     width, built = layer.width, max(k, 1)
-    if follows is not None and follows.__dict__.get(OTHER_BIAS):  # see layers.sites
-        return LayerPlan("kept", width * (_fan_in(follows) + 1), width * _fan_in(follows))
     if follows is not None:
-        fan_in, bias = _fan_in(follows), 1
+        kind, fan_in = _kind(follows), _fan_in(follows)
+        dense = LayerPlan("folded", width * (fan_in + 1), kind.macs_per_position(follows, width))
+        if follows.__dict__.get(OTHER_BIAS):  # see layers.sites
+            return LayerPlan("kept", dense.params, dense.macs_per_position)
         if not layer.keepdim:
-            return LayerPlan("down-projection", k * (fan_in + bias), k * fan_in)
+            return LayerPlan(
+                "down-projection", k * (fan_in + 1), kind.macs_per_position(follows, k)
+            )
         if factorising_pays(built, fan_in, width):
-            down = built * (fan_in + bias)
-            return LayerPlan("factorised", down + width * (built + 1), built * (fan_in + width))
-        return LayerPlan("folded", width * (fan_in + 1), width * fan_in)
+            down = LayerPlan("", built * (fan_in + 1), kind.macs_per_position(follows, built))
+            return LayerPlan("factorised", down.params + width * (built + 1),
+                             down.macs_per_position + built * width)  # fmt: skip
+        return dense
     if not layer.keepdim:
         return LayerPlan("standalone", k * (width + 1), k * width)
     if k >= width:
@@ -136,20 +143,21 @@ class LowRank(nn.Sequential):
 
     def _parts(self) -> tuple[Dense, Dense]:
         down, up = self[0], self[1]
-        assert isinstance(down, Dense) and isinstance(up, Dense)
+        assert isinstance(down.weight, Tensor) and isinstance(up.weight, Tensor)
         return down, up
 
     @property
     def rank(self) -> int:
         """``k``, the width between the two layers."""
-        return self._parts()[0].weight.shape[0]
+        return _kind(self[1]).fan_in(self[1])
 
     @property
     def weight(self) -> Tensor:
         """The dense weight of the composed map (computed, not a parameter)."""
-        down, up = (m.weight for m in self._parts())
-        dense = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
-        return dense.reshape(up.shape[0], *down.shape[1:])
+        down, up = self._parts()
+        kind = _kind(down)
+        dense = _kind(up).matrix(up.weight) @ kind.matrix(down.weight)
+        return kind.weight_from_matrix(dense, down.weight)
 
     @property
     def bias(self) -> Tensor:
@@ -164,72 +172,43 @@ class LowRank(nn.Sequential):
         if name in ("out_features", "out_channels"):
             return getattr(self[1], name)
         if name in ("in_features", "in_channels", "kernel_size", "stride", "padding", "dilation",
-                    "groups", "padding_mode"):  # fmt: skip
+                    "groups", "padding_mode", "output_padding"):  # fmt: skip
             return getattr(self[0], name)
         return super().__getattr__(name)
 
 
 # ----------------------------------------------------------------- builders
-def _like(module: Dense, out_features: int) -> Dense:
-    """A fresh layer of ``module``'s kind and geometry with ``out_features`` outputs."""
-    device, dtype = module.weight.device, module.weight.dtype
-    if is_conv1d(module):  # its replacement is the equivalent nn.Linear
-        return nn.Linear(_fan_in(module), out_features, bias=True, device=device, dtype=dtype)
-    if isinstance(module, nn.Linear):
-        return nn.Linear(module.in_features, out_features, bias=True, device=device, dtype=dtype)
-    geometry: dict[str, Any] = {  # as the module holds them (tuples, or a padding string)
-        "kernel_size": module.kernel_size,
-        "stride": module.stride,
-        "padding": module.padding,
-        "dilation": module.dilation,
-    }
-    return nn.Conv2d(
-        module.in_channels,
-        out_features,
-        **geometry,
-        groups=1,
-        bias=True,
-        padding_mode=module.padding_mode,
-        device=device,
-        dtype=dtype,
-    )
-
-
-def _pointwise(
-    conv: bool, n_in: int, n_out: int, weight: Tensor, bias: Tensor, like: Tensor
-) -> Dense:
-    """A Linear (or 1x1 Conv2d) ``x -> weight x + bias`` in ``like``'s dtype and device."""
-    device, dtype = like.device, like.dtype
-    layer: Dense = (
-        nn.Conv2d(n_in, n_out, 1, device=device, dtype=dtype)
-        if conv
-        else nn.Linear(n_in, n_out, device=device, dtype=dtype)
-    )
-    return _set(layer, weight, bias)
-
-
 def _set(layer: Dense, weight: Tensor, bias: Tensor) -> Dense:
-    assert layer.bias is not None
+    """Give ``layer`` the map ``(weight, bias)``, ``weight`` as its kind's ``(outputs, fan-in)`` matrix."""
+    assert isinstance(layer.bias, Tensor) and isinstance(layer.weight, Tensor)
     with torch.no_grad():
-        layer.weight.copy_(weight.reshape(layer.weight.shape))
+        layer.weight.copy_(_kind(layer).weight_from_matrix(weight, layer.weight))
         layer.bias.copy_(bias)
     return layer
 
 
+def _pointwise(
+    spatial_dims: int, n_in: int, n_out: int, weight: Tensor, bias: Tensor, like: Tensor
+) -> Dense:
+    """A Linear (or 1x1 convolution) ``x -> weight x + bias`` in ``like``'s dtype and device."""
+    return _set(pointwise(spatial_dims, n_in, n_out, like), weight, bias)
+
+
 def _compress_pair(layer: PCALayer, module: Dense, plan: LayerPlan) -> nn.Module:
     """The plain layers computing ``layer(module(x))``."""
+    kind = _kind(module)
     v = (_kept_basis(layer) if layer.keepdim else layer.basis).to(module.weight.device)
     c = layer.center().to(module.weight.device)
     w, b = weight_matrix(module, torch.float64)
     k = v.shape[1]
     if plan.action == "folded":
         return _set(
-            _like(module, layer.width), *folded_affine(w, b, layer, layer._discarded(module))
+            kind.like(module, layer.width), *folded_affine(w, b, layer, layer._discarded(module))
         )
-    down = _set(_like(module, k), v.T @ w, v.T @ (b - c))
+    down = _set(kind.like(module, k), v.T @ w, v.T @ (b - c))
     if plan.action == "down-projection":
         return down
-    up = _pointwise(isinstance(module, nn.Conv2d), k, layer.width, v, c, module.weight)
+    up = _pointwise(kind.spatial_dims, k, layer.width, v, c, module.weight)
     return LowRank(down, up)
 
 
@@ -238,7 +217,7 @@ def _standalone(layer: PCALayer, plan: LayerPlan) -> nn.Module:
         return nn.Identity()
     v = _kept_basis(layer) if layer.keepdim else layer.basis
     c, like = layer.center(), layer.projection_weight
-    conv = isinstance(layer, Conv2DPCALayer)
+    conv = layer.spatial_dims
     k, width = v.shape[1], layer.width
     if not layer.keepdim:
         return _pointwise(conv, width, k, v.T, -(v.T @ c), like)
@@ -249,10 +228,9 @@ def _standalone(layer: PCALayer, plan: LayerPlan) -> nn.Module:
     return _pointwise(conv, width, width, p, c - p @ c, like)
 
 
-def _fuse_batchnorm(layer: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
+def _fuse_batchnorm(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
     """``bn(layer(x))`` as one layer (the last one of a Sequential)."""
     last = layer[-1] if isinstance(layer, nn.Sequential) else layer
-    assert isinstance(last, Dense)
     assert bn.running_var is not None and bn.running_mean is not None
     var, mean = bn.running_var.to(torch.float64), bn.running_mean.to(torch.float64)
     scale = torch.rsqrt(var + bn.eps)
@@ -265,10 +243,14 @@ def _fuse_batchnorm(layer: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
     return layer
 
 
-def _fusable_batchnorm(module: nn.Module) -> bool:
-    """An eval-mode BatchNorm2d with running statistics: an affine map that can be folded."""
-    return (
-        isinstance(module, nn.BatchNorm2d)
+_BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}  # by spatial dims
+
+
+def _fusable_batchnorm(module: nn.Module, spatial_dims: int) -> bool:
+    """An eval-mode BatchNorm of a convolution's outputs with running statistics: an affine
+    map that can be folded."""
+    return bool(
+        isinstance(module, _BATCHNORMS.get(spatial_dims, ()))
         and not module.training
         and module.track_running_stats
         and module.running_mean is not None
@@ -281,9 +263,7 @@ def _followed(model: nn.Module, site: Site) -> Dense | None:
     module = model.get_submodule(site.follows) if site.follows is not None else None
     if module is None or not own_forward(module):  # its output is not its weights' map
         return None
-    if linear_like(module) or (isinstance(module, nn.Conv2d) and module.groups == 1):
-        return module  # type: ignore[return-value]
-    return None
+    return module if foldable_kind(module) is not None else None
 
 
 def _plan_site(model: nn.Module, site: Site, k: int | None = None) -> LayerPlan:
@@ -366,7 +346,7 @@ def _row(site: Site, layer: PCALayer, action: str, before: int, after: nn.Module
             "batchnorm_fused": fused}  # fmt: skip
 
 
-def _compress_site(root: nn.Module, site: Site, bn: nn.BatchNorm2d | None) -> dict:
+def _compress_site(root: nn.Module, site: Site, bn: _BatchNorm | None) -> dict:
     """Rewrite one site of ``root`` (a copy) into plain layers; returns its report row.
 
     ``bn``: an eval BatchNorm2d that alone reads the site's projection, to fold in.
@@ -430,7 +410,7 @@ def _then(module: nn.Module, standalone: nn.Module) -> nn.Module:
     return module if isinstance(standalone, nn.Identity) else nn.Sequential(module, standalone)
 
 
-def _fusable_batchnorms(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+def _fusable_batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
     """``{site name: BatchNorm2d}`` for sites after a Conv2d read only by an eval BatchNorm2d.
 
     Read off the model's graph (traced when it is not a ``GraphModule``); a
@@ -448,7 +428,9 @@ def _fusable_batchnorms(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
     for site in sites_of(model):
         if site.attachment not in ("graph", "module"):
             continue
-        if not isinstance(_followed(model, site), nn.Conv2d):
+        followed = _followed(model, site)
+        dims = _kind(followed).spatial_dims if followed is not None else 0
+        if not dims:
             continue
         target = site.layer_path if site.attachment == "graph" else site.name
         nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == target]
@@ -457,13 +439,13 @@ def _fusable_batchnorms(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
         user = next(iter(nodes[0].users))
         bn = modules.get(str(user.target)) if user.op == "call_module" else None
         calls = [n for n in graph.nodes if n.op == "call_module" and n.target == user.target]
-        if isinstance(bn, nn.BatchNorm2d) and len(calls) == 1 and _fusable_batchnorm(bn):
+        if bn is not None and len(calls) == 1 and _fusable_batchnorm(bn, dims):
             found[site.name] = bn
     return found
 
 
 def _compress_graph_pair(
-    gm: fx.GraphModule, site: Site, layer: PCALayer, module: Dense, bn: nn.BatchNorm2d | None
+    gm: fx.GraphModule, site: Site, layer: PCALayer, module: Dense, bn: _BatchNorm | None
 ) -> dict:
     """Fold a graph site's projection into the module it follows (and a BatchNorm after it)."""
     plan = _plan_layer(layer, module)

@@ -1,7 +1,8 @@
 """Parameter and multiply-accumulate counts: one formula, used everywhere.
 
 ``count_macs`` runs one forward pass and counts, per input example, the
-multiply-accumulates of every ``nn.Linear``, ``nn.Conv2d`` and PCA layer (the
+multiply-accumulates of every layer of a known kind (``nn.Linear``, transformers'
+``Conv1D``, convolutions and transposed convolutions) and PCA layer (the
 layers whose cost grows with width; elementwise operations, pooling and
 BatchNorm are not counted). The same per-position formula,
 :func:`macs_per_position`, prices the layers ``compress`` chooses between.
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from .._batches import examples_in, model_inputs
 from .._validation import check_module, kept_modes
-from ..layers.kinds import is_conv1d
+from ..layers.kinds import kind_of
 from ..layers.pca import PCALayer
 
 __all__ = ["count_macs", "count_params", "macs_per_position"]
@@ -31,21 +32,15 @@ def count_params(model: nn.Module) -> int:
 def macs_per_position(module: nn.Module) -> int:
     """Multiply-accumulates one output position of ``module`` costs.
 
-    A position is one row of a Linear's output, one pixel of a Conv2d's output,
-    one sample of a PCA layer's projection.
+    A position is one row of a Linear's output, one pixel of a convolution's
+    output, one sample of a PCA layer's projection. Layers of the kinds in
+    ``layers.kinds.KINDS`` (a transposed convolution's per output position:
+    ``LayerKind.macs_per_position``) and PCA layers; 0 for anything else.
     """
-    if isinstance(module, nn.Linear):
-        return module.in_features * module.out_features
-    if is_conv1d(module):
-        weight = module.weight
-        assert isinstance(weight, Tensor)
-        return int(weight.numel())
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return (module.in_channels // module.groups) * kh * kw * module.out_channels
     if isinstance(module, PCALayer):  # V^T then V when the projection is held factored
         return module.projection_weight.numel() * (2 if module._factored else 1)
-    return 0
+    kind = kind_of(module)
+    return 0 if kind is None else kind.macs_per_position(module)
 
 
 def _positions(output: Tensor, channel_dim: int, examples: int) -> int:
@@ -62,7 +57,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
             keyword inputs (a tokenizer's output), whose leading dimension is the batch.
 
     Returns:
-        MACs per example of every Linear, Conv2d and PCA layer.
+        MACs per example of every Linear, convolution and PCA layer.
     """
     check_module(model)
     args, kwargs = model_inputs(example_inputs)
@@ -73,18 +68,14 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
         nonlocal total
         if not isinstance(output, Tensor):
             return
-        if isinstance(module, nn.Conv2d) or (
-            isinstance(module, PCALayer) and module.channel_dim == 1
-        ):
-            positions = _positions(output, 1, examples)
-        else:
-            positions = _positions(output, -1, examples)
+        kind = module if isinstance(module, PCALayer) else kind_of(module)
+        positions = _positions(output, 1 if kind.spatial_dims else -1, examples)  # type: ignore[union-attr]
         total += macs_per_position(module) * positions
 
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d, PCALayer)) or is_conv1d(m)
+        if isinstance(m, PCALayer) or kind_of(m) is not None
     ]
     try:
         with kept_modes(model):

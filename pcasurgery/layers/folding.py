@@ -35,11 +35,10 @@ from functools import partial
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from .kinds import affine_kind, weight_matrix
+from .kinds import LayerKind, foldable_kind, weight_matrix
 from .pca import PCALayer, _exporting, _tokens, side_by_side
 
 __all__ = [
@@ -108,7 +107,7 @@ def _runs_factorised(k: int, fan_in: int, width: int) -> bool:
     return 0 < k and 2 * k * (fan_in + width) <= fan_in * width
 
 
-def _fold(kind: str, module: nn.Module, pca: PCALayer) -> tuple[Tensor, ...]:
+def _fold(kind: LayerKind, module: nn.Module, pca: PCALayer) -> tuple[Tensor, ...]:
     """The folded map in the module's own layout and dtype (computed in float32 or wider).
 
     ``(weight, bias)``: the module with the projection multiplied in. Or, with
@@ -126,11 +125,7 @@ def _fold(kind: str, module: nn.Module, pca: PCALayer) -> tuple[Tensor, ...]:
         folded_w, folded_b = v.T @ w, v.T @ (b - c)
     else:
         folded_w, folded_b = folded_affine(w, b, pca, pca._discarded(module))
-    if kind == "conv1d":
-        folded_w = folded_w.T
-    else:
-        folded_w = folded_w.reshape(folded_w.shape[0], *weight.shape[1:])
-    folded = (folded_w.to(dtype).contiguous(), folded_b.to(dtype))
+    folded = (kind.weight_from_matrix(folded_w.to(dtype), weight), folded_b.to(dtype))
     if low_rank:
         return folded + (v.to(dtype).contiguous(), c.to(dtype))
     return folded
@@ -153,11 +148,11 @@ def own_forward(module: nn.Module) -> bool:
     return old is not None and old is getattr(type(module), "forward", None)
 
 
-def _foldable(module: nn.Module, pca: PCALayer) -> str | None:
-    """The module's affine kind where the pair runs folded whenever its input allows, else None."""
+def _foldable(module: nn.Module, pca: PCALayer) -> LayerKind | None:
+    """The module's kind where the pair runs folded whenever its input allows, else None."""
     if pca._collecting() or not pca._has_spectrum or pca._stale or _exporting() or _hooked(pca):
         return None
-    kind = affine_kind(module)
+    kind = foldable_kind(module)
     weight, bias = module.weight, module.bias
     if (
         kind is None
@@ -189,7 +184,7 @@ def _cache_key(module: nn.Module, pca: PCALayer) -> tuple[tuple, tuple]:
     return tensors, _tokens(tensors)  # type: ignore[arg-type]  # _foldable checked them
 
 
-def _build(kind: str, module: nn.Module, pca: PCALayer) -> tuple:
+def _build(kind: LayerKind, module: nn.Module, pca: PCALayer) -> tuple:
     """The cache entry: the key's tensors, the key, the folded map."""
     tensors, key = _cache_key(module, pca)
     with torch.inference_mode(False), torch.no_grad():
@@ -270,11 +265,5 @@ def folded_forward(
     ):
         cached = _FOLDS[module] = _build(kind, module, pca)
     w, b, *up = cached[2]
-    if kind == "linear":
-        out = F.linear(x, w, b)
-    elif kind == "conv2d":
-        assert isinstance(module, nn.Conv2d)
-        out = module._conv_forward(x, w, b)
-    else:
-        out = torch.addmm(b, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
+    out = kind.run(module, x, w, b)
     return pca._map(out, *up) if up else out

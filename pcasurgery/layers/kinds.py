@@ -1,17 +1,47 @@
-"""Which modules a PCA layer can follow and fold into: Linear-like and Conv2d.
+"""The kinds of layer a PCA layer can follow, fold into and factorise: one entry per kind.
 
-``nn.Linear`` and ``nn.Conv2d`` (with subclasses), and transformers'
-``Conv1D`` (GPT-2's projections: a Linear whose weight is stored transposed,
-``(in, out)``), recognised by its shape so that transformers is never imported.
-Wherever ``nn.Linear`` is a target, a ``Conv1D`` is one too.
+Each :class:`LayerKind` declares, once, everything the library needs to know
+about a layer of that kind: which modules it covers, the width of their output
+and where its features lie (how outputs become samples), the ``(outputs,
+fan-in)`` matrix view of their weight and its inverse (folding, factorising,
+BatchNorm fusion), how to build a fresh layer of the same geometry with fewer
+outputs and the pointwise layer that maps ``k`` features back to the width (the
+factorised form, which exports to ONNX as the stock layers do), how to run the
+map with other weights (the folded eval forward), and the multiply-accumulates
+of one output position (plans and ``count_macs``).
+
+The entries, in :data:`KINDS`: ``nn.Linear``; transformers' ``Conv1D``
+(GPT-2's projections: a Linear whose weight is stored transposed, ``(in,
+out)``, recognised by its shape so that transformers is never imported; where
+``nn.Linear`` is a target, a ``Conv1D`` is one too); ``nn.Conv1d``,
+``nn.Conv2d``, ``nn.Conv3d``; ``nn.ConvTranspose1d``, ``nn.ConvTranspose2d``,
+``nn.ConvTranspose3d``. Adding a kind is adding an entry. A convolution with
+``groups > 1`` (a depthwise one) is of its kind, and can be followed, but its
+projection cannot be folded into it (:func:`foldable_kind` says None).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["affine_kind", "is_conv1d", "linear_like", "output_width", "weight_matrix"]
+__all__ = [
+    "KINDS",
+    "LayerKind",
+    "affine_kind",
+    "foldable_kind",
+    "is_conv1d",
+    "kind_of",
+    "linear_like",
+    "output_width",
+    "weight_matrix",
+]
 
 
 def is_conv1d(module: object) -> bool:
@@ -27,51 +57,230 @@ def is_conv1d(module: object) -> bool:
     )
 
 
+def _base(module: nn.Module) -> type:
+    """The module's own class (the one ``pca_wrap`` swapped a subclass in for)."""
+    return getattr(type(module), "_pcasurgery_base", type(module))
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """One kind of layer, declared once.
+
+    Attributes:
+        name: the kind's name (``"linear"``, ``"conv2d"``, ``"conv_transpose2d"``,
+            ``"transformers_conv1d"``, ...).
+        classes: the torch classes it covers (subclasses too); empty for a kind
+            recognised otherwise (``matches``).
+        spatial_dims: 0 for layers whose features are the last dimension; ``n``
+            for ``(batch, channels, *n spatial)`` maps, channels on dimension 1,
+            every position a sample.
+        transposed: a transposed convolution: its weight is ``(in, out, *kernel)``.
+        matches: an extra test for a kind without classes.
+        stock_forward: the forward of the stock class; a module whose class runs
+            another computes something else and is never folded.
+    """
+
+    name: str
+    classes: tuple[type[nn.Module], ...]
+    spatial_dims: int
+    transposed: bool = False
+    matches: Callable[[object], bool] | None = None
+    stock_forward: Any = None
+
+    def covers(self, module: object) -> bool:
+        """Whether ``module`` is of this kind."""
+        if self.matches is not None:
+            return self.matches(module)
+        return isinstance(module, self.classes)
+
+    # ------------------------------------------------------------ shapes
+    def output_width(self, module: Any) -> int:
+        """Features of the module's output."""
+        weight = module.weight
+        assert isinstance(weight, Tensor)
+        if self.name == "linear":
+            return int(weight.shape[0])
+        if self.name == "transformers_conv1d":
+            return int(weight.shape[1])
+        if self.transposed:
+            return int(weight.shape[1]) * int(module.groups)
+        return int(weight.shape[0])
+
+    def matrix(self, weight: Tensor) -> Tensor:
+        """The ``(outputs, fan-in)`` view of a weight of this kind (``groups=1``)."""
+        if self.name == "transformers_conv1d":
+            return weight.T
+        if self.transposed:
+            return weight.transpose(0, 1).reshape(weight.shape[1], -1)
+        return weight.reshape(weight.shape[0], -1)
+
+    def weight_from_matrix(self, matrix: Tensor, like: Tensor) -> Tensor:
+        """The weight, in the layout of ``like`` (a weight of this kind), whose matrix is ``matrix``."""
+        if self.name == "transformers_conv1d":
+            return matrix.T.contiguous()
+        if self.transposed:
+            inner = (like.shape[0], *like.shape[2:])
+            return matrix.reshape(matrix.shape[0], *inner).transpose(0, 1).contiguous()
+        return matrix.reshape(matrix.shape[0], *like.shape[1:]).contiguous()
+
+    def fan_in(self, module: Any) -> int:
+        """Columns of the weight's matrix: the inputs each output is a sum over."""
+        weight = module.weight
+        assert isinstance(weight, Tensor)
+        if self.name == "transformers_conv1d":
+            return int(weight.shape[0])
+        if self.transposed:
+            return int(weight.numel() // weight.shape[1])
+        return int(weight[0].numel())
+
+    def macs_per_position(self, module: Any, outputs: int | None = None) -> int:
+        """Multiply-accumulates of one output position (a row, a pixel), of the module or of
+        a ``groups=1`` layer of its geometry with ``outputs`` outputs.
+
+        A transposed convolution's ``in x out x kernel`` products per input
+        position are spread over ``prod(stride)`` output positions (exact when
+        the output is the input times the stride, as in a UNet's up-sampling).
+        """
+        weight = module.weight
+        assert isinstance(weight, Tensor)
+        products = int(weight.numel()) if outputs is None else self.fan_in(module) * outputs
+        if self.transposed:
+            groups = int(module.groups) if outputs is None else 1
+            return products * groups // max(1, math.prod(module.stride))
+        return products
+
+    # ---------------------------------------------------------- builders
+    def like(self, module: Any, outputs: int) -> nn.Module:
+        """A fresh ``groups=1`` layer of the module's kind and geometry with ``outputs`` outputs.
+
+        transformers' ``Conv1D`` is replaced by the equivalent ``nn.Linear``.
+        """
+        weight = module.weight
+        assert isinstance(weight, Tensor)
+        device, dtype = weight.device, weight.dtype
+        if self.spatial_dims == 0:
+            return nn.Linear(self.fan_in(module), outputs, bias=True, device=device, dtype=dtype)
+        cls = self.classes[0]
+        inputs = weight.shape[0] if self.transposed else module.in_channels
+        geometry: dict[str, Any] = {  # as the module holds them (tuples, or a padding string)
+            name: getattr(module, name) for name in ("kernel_size", "stride", "padding", "dilation")
+        }
+        if self.transposed:
+            geometry["output_padding"] = module.output_padding
+        geometry["padding_mode"] = module.padding_mode
+        return cls(
+            int(inputs), outputs, **geometry, groups=1, bias=True, device=device, dtype=dtype
+        )
+
+    def pointwise(self, inputs: int, outputs: int, like: Tensor) -> nn.Module:
+        """A layer mapping ``inputs`` features to ``outputs`` at every position of this kind's
+        outputs: a Linear, or a 1x1 convolution, in ``like``'s dtype and device."""
+        return pointwise(self.spatial_dims, inputs, outputs, like)
+
+    # ----------------------------------------------------------- running
+    def run(self, module: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """The module's map with ``weight`` and ``bias`` in its place (its own layout)."""
+        if self.name == "linear":
+            return F.linear(x, weight, bias)
+        if self.name == "transformers_conv1d":
+            flat = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+            return flat.reshape(*x.shape[:-1], weight.shape[1])
+        if self.transposed:
+            transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+            return transpose[self.spatial_dims - 1](
+                x, weight, bias, module.stride, module.padding, module.output_padding,
+                module.groups, module.dilation,
+            )  # fmt: skip
+        return module._conv_forward(x, weight, bias)
+
+
+def pointwise(spatial_dims: int, inputs: int, outputs: int, like: Tensor) -> nn.Module:
+    """``inputs -> outputs`` at every position: a Linear (``spatial_dims`` 0) or a 1x1 ConvNd."""
+    if spatial_dims == 0:
+        return nn.Linear(inputs, outputs, device=like.device, dtype=like.dtype)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
+    return conv(inputs, outputs, 1, device=like.device, dtype=like.dtype)
+
+
+def _conv(name: str, cls: type[nn.Module], dims: int, transposed: bool = False) -> LayerKind:
+    return LayerKind(name, (cls,), dims, transposed, stock_forward=cls.forward)
+
+
+KINDS: tuple[LayerKind, ...] = (
+    LayerKind("linear", (nn.Linear,), 0, stock_forward=nn.Linear.forward),
+    LayerKind("transformers_conv1d", (), 0, matches=is_conv1d),
+    _conv("conv1d", nn.Conv1d, 1),
+    _conv("conv2d", nn.Conv2d, 2),
+    _conv("conv3d", nn.Conv3d, 3),
+    _conv("conv_transpose1d", nn.ConvTranspose1d, 1, transposed=True),
+    _conv("conv_transpose2d", nn.ConvTranspose2d, 2, transposed=True),
+    _conv("conv_transpose3d", nn.ConvTranspose3d, 3, transposed=True),
+)
+KIND = {kind.name: kind for kind in KINDS}
+
+
+def kind_of(module: object) -> LayerKind | None:
+    """The entry of :data:`KINDS` that covers ``module``, or None."""
+    for kind in KINDS:
+        if kind.covers(module):
+            return kind
+    return None
+
+
 def linear_like(module: object) -> bool:
     """``nn.Linear`` (or a subclass) or a ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    kind = kind_of(module)
+    return kind is not None and kind.spatial_dims == 0
 
 
 def output_width(module: nn.Module) -> int:
     """Features of the module's output: ``out_features``, ``out_channels`` or ``nf``."""
-    if isinstance(module, nn.Conv2d):
-        return module.out_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if is_conv1d(module):
-        return int(module.nf)  # type: ignore[arg-type]
-    raise TypeError(f"{type(module).__name__} is not a Linear, Conv1D or Conv2d")
+    kind = kind_of(module)
+    if kind is None:
+        raise TypeError(
+            f"{type(module).__name__} is not a Linear, Conv1D, convolution or transposed convolution"
+        )
+    return kind.output_width(module)
 
 
 def weight_matrix(module: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(W, b)`` of a Linear, Conv1D or Conv2d in ``dtype``, detached.
+    """``(W, b)`` of a layer of a known kind in ``dtype``, detached.
 
-    ``W`` is (outputs, inputs): a Conv1D's weight transposed, a convolution's
-    kernel flattened; ``b`` is zeros when the module has no bias.
+    ``W`` is (outputs, fan-in): a Conv1D's weight transposed, a convolution's
+    kernel flattened, a transposed convolution's output channels first; ``b``
+    is zeros when the module has no bias.
     """
     weight, bias = module.weight, module.bias
-    if not isinstance(weight, Tensor) or not (bias is None or isinstance(bias, Tensor)):
+    kind = kind_of(module)
+    if (
+        kind is None
+        or not isinstance(weight, Tensor)
+        or not (bias is None or isinstance(bias, Tensor))
+    ):
         raise TypeError(f"{type(module).__name__} has no weight/bias tensors to fold")
-    weight = weight.detach().to(dtype)
-    if is_conv1d(module):
-        weight = weight.T
-    w = weight.reshape(weight.shape[0], -1)
+    w = kind.matrix(weight.detach().to(dtype))
     b = torch.zeros_like(w[:, 0]) if bias is None else bias.detach().to(dtype)
     return w, b
 
 
-def affine_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv2d"`` or ``"conv1d"`` when the module computes its own affine map.
+def foldable_kind(module: object) -> LayerKind | None:
+    """The module's kind where its output is the affine map of its weights that a projection
+    folds into: a stock forward (its class's, or the one ``pca_wrap`` swapped a subclass in
+    for) and, for a convolution, ``groups=1``. None for anything else (a depthwise convolution,
+    a subclass with its own forward)."""
+    kind = kind_of(module)
+    if kind is None or not isinstance(module, nn.Module):
+        return None
+    if kind.stock_forward is not None and _base(module).forward is not kind.stock_forward:  # type: ignore[attr-defined]
+        return None
+    if kind.name == "transformers_conv1d" and _base(module).__name__ != "Conv1D":
+        return None
+    if getattr(module, "groups", 1) != 1:
+        return None
+    return kind
 
-    That is an ``nn.Linear``, an ``nn.Conv2d`` with ``groups=1`` or a ``Conv1D``
-    whose class (or the class ``pca_wrap`` swapped in for it) runs the stock
-    forward; None for anything else (a subclass with its own forward, say).
-    """
-    base = getattr(type(module), "_pcasurgery_base", type(module))
-    if isinstance(module, nn.Linear) and base.forward is nn.Linear.forward:
-        return "linear"
-    if isinstance(module, nn.Conv2d) and base.forward is nn.Conv2d.forward and module.groups == 1:
-        return "conv2d"
-    if is_conv1d(module) and base.__name__ == "Conv1D":
-        return "conv1d"
-    return None
+
+def affine_kind(module: nn.Module) -> str | None:
+    """The name of the module's kind where a projection folds into it (:func:`foldable_kind`)."""
+    kind = foldable_kind(module)
+    return None if kind is None else kind.name

@@ -246,7 +246,7 @@ def _seed_names(layers: Iterable[PCALayer], linear_prefix: str) -> list[str]:
     counts = {"lin": 0, "conv": 0}
     names = []
     for layer in layers:
-        if isinstance(layer, Conv2DPCALayer):
+        if layer.spatial_dims:
             names.append(f"Conv-{counts['conv']}")
             counts["conv"] += 1
         else:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
@@ -58,7 +59,14 @@ from .._validation import (
 from ..core import moments as _m
 from ..core import spectrum as _s
 
-__all__ = ["Conv2DPCALayer", "LinearPCALayer", "PCALayer"]
+__all__ = [
+    "Conv1DPCALayer",
+    "Conv2DPCALayer",
+    "Conv3DPCALayer",
+    "LinearPCALayer",
+    "PCALayer",
+    "pca_layer_for",
+]
 
 log = logging.getLogger("pcasurgery")
 
@@ -199,6 +207,7 @@ class PCALayer(nn.Module):
     """
 
     channel_dim: int = -1
+    spatial_dims: int = 0  # positions of a (batch, channels, *spatial) map; 0: features last
     kind: str = "linear"
     num = 0  # the seed's counter, used for default layer names
     # calibration only: where the followed module's inputs are collected instead
@@ -967,7 +976,72 @@ class LinearPCALayer(PCALayer):
         return x
 
 
-class Conv2DPCALayer(PCALayer):
+class _ChannelPCALayer(PCALayer):
+    """PCA layer for ``(batch, channels, *spatial)`` maps, channelwise: every position is a
+    sample of a ``channels``-wide feature, and the projection is one 1x1 convolution."""
+
+    channel_dim = 1
+
+    def _check_input(self, x: Tensor) -> None:
+        if isinstance(x, Tensor) and x.dim() != 2 + self.spatial_dims:
+            spatial = {1: "length", 2: "h, w", 3: "depth, h, w"}[self.spatial_dims]
+            raise ValueError(
+                f"PCA layer {self.name!r} expects (batch, {self.width}, {spatial}) inputs, "
+                f"got shape {tuple(x.shape)}"
+            )
+        super()._check_input(x)
+
+    def _map(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        if _exporting() or not x.is_contiguous():
+            # one 1x1 convolution: what exporters and channels-last tensors want
+            conv = (F.conv1d, F.conv2d, F.conv3d)[self.spatial_dims - 1]
+            return conv(x, w.reshape(*w.shape, *(1,) * self.spatial_dims), b)
+        # The same map as a batched (out x C) @ (C x positions) product with the bias fused
+        # in; on contiguous NCHW maps it runs 2-5x faster than a 1x1 conv on CPU.
+        n, c, *spatial = x.shape
+        positions = math.prod(spatial)
+        out = torch.baddbmm(
+            b[None, :, None].expand(n, -1, positions), w.expand(n, -1, -1), x.view(n, c, positions)
+        )
+        return out.view(n, -1, *spatial)
+
+
+class Conv1DPCALayer(_ChannelPCALayer):
+    """PCA layer for ``(batch, channels, length)`` maps (``nn.Conv1d`` outputs), channelwise.
+
+    Args:
+        in_filters: number of channels.
+        threshold: fraction of variance to keep, in (0, 1].
+        verbose: log the saturation whenever the eigenspace is computed.
+        centering: decompose the covariance (True) or the second moment.
+        keepdim: ``False`` outputs the ``k`` principal channels instead.
+    """
+
+    spatial_dims = 1
+    kind = "conv1d"
+
+    def __init__(
+        self,
+        in_filters: int,
+        threshold: float = 0.99,
+        verbose: bool = False,
+        centering: bool = True,
+        *,
+        keepdim: bool = True,
+    ):
+        super().__init__(
+            in_filters, threshold, keepdim, verbose, centering=centering, width_name="in_filters"
+        )
+
+
+class Conv3DPCALayer(Conv1DPCALayer):
+    """PCA layer for ``(batch, channels, depth, h, w)`` maps (``nn.Conv3d`` outputs), channelwise."""
+
+    spatial_dims = 3
+    kind = "conv3d"
+
+
+class Conv2DPCALayer(_ChannelPCALayer):
     """PCA layer for ``(batch, channels, h, w)`` activations, channelwise.
 
     Every spatial position of every image is one sample of a ``channels``-wide
@@ -986,7 +1060,7 @@ class Conv2DPCALayer(PCALayer):
         keepdim: ``False`` outputs the ``k`` principal channels instead.
     """
 
-    channel_dim = 1
+    spatial_dims = 2
     kind = "conv2d"
 
     def __init__(
@@ -1013,14 +1087,6 @@ class Conv2DPCALayer(PCALayer):
         if verbose:
             log.info("added Conv2D PCA layer %s (%d channels)", self.name, in_filters)
 
-    def _check_input(self, x: Tensor) -> None:
-        if isinstance(x, Tensor) and x.dim() != 4:
-            raise ValueError(
-                f"PCA layer {self.name!r} expects (batch, {self.width}, h, w) inputs, "
-                f"got shape {tuple(x.shape)}"
-            )
-        super()._check_input(x)
-
     def _samples_of(self, x: Tensor) -> Tensor:
         size = self.downsampling
         if size is not None and (x.shape[-2] > size or x.shape[-1] > size):
@@ -1029,17 +1095,16 @@ class Conv2DPCALayer(PCALayer):
             )
         return x
 
-    def _map(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        if _exporting() or not x.is_contiguous():
-            # one 1x1 convolution: what exporters and channels-last tensors want
-            return F.conv2d(x, w[:, :, None, None], b)
-        # The same map as a batched (out x C) @ (C x h*w) product with the bias fused
-        # in; on contiguous NCHW maps it runs 2-5x faster than a 1x1 conv on CPU.
-        n, c, h, wd = x.shape
-        out = torch.baddbmm(
-            b[None, :, None].expand(n, -1, h * wd), w.expand(n, -1, -1), x.view(n, c, h * wd)
-        )
-        return out.view(n, -1, h, wd)
+
+def pca_layer_for(spatial_dims: int, width: int, threshold: float, centering: bool,
+                  keepdim: bool) -> PCALayer:  # fmt: skip
+    """A PCA layer for outputs with ``spatial_dims`` positions per channel (0: features last)."""
+    if spatial_dims == 0:
+        return LinearPCALayer(width, threshold, keepdim=keepdim, centering=centering)
+    if spatial_dims == 2:
+        return Conv2DPCALayer(width, threshold, verbose=False, centering=centering, keepdim=keepdim)
+    cls = {1: Conv1DPCALayer, 3: Conv3DPCALayer}[spatial_dims]
+    return cls(width, threshold, centering=centering, keepdim=keepdim)
 
 
 def compute_eigenspaces(

@@ -363,7 +363,7 @@ def _records(model: nn.Module) -> list[tuple[str, nn.Module, tuple[Site, ...]]]:
     own = getattr(model, SITES_ATTRIBUTE, None)
     if isinstance(own, tuple):
         return [("", model, own)]
-    found = []
+    found: list[tuple[str, nn.Module, tuple[Site, ...]]] = []
     for name, module in model.named_modules():
         record = getattr(module, SITES_ATTRIBUTE, None) if name else None
         if isinstance(record, tuple) and not any(name.startswith(f"{p}.") for p, *_ in found):

@@ -41,7 +41,7 @@ def _widths(module: nn.Module, kind: str) -> tuple[int, int]:
     """``(inputs, outputs)`` of the affine map of ``module``."""
     weight = module.weight
     assert isinstance(weight, Tensor)
-    if kind == "conv1d":
+    if kind == "transformers_conv1d":
         return weight.shape[0], weight.shape[1]
     return weight[0].numel(), weight.shape[0]
 
@@ -59,7 +59,7 @@ def input_statistics(
     ``shared`` dict compute the moments of an input they all receive once.
     """
     kind = affine_kind(module)
-    if kind is None:
+    if kind not in ("linear", "transformers_conv1d", "conv2d"):  # other convolutions: at outputs
         return None
     inputs, outputs = _widths(module, kind)
     if inputs + 1 >= outputs or pca.width != outputs:

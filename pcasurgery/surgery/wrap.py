@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from .._validation import check_bool, check_module, check_patterns, check_threshold
-from ..layers.kinds import affine_kind, is_conv1d, linear_like, output_width
-from ..layers.pca import Conv2DPCALayer, LinearPCALayer, PCALayer
+from ..layers.kinds import KINDS, affine_kind, is_conv1d, kind_of, output_width
+from ..layers.pca import PCALayer, pca_layer_for
 from ..layers.sites import Site, SiteTracer, follow, follow_calls, record_sites, replace_module
 from .attention import split_attention
 
@@ -51,11 +51,11 @@ __all__ = ["pca_wrap"]
 
 log = logging.getLogger("pcasurgery")
 
-SUPPORTED_TARGETS = (nn.Linear, nn.Conv2d)
-
 
 def _check_targets(targets: object) -> tuple[type, ...]:
-    """The target types; a class named ``Conv1D`` (transformers') is accepted as Linear-like."""
+    """The target types: classes of the layer kinds (``layers.kinds.KINDS``) or their subclasses;
+    a class named ``Conv1D`` (transformers') is accepted as Linear-like."""
+    supported = tuple(cls for kind in KINDS for cls in kind.classes)
     if isinstance(targets, type):
         types: tuple = (targets,)
     elif isinstance(targets, (tuple, list, set, frozenset)):
@@ -66,12 +66,11 @@ def _check_targets(targets: object) -> tuple[type, ...]:
             f"(nn.Linear, nn.Conv2d); got {targets!r}"
         )
     for t in types:
-        if not (
-            isinstance(t, type) and (issubclass(t, SUPPORTED_TARGETS) or t.__name__ == "Conv1D")
-        ):
+        if not (isinstance(t, type) and (issubclass(t, supported) or t.__name__ == "Conv1D")):
+            names = ", ".join(f"nn.{cls.__name__}" for cls in supported)
             raise TypeError(
-                "targets must be nn.Linear and/or nn.Conv2d (or subclasses; nn.Linear also "
-                f"selects transformers' Conv1D), got {t!r}"
+                f"targets must be layer classes pcasurgery can follow ({names}, or subclasses; "
+                f"nn.Linear also selects transformers' Conv1D), got {t!r}"
             )
     if not types:
         raise ValueError("targets must name at least one module type, got an empty tuple")
@@ -129,7 +128,7 @@ def _warn_coverage(model: nn.Module) -> None:
             continue
         size = sum(p.numel() for p in module._parameters.values() if p is not None and p.dim() >= 2)
         total += size
-        if size and not (linear_like(module) or isinstance(module, nn.Conv2d)):
+        if size and kind_of(module) is None:
             held[type(module).__name__] = held.get(type(module).__name__, 0) + size
     missed = sum(held.values())
     if total and missed > 0.5 * total:
@@ -137,8 +136,8 @@ def _warn_coverage(model: nn.Module) -> None:
         listing = ", ".join(f"{name} ({size / total:.0%})" for name, size in ranked)
         warnings.warn(
             f"{missed / total:.0%} of the model's layer weights sit in modules that no PCA layer "
-            f"can follow: {listing}; pcasurgery follows nn.Linear, transformers' Conv1D and "
-            "nn.Conv2d modules (swap or exclude the others)",
+            f"can follow: {listing}; pcasurgery follows nn.Linear, transformers' Conv1D, "
+            "convolutions and transposed convolutions (swap or exclude the others)",
             UserWarning,
             stacklevel=3,
         )
@@ -223,13 +222,10 @@ def _announce_memory(chosen: list[tuple[str, nn.Module]]) -> None:
 
 
 def _make_layer(name: str, module: nn.Module, threshold: float, centering: bool, keepdim: bool):
-    width = output_width(module)
-    if isinstance(module, nn.Conv2d):
-        layer: PCALayer = Conv2DPCALayer(
-            width, threshold, verbose=False, centering=centering, keepdim=keepdim
-        )
-    else:
-        layer = LinearPCALayer(width, threshold, keepdim=keepdim, centering=centering)
+    kind = kind_of(module)
+    assert kind is not None  # _select_targets chose it
+    layer = pca_layer_for(kind.spatial_dims, kind.output_width(module), threshold, centering,
+                          keepdim)  # fmt: skip
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         layer.to(device=weight.device, dtype=weight.dtype)
@@ -269,7 +265,9 @@ def pca_wrap(
     Args:
         model: the network.
         threshold: fraction of variance each PCA layer keeps, in (0, 1].
-        targets: module types to follow (``nn.Linear``, ``nn.Conv2d`` or subclasses).
+        targets: module types to follow: ``nn.Linear`` (which selects transformers'
+            ``Conv1D`` too), ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``,
+            ``nn.ConvTranspose1d``/``2d``/``3d``, or subclasses.
             With ``nn.Linear``, an ``nn.MultiheadAttention`` whose projections
             match ``include``/``exclude`` (``"attn.q_proj"``...) is split into
             Linear projections that get PCA layers; the copy computes the same function.

@@ -1,6 +1,6 @@
 """``CheckLayerSat``: record layer saturation and other statistics during training.
 
-Forward hooks on every Linear, Conv2d and LSTM of the given modules feed
+Forward hooks on every Linear, convolution (1-, 2- and 3-d, transposed too) and LSTM of the given modules feed
 streaming covariances (the statistics core's ``TorchCovarianceMatrix``), kept
 apart for training-mode and eval-mode passes. ``add_saturations()`` turns them
 into the requested stats, hands them to the writers (one record per epoch) and,
@@ -37,7 +37,7 @@ from .._errors import NonFiniteError
 from .._validation import check_bool, check_choice, check_positive_int, check_threshold
 from ..core import spectrum as _s
 from ..core.covariance_matrix import TorchCovarianceMatrix, _resolve_device
-from ..layers.kinds import is_conv1d
+from ..layers.kinds import KINDS, is_conv1d
 from .writers import STATMAP, WRITERS, AbstractWriter, CompositWriter, NPYWriter
 
 __all__ = ["CONV_METHODS", "CheckLayerSat", "SaturationTracker", "STATS", "TIMESERIES_METHODS"]
@@ -48,7 +48,8 @@ STATS = ("lsat", "idim", "cov", "det", "trc", "dtrc", "embed")
 CONV_METHODS = ("channelwise", "mean", "max", "median", "flatten")
 TIMESERIES_METHODS = ("last_timestep", "timestepwise")
 MODES = ("train", "eval")
-TRACKED = (nn.Linear, nn.Conv2d, nn.LSTM)
+CONVOLUTIONS = tuple(cls for kind in KINDS if kind.spatial_dims for cls in kind.classes)
+TRACKED = (nn.Linear, *CONVOLUTIONS, nn.LSTM)
 WIDE_BYTES = 2**30  # warn before tracking a layer whose covariance needs more
 
 
@@ -78,7 +79,7 @@ def _layer_name(module: nn.Module, qualified: str) -> str:
 def _tracked_layers(modules, include_conv: bool) -> OrderedDict[str, nn.Module]:
     """The layers to track, under delve's names.
 
-    A model: every Linear, Conv2d and LSTM in it, named by its qualified name
+    A model: every Linear, convolution and LSTM in it, named by its qualified name
     with ``-`` for ``.`` (``layer1-0-conv1``). A list: a layer given directly is
     ``Module-<i>-<Type>``; the layers inside a module given are named within it
     (as delve does), prefixed with ``<i>-`` only where two would collide. A
@@ -120,7 +121,7 @@ class SaturationTracker:
         save_to: a writer key (``csv``, ``plot``/``csvplot``/``plotcsv``,
             ``npy``/``npz``/``numpy``, ``tensorboard``, ``print``), an
             ``AbstractWriter``, or a list of these.
-        modules: a model (every Linear, Conv2d and LSTM in it is tracked,
+        modules: a model (every Linear, convolution and LSTM in it is tracked,
             named by qualified name) or a list of modules/layers.
         writer_args: keyword arguments for writers built from keys.
         log_interval: record one forward call in ``log_interval`` per layer.
@@ -133,7 +134,7 @@ class SaturationTracker:
         reset_covariance: start fresh covariances after each ``add_saturations``.
         average_sat: also write the mean saturation over layers per mode.
         ignore_layer_names: layers to leave out of the written stats.
-        include_conv: track Conv2d layers.
+        include_conv: track convolutions (Conv1d/2d/3d and transposed).
         conv_method: how a conv's ``(b, c, h, w)`` output becomes samples:
             ``channelwise`` (every position a sample of ``c`` features),
             ``mean``/``max``/``median`` (global pooling per map) or ``flatten``
@@ -288,18 +289,20 @@ class SaturationTracker:
             examples = out.shape[0] if module.batch_first else out.shape[1]
             return out, -1, examples
         x = output
-        if x.dim() == 4:
+        if isinstance(module, CONVOLUTIONS) and x.dim() >= 3:
             size = self.interpolation_downsampling
-            if self.interpolation_strategy is not None and (x.shape[2] > size or x.shape[3] > size):
+            if (self.interpolation_strategy is not None and x.dim() == 4
+                    and (x.shape[2] > size or x.shape[3] > size)):  # fmt: skip
                 x = F.interpolate(x, size=(min(size, x.shape[2]), min(size, x.shape[3])),
                                   mode=self.interpolation_strategy)  # fmt: skip
             method = self.conv_method
             if method == "channelwise":
                 return x, 1, x.shape[0]
+            spatial = tuple(range(2, x.dim()))
             if method == "mean":
-                x = x.mean((2, 3))
+                x = x.mean(spatial)
             elif method == "max":
-                x = x.amax((2, 3))
+                x = x.amax(spatial)
             elif method == "median":
                 x = x.flatten(2).median(dim=2).values
             else:
