@@ -48,8 +48,10 @@ STATS = ("lsat", "idim", "cov", "det", "trc", "dtrc", "embed")
 CONV_METHODS = ("channelwise", "mean", "max", "median", "flatten")
 TIMESERIES_METHODS = ("last_timestep", "timestepwise")
 MODES = ("train", "eval")
-CONVOLUTIONS = tuple(cls for kind in KINDS if kind.spatial_dims for cls in kind.classes)
-TRACKED = (nn.Linear, *CONVOLUTIONS, nn.LSTM)
+CONVOLUTIONS: tuple[type[nn.Module], ...] = tuple(
+    cls for kind in KINDS if kind.spatial_dims for cls in kind.classes
+)
+TRACKED: tuple[type[nn.Module], ...] = (nn.Linear, *CONVOLUTIONS, nn.LSTM)
 WIDE_BYTES = 2**30  # warn before tracking a layer whose covariance needs more
 
 
