@@ -314,3 +314,15 @@ def test_eigenspaces_computed_side_by_side_match_numpy_and_keep_the_thread_count
         np.testing.assert_allclose(a.eigenvalues.numpy(), expected, atol=1e-5 * expected[0])
         assert a.in_dim == b.in_dim
         torch.testing.assert_close(a.projection_weight, b.projection_weight)
+
+
+def test_offloaded_tensors_on_the_meta_device_are_refused_before_any_work():
+    """accelerate's disk offload leaves meta tensors in place of weights and PCA buffers."""
+    wrapped = ps.pca_wrap(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), 0.9)
+    ps.calibrate(wrapped, [torch.randn(32, 6)], progress=False)
+    before = {k: v.clone() for k, v in wrapped.state_dict().items() if not k.startswith("2.")}
+    wrapped[2].to("meta")  # the module and its PCA layer, offloaded
+    with pytest.raises(ValueError, match="'2' or the module it follows holds tensors on the meta"):
+        ps.calibrate(wrapped, [torch.randn(32, 6)], progress=False)
+    for key, value in before.items():
+        assert torch.equal(wrapped.state_dict()[key], value), key

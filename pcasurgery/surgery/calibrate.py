@@ -231,6 +231,7 @@ def calibrate(
     target = check_device(device)
     layers = pca_layers_of(model)
     _require_layers(layers)
+    _refuse_meta(model, layers)
 
     if not reset:  # the statistics to add to: a square still held as factors is formed
         for layer in layers.values():
@@ -266,6 +267,21 @@ def calibrate(
         snapshot.restore_modes()
     _warn_undersampled(layers)
     return model
+
+
+def _refuse_meta(model: nn.Module, layers: dict[str, PCALayer]) -> None:
+    """Refuse, before any work, PCA layers or followed modules whose tensors are on the
+    ``meta`` device (offloaded by accelerate's ``device_map``/``cpu_offload``, or not loaded)."""
+    followed = {site.name: site.follows for site in sites_of(model)}
+    for name, layer in layers.items():
+        module = model.get_submodule(followed[name]) if followed.get(name) else None
+        tensors = [layer.shift, *(module.parameters(recurse=False) if module is not None else ())]
+        if any(t.is_meta for t in tensors):
+            raise ValueError(
+                f"PCA layer {name!r} or the module it follows holds tensors on the meta device "
+                "(offloaded by accelerate, or never loaded): calibrate needs them resident; load "
+                "the model without offloading (device_map on one device) to calibrate and compress"
+            )
 
 
 def _install_inputs(sources: Iterable[InputStatistics]) -> None:
