@@ -274,7 +274,8 @@ def _refuse_meta(model: nn.Module, layers: dict[str, PCALayer]) -> None:
     ``meta`` device (offloaded by accelerate's ``device_map``/``cpu_offload``, or not loaded)."""
     followed = {site.name: site.follows for site in sites_of(model)}
     for name, layer in layers.items():
-        module = model.get_submodule(followed[name]) if followed.get(name) else None
+        path = followed.get(name)
+        module = model.get_submodule(path) if path is not None else None
         tensors = [layer.shift, *(module.parameters(recurse=False) if module is not None else ())]
         if any(t.is_meta for t in tensors):
             raise ValueError(
