@@ -8,8 +8,10 @@ projecting model's outputs, export the encoder with dynamic batch and sequence.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 from models import token_batches
@@ -140,3 +142,55 @@ def test_a_budget_weighed_by_the_language_models_loss(build):
         torch.testing.assert_close(
             small(input_ids=prompt).logits, wrapped(input_ids=prompt).logits, atol=1e-4, rtol=1e-4
         )
+
+
+@pytest.mark.parametrize("order", ["dispatched then wrapped", "wrapped then dispatched"])
+def test_a_llama_dispatched_by_accelerate_with_offloaded_blocks(order, tmp_path):
+    """Blocks offloaded to disk (weights on the meta device between calls): calibrated,
+    projected (folded or not), planned and compressed as the same model kept in memory,
+    and the compressed layers stay offloaded under hooks of their own."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    twin = ps.pca_wrap(copy.deepcopy(model), 0.9, include="model.layers.*")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "cpu"}  # fmt: skip
+
+    def dispatch(m):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "some parameters are on the meta device"
+            return accelerate.dispatch_model(m, device_map=device_map, main_device="cpu",
+                                             offload_dir=str(tmp_path))  # fmt: skip
+
+    if order == "dispatched then wrapped":
+        wrapped = ps.pca_wrap(dispatch(model), 0.9, include="model.layers.*")
+    else:
+        wrapped = dispatch(ps.pca_wrap(model, 0.9, include="model.layers.*"))
+    up = wrapped.get_submodule("model.layers.1.mlp.up_proj")
+    assert ps.layers.offload.offloaded(getattr(up, "module", up))  # the block is on disk
+    data = [torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(i))
+            for i in range(4)]  # fmt: skip
+    ps.calibrate(wrapped, data, progress=False)
+    ps.calibrate(twin, data, progress=False)
+    ids = torch.randint(0, 64, (3, 12))
+    with torch.no_grad():
+        expected = twin(ids).logits
+        torch.testing.assert_close(wrapped(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        with ps.folded(wrapped):
+            torch.testing.assert_close(wrapped(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    plan = ps.budget_plan(wrapped, remove=0.3)
+    pd.testing.assert_frame_equal(plan, ps.budget_plan(twin, remove=0.3))
+    ps.apply_plan(wrapped, plan)
+    ps.apply_plan(twin, plan)
+    small = ps.compress(wrapped)
+    assert ps.count_params(small) == ps.count_params(ps.compress(twin))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, twin(ids).logits, atol=1e-5, rtol=1e-5)
+    q = small.get_submodule("model.layers.2.self_attn.q_proj")
+    assert isinstance(q, ps.compression.LowRank) and q._hf_hook.offload
+    assert all(p.is_meta for p in q.parameters())  # offloaded again between calls

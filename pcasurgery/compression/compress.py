@@ -43,6 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..layers.folding import factorising_pays, folded_affine, own_forward
 from ..layers.kinds import LayerKind, foldable_kind, kind_of, pointwise, weight_matrix
 from ..layers.network import _calibrated_layers
+from ..layers.offload import hook_like, resident
 from ..layers.pca import PCALayer
 from ..layers.sites import (
     OTHER_BIAS,
@@ -329,7 +330,8 @@ def compress(model: nn.Module) -> nn.Module:
         layer._ensure_current()
     out = copy.deepcopy(model)
     bns = _fusable_batchnorms(out)
-    rows = [_compress_site(out, site, bns.get(site.name)) for site in sites_of(out)]
+    with resident(out):  # weights offloaded by accelerate are read here
+        rows = [_compress_site(out, site, bns.get(site.name)) for site in sites_of(out)]
     if isinstance(out, fx.GraphModule):
         out.graph.lint()
         out.delete_all_unused_submodules()
@@ -381,6 +383,7 @@ def _compress_site(root: nn.Module, site: Site, bn: _BatchNorm | None) -> dict:
                 _fuse_batchnorm(new, bn)
                 replace_module(root, bn, nn.Identity())
                 before += count_params(bn)
+            hook_like(new, followed)
             replace_module(root, followed, new)
             return _row(site, layer, plan.action, before, new, bn is not None)
         plan = _plan_layer(layer, None)
@@ -393,6 +396,7 @@ def _compress_site(root: nn.Module, site: Site, bn: _BatchNorm | None) -> dict:
         if module is not None:
             plan = _plan_layer(layer, module)
             new = _compress_pair(layer, module, plan)
+            hook_like(new, wrapper.module)
             replace_module(root, wrapper, new)
             return _row(site, layer, plan.action, count_params(module), new, False)
         plan = _plan_layer(layer, None)

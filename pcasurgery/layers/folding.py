@@ -158,6 +158,7 @@ def _foldable(module: nn.Module, pca: PCALayer) -> LayerKind | None:
         kind is None
         or "forward" in module.__dict__
         or not isinstance(weight, Tensor)
+        or weight.is_meta  # offloaded between calls (accelerate): loaded only in its forward
         or pca.projection_weight.dtype != weight.dtype
     ):
         return None

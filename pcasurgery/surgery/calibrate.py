@@ -48,6 +48,7 @@ from .._validation import (
 )
 from ..core import moments as _m
 from ..layers.network import _require_layers, pca_layers_of
+from ..layers.offload import offloaded, resident
 from ..layers.pca import (
     _MOMENTS,
     _SUMMED,
@@ -252,12 +253,13 @@ def calibrate(
             model.eval()
             batches = _stream(model, data, forward or run_batch, target, max_batches,
                               max_samples, progress)  # fmt: skip
-            _install_inputs(inputs.values())
-            _combine(layers, snapshot, reset, batches)
-            # a spectrum comes from the input where the statistics are that input's alone
-            alone = {layer: source for layer, source in inputs.items()
-                     if not _distributed() and source.count == layer._n}  # fmt: skip
-            compute_eigenspaces(layers.values(), alone)
+            with resident(model):  # offloaded weights, read through their inputs' moments
+                _install_inputs(inputs.values())
+                _combine(layers, snapshot, reset, batches)
+                # a spectrum comes from the input where the statistics are that input's alone
+                alone = {layer: source for layer, source in inputs.items()
+                         if not _distributed() and source.count == layer._n}  # fmt: skip
+                compute_eigenspaces(layers.values(), alone)
         except BaseException:
             snapshot.restore()
             raise
@@ -270,18 +272,19 @@ def calibrate(
 
 
 def _refuse_meta(model: nn.Module, layers: dict[str, PCALayer]) -> None:
-    """Refuse, before any work, PCA layers or followed modules whose tensors are on the
-    ``meta`` device (offloaded by accelerate's ``device_map``/``cpu_offload``, or not loaded)."""
+    """Refuse, before any work, PCA layers or followed modules whose tensors are on the ``meta``
+    device without an accelerate hook that loads them (never loaded, say), and PCA layers
+    whose own buffers accelerate offloads (``offload_buffers=True``)."""
     followed = {site.name: site.follows for site in sites_of(model)}
     for name, layer in layers.items():
         path = followed.get(name)
         module = model.get_submodule(path) if path is not None else None
-        tensors = [layer.shift, *(module.parameters(recurse=False) if module is not None else ())]
-        if any(t.is_meta for t in tensors):
+        weights = [] if module is None or offloaded(module) else list(module.parameters(False))
+        if layer.shift.is_meta or any(t.is_meta for t in weights):
             raise ValueError(
                 f"PCA layer {name!r} or the module it follows holds tensors on the meta device "
-                "(offloaded by accelerate, or never loaded): calibrate needs them resident; load "
-                "the model without offloading (device_map on one device) to calibrate and compress"
+                "with no accelerate hook that loads them (never loaded, or the PCA layer's own "
+                "buffers offloaded): calibrate needs them; dispatch with offload_buffers=False"
             )
 
 

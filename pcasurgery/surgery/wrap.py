@@ -43,6 +43,7 @@ from torch import nn
 
 from .._validation import check_bool, check_module, check_patterns, check_threshold
 from ..layers.kinds import KINDS, affine_kind, is_conv1d, kind_of, output_width
+from ..layers.offload import execution_device
 from ..layers.pca import PCALayer, pca_layer_for
 from ..layers.sites import Site, SiteTracer, follow, follow_calls, record_sites, replace_module
 from .attention import split_attention
@@ -228,7 +229,9 @@ def _make_layer(name: str, module: nn.Module, threshold: float, centering: bool,
                           keepdim)  # fmt: skip
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        layer.to(device=weight.device, dtype=weight.dtype)
+        # an offloaded module's weight is on the meta device: its layer goes where it runs
+        device = (execution_device(module) or torch.device("cpu")) if weight.is_meta else None
+        layer.to(device=device or weight.device, dtype=weight.dtype)
     layer.train(module.training)  # a new layer follows its module's train/eval flag
     layer.name = name
     return layer
