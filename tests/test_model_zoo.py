@@ -137,3 +137,29 @@ def test_every_architecture_wraps_calibrates_compresses_and_exports(name, tmp_pa
         assert ps.count_params(small) <= ps.count_params(model)
     ps.export_onnx(small, example if isinstance(example, dict) else example[:3],
                    tmp_path / f"{name}.onnx")  # fmt: skip
+
+
+@pytest.mark.parametrize("remove", [0.2, 0.4])
+@pytest.mark.parametrize("name", [*zoo(), "mobilenet-se"])
+def test_every_architecture_loses_what_the_plan_promises(name, remove):
+    from test_budget import MobileNetStyle
+
+    if name == "mobilenet-se":
+        g = torch.Generator().manual_seed(0)
+        build, data = (
+            (lambda: MobileNetStyle(squeeze_excite=True)),
+            [torch.randn(16, 3, 8, 8, generator=g) for _ in range(3)],
+        )
+    else:
+        build, data, _ = zoo()[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tied output layer left alone
+        wrapped = ps.calibrate(ps.pca_wrap(model, 0.99), data, progress=False)
+    plan = ps.budget_plan(wrapped, remove=remove)
+    ps.apply_plan(wrapped, plan)
+    small = ps.compress(wrapped)
+    promised = int((plan["params_before"] - plan["params_after"]).sum())
+    assert ps.count_params(model) - ps.count_params(small) == promised
+    assert promised >= remove * plan["params_before"].sum() > 0
