@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._progress import check_progress, progress_bar
 from .._validation import check_choice, check_patterns, kept_modes
 from ..compression.compress import _followed, _fusable_batchnorms, _plan_layer
 from ..compression.counting import count_params
@@ -157,6 +158,7 @@ def budget_plan(
     evaluate: Callable[[nn.Module], float] | None = None,
     loss: Callable[[nn.Module, Any], Tensor] | None = None,
     data: Iterable[Any] | None = None,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """Per-layer ranks that remove at least ``remove`` of the layers' parameters (or MACs).
 
@@ -201,6 +203,9 @@ def budget_plan(
             Under ``torch.distributed`` every process calls ``budget_plan``
             with its own shard; the measures are summed over all of them, so
             every process gets the same plan.
+        progress: bars over the gradient passes (batches) and the calls of
+            ``evaluate`` (``None``: in a terminal, after two seconds; see
+            ``calibrate``).
 
     Returns:
         A DataFrame with one row per planned layer: ``layer, width, k, action,
@@ -238,6 +243,7 @@ def budget_plan(
         raise ValueError(f"remove must be a fraction in (0, 1) of the layers' size, got {remove!r}")
     by = check_choice(by, "by", ("params", "macs"))
     patterns = check_patterns(include, "include")
+    progress = check_progress(progress)
     items = []
     batchnorms = _fusable_batchnorms(model)
     for site in sites_of(model):
@@ -257,7 +263,7 @@ def budget_plan(
             f"or neither; got loss={loss!r} and data={data!r}"
         )
     if loss is not None and data is not None:
-        weighted = _gradient_penalties(model, layers_by_name, items, loss, data)
+        weighted = _gradient_penalties(model, layers_by_name, items, loss, data, progress)
         for item, penalty in zip(items, weighted, strict=True):
             item.penalty = penalty
     costs = [item.params if by == "params" else item.macs for item in items]
@@ -272,7 +278,7 @@ def budget_plan(
         )
     attrs: dict[str, Any] = {}
     if evaluate is not None:
-        choice, attrs = _refine(model, items, costs, target, choice, evaluate)
+        choice, attrs = _refine(model, items, costs, target, choice, evaluate, progress)
     plan = _table(items, choice)
     plan.attrs.update(remove=float(remove), by=by, removed=1.0 - _total(costs, choice) / before,
                       objective="spectral" if loss is None else "gradient")  # fmt: skip
@@ -286,6 +292,7 @@ def _gradient_penalties(
     items: list[_Layer],
     loss: Callable[[nn.Module, Any], Tensor],
     data: Iterable[Any],
+    progress: bool | None = False,
 ) -> list[np.ndarray]:
     """Each planned layer's ``sum_{j > k} lambda_j s_j`` for ``k = 1..width`` (see ``budget_plan``)."""
     if not callable(loss):
@@ -325,8 +332,11 @@ def _gradient_penalties(
         for name, layer in layers.items()
     ]
     batches = 0
+    sized = getattr(data, "__len__", None)
+    bar = progress_bar(progress, desc="weighing directions", unit="batch",
+                       total=len(data) if sized is not None else None)  # type: ignore[arg-type]  # fmt: skip
     try:
-        with kept_modes(model), torch.inference_mode(False), torch.enable_grad():
+        with kept_modes(model), torch.inference_mode(False), torch.enable_grad(), bar:
             model.eval()
             for layer, _ in modes:
                 layer.mode = "project"
@@ -350,6 +360,7 @@ def _gradient_penalties(
                     )
                 value.reshape(()).backward()
                 batches += 1
+                bar.update()
     finally:
         for hook in hooks:
             hook.remove()
@@ -421,6 +432,7 @@ def _refine(
     target: float,
     choice: list[int],
     evaluate: Callable[[nn.Module], float],
+    progress: bool | None = False,
 ) -> tuple[list[int], dict[str, Any]]:
     """Reweight each layer's spectral loss by the metric's sensitivity to it, solve again."""
     if not callable(evaluate):
@@ -428,15 +440,19 @@ def _refine(
     layers = {item.site.name: item.layer for item in items}
     full = [len(item.ks) - 1 for item in items]
 
+    calls = 3 + sum(len(item.ks) > 1 for item in items)  # full rank, each layer alone, two plans
+    bar = progress_bar(progress, desc="evaluating plans", unit="evaluation", total=calls)
+
     def score(ranks: list[int], what: str) -> float:
         apply_plan(model, _table(items, ranks))
         model.eval()
         values = _metrics(evaluate(model), what)
+        bar.update()
         if len(values) != 1:
             raise TypeError(f"evaluate(model) must return one number here, got {values!r}")
         return next(iter(values.values()))
 
-    with kept_modes(model), _kept_thresholds(layers), folded(model):
+    with kept_modes(model), _kept_thresholds(layers), folded(model, progress=progress), bar:
         reference = score(full, "full rank")
         drops = []
         for j, item in enumerate(items):

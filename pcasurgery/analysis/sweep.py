@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from .._progress import check_progress, progress_bar
 from .._validation import check_threshold, kept_modes
 from ..compression.compress import _plan_site, compress
 from ..compression.counting import count_macs, count_params
@@ -66,6 +67,7 @@ def sweep(
     evaluate: Callable[[nn.Module], Any] | None = None,
     *,
     example_inputs: Any = None,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """One row per threshold: saturation, size of the compressed model, and your metric.
 
@@ -82,6 +84,8 @@ def sweep(
         evaluate: ``evaluate(model) -> float | dict[str, float]``; a dict gives
             one column per key, a number the column ``metric``.
         example_inputs: a batch to count MACs on.
+        progress: a bar over the thresholds (``None``: in a terminal, after two
+            seconds; see ``calibrate``).
 
     Returns:
         A DataFrame with columns ``threshold, mean_saturation, total_k, params,
@@ -101,13 +105,15 @@ def sweep(
         raise ValueError("thresholds must hold at least one value in (0, 1]")
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"evaluate must be callable as evaluate(model), got {evaluate!r}")
+    progress = check_progress(progress)
     rows = []
-    scope = folded(model) if evaluate is not None else contextlib.nullcontext()
-    with kept_modes(model), _kept_thresholds(layers), scope:
+    scope = folded(model, progress=progress) if evaluate is not None else contextlib.nullcontext()
+    bar = progress_bar(progress, desc="sweep", unit="threshold", total=len(values))
+    with kept_modes(model), _kept_thresholds(layers), scope, bar:
         for t in values:
             for layer in layers.values():
                 layer.threshold = t
-            small = compress(model)
+            small = compress(model, progress=False)
             row: dict[str, Any] = {
                 "threshold": t,
                 "mean_saturation": sum(layer.saturation for layer in layers.values()) / len(layers),
@@ -119,6 +125,7 @@ def sweep(
                 model.eval()
                 row.update(_metrics(evaluate(model), f"threshold {t}"))
             rows.append(row)
+            bar.update()
     return pd.DataFrame(rows)
 
 
@@ -134,6 +141,7 @@ def allocate(
     *,
     example_inputs: Any = None,
     ladder: Sequence[float] = DEFAULT_LADDER,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """Search per-layer thresholds that save the most MACs within ``max_drop`` of the metric.
 
@@ -156,6 +164,8 @@ def allocate(
             with; without it, MACs are estimated from the shapes seen during
             calibration, for the layers that compression rewrites.
         ladder: the thresholds each layer steps through, descending.
+        progress: a bar counting the calls of ``evaluate`` and the steps taken
+            (``None``: in a terminal, after two seconds; see ``calibrate``).
 
     Returns:
         A DataFrame of the steps taken: ``step, layer, threshold, k, metric,
@@ -168,8 +178,11 @@ def allocate(
         raise ValueError(f"max_drop must be a number >= 0, got {max_drop!r}")
     steps = sorted({check_threshold(t, "ladder[i]") for t in ladder} | {1.0}, reverse=True)
     sites = {site.name: site for site in sites_of(model)}
+    progress = check_progress(progress)
+    bar = progress_bar(progress, desc="allocate", unit="evaluation")
 
     def measure() -> tuple[float, int]:
+        bar.update()
         model.eval()
         where = "thresholds " + ", ".join(f"{n}={layer.threshold:g}" for n, layer in layers.items())
         value = _metrics(evaluate(model), where)
@@ -179,14 +192,19 @@ def allocate(
         if example_inputs is None:
             estimate = sum(_layer_macs(model, sites[n], layer) for n, layer in layers.items())
             return metric, estimate
-        return metric, count_macs(compress(model), example_inputs)
+        return metric, count_macs(compress(model, progress=False), example_inputs)
 
-    with kept_modes(model), _kept_thresholds(layers, restore=False), folded(model):
+    with (
+        kept_modes(model),
+        _kept_thresholds(layers, restore=False),
+        folded(model, progress=progress),
+        bar,
+    ):
         for layer in layers.values():
             layer.threshold = 1.0
         metric, macs = measure()
         table = [{"step": 0, "layer": None, "threshold": 1.0, "k": None, "metric": metric, "macs": macs,
-                  "params": count_params(compress(model))}]  # fmt: skip
+                  "params": count_params(compress(model, progress=False))}]  # fmt: skip
         position = dict.fromkeys(layers, 0)
         floor = metric - float(max_drop)
         while (best := _best_step(model, layers, sites, steps, position, measure, metric, macs,
@@ -195,7 +213,9 @@ def allocate(
             layers[name].threshold = steps[j]
             position[name] = j
             table.append({"step": len(table), "layer": name, "threshold": steps[j], "k": layers[name].in_dim,
-                          "metric": metric, "macs": macs, "params": count_params(compress(model))})  # fmt: skip
+                          "metric": metric, "macs": macs,
+                          "params": count_params(compress(model, progress=False))})  # fmt: skip
+            bar.set_postfix_str(f"{len(table) - 1} steps taken", refresh=False)
     return pd.DataFrame(table)
 
 

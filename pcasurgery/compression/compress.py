@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._progress import check_progress, progress_bar
 from ..layers.folding import factorising_pays, folded_affine, own_forward
 from ..layers.kinds import LayerKind, foldable_kind, kind_of, pointwise, weight_matrix
 from ..layers.network import _calibrated_layers
@@ -306,7 +307,7 @@ def compression_plan(model: nn.Module) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
 
 
-def compress(model: nn.Module) -> nn.Module:
+def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     """Return a copy of ``model`` with every PCA layer turned into plain torch layers.
 
     The copy computes what the projecting model computes (to float32 rounding)
@@ -317,6 +318,8 @@ def compress(model: nn.Module) -> nn.Module:
 
     Args:
         model: a calibrated model with PCA layers (``pca_wrap`` + ``calibrate``).
+        progress: a bar over the layers rewritten (``None``: in a terminal, after
+            two seconds; see ``calibrate``).
 
     Returns:
         The compressed model.
@@ -326,12 +329,18 @@ def compress(model: nn.Module) -> nn.Module:
         NotCalibratedError: some PCA layers have no statistics (named).
     """
     layers = _calibrated_layers(model, "compress")
+    progress = check_progress(progress)
     for layer in layers.values():
         layer._ensure_current()
     out = copy.deepcopy(model)
     bns = _fusable_batchnorms(out)
-    with resident(out):  # weights offloaded by accelerate are read here
-        rows = [_compress_site(out, site, bns.get(site.name)) for site in sites_of(out)]
+    sites = sites_of(out)
+    rows = []
+    with resident(out), progress_bar(progress, desc="compressing", unit="layer",
+                                     total=len(sites)) as bar:  # fmt: skip
+        for site in sites:  # weights offloaded by accelerate are read here, resident
+            rows.append(_compress_site(out, site, bns.get(site.name)))
+            bar.update()
     if isinstance(out, fx.GraphModule):
         out.graph.lint()
         out.delete_all_unused_submodules()

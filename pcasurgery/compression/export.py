@@ -6,7 +6,7 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .._batches import model_inputs
 from .._errors import OnnxCheckError, add_context
+from .._progress import check_progress, progress_bar
 from .._validation import check_bool, check_module, check_positive_int, kept_modes
 from ..layers.sites import sites_of
 
@@ -165,6 +166,7 @@ def export_onnx(
     check: bool = True,
     opset: int | None = None,
     verbose: bool = False,
+    progress: bool | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` as ONNX, and check it against PyTorch in onnxruntime.
 
@@ -192,6 +194,9 @@ def export_onnx(
             the installed onnx knows, or one it cannot convert the model to
             (usually below 17), is a ``ValueError`` and no file is left.
         verbose: let the exporter print its progress.
+        progress: a bar over the steps: the reference forward, the export, then
+            each onnxruntime check (``None``: in a terminal, after two seconds;
+            see ``calibrate``).
 
     Returns:
         The path written.
@@ -215,6 +220,7 @@ def export_onnx(
     check_bool(dynamic_batch, "dynamic_batch")
     check_bool(check, "check")
     check_bool(verbose, "verbose")
+    progress = check_progress(progress)
     path = Path(path)
     if not path.parent.exists():
         raise ValueError(f"path {str(path)!r}: folder {str(path.parent)!r} does not exist")
@@ -229,7 +235,9 @@ def export_onnx(
     sequence = bool(kwargs) and len(lengths) == 1 and all(t.dim() == 2 for t in kwargs.values())
     flat = _Flat(model, len(args), list(kwargs))
 
-    with kept_modes(model), torch.no_grad(), _no_cache(model):
+    variants = _variants(inputs, dynamic_batch, sequence) if check else []
+    bar = progress_bar(progress, desc="exporting", unit="step", total=2 + len(variants))
+    with kept_modes(model), torch.no_grad(), _no_cache(model), bar:
         model.eval()
         try:
             expected = _outputs(model(*args, **kwargs))
@@ -237,15 +245,16 @@ def export_onnx(
             shapes = [tuple(t.shape) for t in inputs]
             add_context(err, f"(raised by the model on example_inputs of shapes {shapes})")
             raise
+        bar.update()
         dims: dict[int, Any] = {}
         if dynamic_batch:
             dims[0] = torch.export.Dim("batch", min=1)
         if sequence:
             dims[1] = torch.export.Dim("sequence", min=1)
         _write(flat, inputs, names, path, dims=dims, opset=opset, verbose=verbose)
+        bar.update()
         if check:
-            variants = _variants(inputs, dynamic_batch, sequence)
-            _check_in_onnxruntime(flat, path, variants, [t for _, t in expected])
+            _check_in_onnxruntime(flat, path, variants, [t for _, t in expected], bar.update)
     log.info("exported outputs: %s", ", ".join(name for name, _ in expected))
     return path
 
@@ -295,8 +304,12 @@ def _check_in_onnxruntime(
     path: Path,
     variants: list[tuple[Tensor, ...]],
     expected: list[Tensor],
+    checked: Callable[[], Any] = lambda: None,
 ) -> None:
-    """Compare onnxruntime with PyTorch on every input variant; raise if they differ."""
+    """Compare onnxruntime with PyTorch on every input variant; raise if they differ.
+
+    ``checked()`` is called after each variant.
+    """
     shapes = [tuple(v[0].shape) for v in variants]
     for inputs in variants:
         reference = expected if inputs is variants[0] else list(model(*inputs))
@@ -318,3 +331,4 @@ def _check_in_onnxruntime(
                     f"onnxruntime output {i} differs from PyTorch by up to {error:.3g} "
                     f"(tolerance {tolerance:.3g}) on {where}; checked input shapes {shapes}"
                 )
+        checked()

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from .._progress import progress_bar, step
 from .kinds import LayerKind, foldable_kind, weight_matrix
 from .pca import PCALayer, _exporting, _tokens, side_by_side
 
@@ -192,33 +193,41 @@ def _build(kind: LayerKind, module: nn.Module, pca: PCALayer) -> tuple:
         return (tensors, key, _fold(kind, module, pca))
 
 
-def prefold(pairs: Iterable[tuple[nn.Module, PCALayer]]) -> None:
+def prefold(pairs: Iterable[tuple[nn.Module, PCALayer]], progress: bool | None = False) -> None:
     """Fold every ``(module, pca)`` pair that would run folded now, instead of at its first call.
 
     What opening a scope does, so that the first projecting forward in it costs
     what a plain one does. CPU folds are built side by side on one-thread
-    workers (``layers.pca.side_by_side``), the largest weights first. Either
-    every fold is stored or, on an error, none.
+    workers (``layers.pca.side_by_side``), the largest weights first, under a
+    bar that advances by each weight's size. Either every fold is stored or, on
+    an error, none.
     """
     jobs = [(module, pca, kind) for module, pca in pairs if (kind := _foldable(module, pca))]
     jobs.sort(key=lambda job: -cast(Tensor, job[0].weight).numel())  # _foldable checked it
     built: dict[int, tuple] = {}
+    sizes = [float(cast(Tensor, module.weight).numel()) for module, *_ in jobs]
 
     def job(i: int) -> None:
         module, pca, kind = jobs[i]
         built[i] = _build(kind, module, pca)
 
     on_cpu = [module.weight.device.type == "cpu" for module, *_ in jobs]
-    side_by_side([partial(job, i) for i, cpu in enumerate(on_cpu) if cpu])
-    for i, cpu in enumerate(on_cpu):
-        if not cpu:
-            job(i)
+    cpu = [i for i, here in enumerate(on_cpu) if here]
+    with progress_bar(progress, desc="folds", unit="layer", total=sum(sizes),
+                      steps=len(jobs)) as bar:  # fmt: skip
+        side_by_side([partial(job, i) for i in cpu], on_done=lambda j: step(bar, sizes[cpu[j]]))
+        for i, here in enumerate(on_cpu):
+            if not here:
+                job(i)
+                step(bar, sizes[i])
     for i, (module, _, _) in enumerate(jobs):
         _FOLDS[module] = built[i]
 
 
 @contextlib.contextmanager
-def fold_scope(pairs: list[tuple[nn.Module, PCALayer]]) -> Iterator[None]:
+def fold_scope(
+    pairs: list[tuple[nn.Module, PCALayer]], progress: bool | None = False
+) -> Iterator[None]:
     """Within the block, the ``(module, pca)`` pairs run folded (built now); their folds go at its end.
 
     Scopes nest: a pair's fold is dropped when the last scope holding it closes.
@@ -227,7 +236,7 @@ def fold_scope(pairs: list[tuple[nn.Module, PCALayer]]) -> Iterator[None]:
     for module in modules:
         _SCOPES[module] = _SCOPES.get(module, 0) + 1
     try:
-        prefold(pairs)
+        prefold(pairs, progress)
         yield
     finally:
         for module in modules:

@@ -22,6 +22,7 @@ import numpy as np
 from torch import nn
 
 from .._errors import NotCalibratedError
+from .._progress import check_progress
 from .._validation import check_bool, check_module, check_patterns, check_seed, check_threshold
 from .folding import fold_scope
 from .pca import Conv2DPCALayer, LinearPCALayer, PCALayer  # noqa: F401  (doctests)
@@ -63,7 +64,7 @@ def pca_layers_of(model: nn.Module) -> OrderedDict[str, PCALayer]:
 
 
 @contextlib.contextmanager
-def folded(model: nn.Module) -> Iterator[nn.Module]:
+def folded(model: nn.Module, *, progress: bool | None = None) -> Iterator[nn.Module]:
     """Within the block, ``model``'s eval forwards run with each projection folded into its module.
 
     A projecting forward outside this block runs every followed module, then its
@@ -84,6 +85,8 @@ def folded(model: nn.Module) -> Iterator[nn.Module]:
 
     Args:
         model: a model with PCA layers.
+        progress: a bar over the folds built as the block opens (``None``: in a
+            terminal, after two seconds; see ``calibrate``).
 
     Yields:
         ``model``.
@@ -105,7 +108,8 @@ def folded(model: nn.Module) -> Iterator[nn.Module]:
     check_module(model)
     if not pca_layers_of(model):
         raise ValueError(f"model has no PCA layer to fold: {type(model).__name__}")
-    with fold_scope(fold_pairs(model)):
+    progress = check_progress(progress)
+    with fold_scope(fold_pairs(model), progress):
         yield model
 
 

@@ -38,7 +38,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._errors import NonFiniteError, NotCalibratedError
+from .._progress import progress_bar, step
 from .._validation import (
     check_bool,
     check_choice,
@@ -1108,7 +1109,9 @@ def pca_layer_for(spatial_dims: int, width: int, threshold: float, centering: bo
 
 
 def compute_eigenspaces(
-    layers: Iterable[PCALayer], through: Mapping[PCALayer, Any] | None = None
+    layers: Iterable[PCALayer],
+    through: Mapping[PCALayer, Any] | None = None,
+    progress: bool | None = False,
 ) -> None:
     """``compute_eigenspace`` for each layer, the CPU layers side by side.
 
@@ -1126,40 +1129,58 @@ def compute_eigenspaces(
             moments mapped through its weights, that module's
             ``layers.through.InputStatistics``: their spectra come from the
             narrower input (``eigenspace``) instead of the layer's width.
+        progress: a bar over the layers (``pcasurgery._progress``), advancing by
+            each decomposition's cost (the cube of the width it decomposes).
     """
     through = through or {}
     jobs = [(layer, through.get(layer)) for layer in layers]
     for layer, _ in jobs:  # fail before any layer changes
         with torch.inference_mode(False):
             layer._check_statistics()
+
+    def width(job: tuple[PCALayer, Any]) -> int:
+        return job[0].width if job[1] is None else job[1].width
+
     on_cpu = sorted(
-        (job for job in jobs if job[0].shift.device.type == "cpu"),
-        key=lambda job: -(job[0].width if job[1] is None else job[1].width),
+        (job for job in jobs if job[0].shift.device.type == "cpu"), key=lambda j: -width(j)
     )
-    side_by_side([partial(_install, layer, source) for layer, source in on_cpu])
     done = {id(layer) for layer, _ in on_cpu}
-    for layer, source in jobs:
-        if id(layer) not in done:
+    elsewhere = [job for job in jobs if id(job[0]) not in done]
+    costs = [float(width(job)) ** 3 for job in on_cpu + elsewhere]
+    with progress_bar(progress, desc="decompositions", unit="layer", total=sum(costs),
+                      steps=len(costs)) as bar:  # fmt: skip
+        side_by_side([partial(_install, layer, source) for layer, source in on_cpu],
+                     on_done=lambda i: step(bar, costs[i]))  # fmt: skip
+        for i, (layer, source) in enumerate(elsewhere, start=len(on_cpu)):
             _install(layer, source)
+            step(bar, costs[i])
 
 
-def side_by_side(jobs: Sequence[Callable[[], Any]]) -> None:
+def side_by_side(
+    jobs: Sequence[Callable[[], Any]], on_done: Callable[[int], Any] | None = None
+) -> None:
     """Run CPU ``jobs`` in a pool of ``torch.get_num_threads()`` workers of one thread each.
 
     Jobs start in the order given (largest first keeps the workers even). With
-    one thread, or one job, they run here, one after another. The first error
-    is raised once every job has ended.
+    one thread, or one job, they run here, one after another. ``on_done(i)`` is
+    called here (not in a worker) as job ``i`` ends well. The first error is
+    raised once every job has ended.
     """
     workers = min(torch.get_num_threads(), len(jobs))
     if workers <= 1:
-        for job in jobs:
+        for i, job in enumerate(jobs):
             job()
+            if on_done is not None:
+                on_done(i)
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="pcasurgery") as pool:
-            futures = [pool.submit(_one_thread, job) for job in jobs]
+            futures = {pool.submit(_one_thread, job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                if on_done is not None and future.exception() is None:
+                    on_done(futures[future])
             for future in futures:
                 future.result()
     finally:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .._batches import attention_mask, examples_in, map_tensors, run_batch, to_device, truncate
 from .._errors import add_context
+from .._progress import check_progress, progress_bar
 from .._validation import (
     check_bool,
     check_device,
@@ -174,7 +175,7 @@ def calibrate(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     max_samples: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     reset: bool = True,
 ) -> nn.Module:
@@ -191,7 +192,11 @@ def calibrate(
         max_batches: stop after this many batches.
         max_samples: stop after this many input examples (batch rows, not conv
             positions); the last batch is cut to fit.
-        progress: show a tqdm progress bar with the throughput in samples/s.
+        progress: tqdm bars: the batches (with the throughput in samples/s), then
+            the decompositions (over the layers, advancing by each one's cost).
+            None (the default): on standard error when it is a terminal and the
+            ``CI`` environment variable is unset, once a step has run for two
+            seconds; True: always; False: never.
         forward: ``forward(model, batch)`` runs one batch, for other batch layouts
             (batches of any type are then accepted; ``max_samples`` still needs
             batches holding a tensor).
@@ -225,7 +230,7 @@ def calibrate(
         )
     max_batches = check_positive_int(max_batches, "max_batches", allow_none=True)
     max_samples = check_positive_int(max_samples, "max_samples", allow_none=True)
-    check_bool(progress, "progress")
+    progress = check_progress(progress)
     check_bool(reset, "reset")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable as forward(model, batch), got {forward!r}")
@@ -259,7 +264,7 @@ def calibrate(
                 # a spectrum comes from the input where the statistics are that input's alone
                 alone = {layer: source for layer, source in inputs.items()
                          if not _distributed() and source.count == layer._n}  # fmt: skip
-                compute_eigenspaces(layers.values(), alone)
+                compute_eigenspaces(layers.values(), alone, progress)
         except BaseException:
             snapshot.restore()
             raise
@@ -341,14 +346,11 @@ def _stream(
     device: torch.device | None,
     max_batches: int | None,
     max_samples: int | None,
-    progress: bool,
+    progress: bool | None,
 ) -> int:
     """Run the batches through the collecting model; returns how many ran."""
-    from tqdm.auto import tqdm
-
     seen = batches = 0
-    unit = "samples"
-    bar = tqdm(total=max_samples, unit=unit, disable=not progress, desc="calibrating")
+    bar = progress_bar(progress, desc="calibrating", unit="samples", total=max_samples)
     iterator = iter(data)
     with bar, torch.inference_mode():
         while max_batches is None or batches < max_batches:
