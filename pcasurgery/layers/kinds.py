@@ -62,6 +62,27 @@ def _base(module: nn.Module) -> type:
     return getattr(type(module), "_pcasurgery_base", type(module))
 
 
+def _linear(module: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _input_major_linear(module: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    flat = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)  # y = x W + b, W (in, out)
+    return flat.reshape(*x.shape[:-1], weight.shape[1])
+
+
+def _convolution(module: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return module._conv_forward(x, weight, bias)
+
+
+def _transposed(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def run(module: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return function(x, weight, bias, module.stride, module.padding, module.output_padding,
+                        module.groups, module.dilation)  # fmt: skip
+
+    return run
+
+
 @dataclass(frozen=True)
 class LayerKind:
     """One kind of layer, declared once.
@@ -69,13 +90,17 @@ class LayerKind:
     Attributes:
         name: the kind's name (``"linear"``, ``"conv2d"``, ``"conv_transpose2d"``,
             ``"transformers_conv1d"``, ...).
-        classes: the torch classes it covers (subclasses too); empty for a kind
-            recognised otherwise (``matches``).
+        classes: the torch classes it covers (subclasses too); the first is what
+            :meth:`like` builds; empty for a kind recognised by ``matches``.
         spatial_dims: 0 for layers whose features are the last dimension; ``n``
             for ``(batch, channels, *n spatial)`` maps, channels on dimension 1,
             every position a sample.
-        transposed: a transposed convolution: its weight is ``(in, out, *kernel)``.
-        matches: an extra test for a kind without classes.
+        run: ``run(module, x, weight, bias)``, the module's map with other
+            weights (in its own layout): the folded eval forward.
+        input_major: the weight is ``(in, out, ...)`` (a transposed convolution's
+            ``(in, out / groups, *kernel)``, transformers' ``Conv1D``'s ``(in, out)``)
+            rather than ``(out, ...)``.
+        matches: the test for a kind without classes.
         stock_forward: the forward of the stock class; a module whose class runs
             another computes something else and is never folded.
     """
@@ -83,7 +108,8 @@ class LayerKind:
     name: str
     classes: tuple[type[nn.Module], ...]
     spatial_dims: int
-    transposed: bool = False
+    run: Callable[[Any, Tensor, Tensor, Tensor], Tensor]
+    input_major: bool = False
     matches: Callable[[object], bool] | None = None
     stock_forward: Any = None
 
@@ -98,27 +124,19 @@ class LayerKind:
         """Features of the module's output."""
         weight = module.weight
         assert isinstance(weight, Tensor)
-        if self.name == "linear":
-            return int(weight.shape[0])
-        if self.name == "transformers_conv1d":
-            return int(weight.shape[1])
-        if self.transposed:
-            return int(weight.shape[1]) * int(module.groups)
+        if self.input_major:
+            return int(weight.shape[1]) * int(getattr(module, "groups", 1))
         return int(weight.shape[0])
 
     def matrix(self, weight: Tensor) -> Tensor:
         """The ``(outputs, fan-in)`` view of a weight of this kind (``groups=1``)."""
-        if self.name == "transformers_conv1d":
-            return weight.T
-        if self.transposed:
+        if self.input_major:
             return weight.transpose(0, 1).reshape(weight.shape[1], -1)
         return weight.reshape(weight.shape[0], -1)
 
     def weight_from_matrix(self, matrix: Tensor, like: Tensor) -> Tensor:
         """The weight, in the layout of ``like`` (a weight of this kind), whose matrix is ``matrix``."""
-        if self.name == "transformers_conv1d":
-            return matrix.T.contiguous()
-        if self.transposed:
+        if self.input_major:
             inner = (like.shape[0], *like.shape[2:])
             return matrix.reshape(matrix.shape[0], *inner).transpose(0, 1).contiguous()
         return matrix.reshape(matrix.shape[0], *like.shape[1:]).contiguous()
@@ -127,9 +145,7 @@ class LayerKind:
         """Columns of the weight's matrix: the inputs each output is a sum over."""
         weight = module.weight
         assert isinstance(weight, Tensor)
-        if self.name == "transformers_conv1d":
-            return int(weight.shape[0])
-        if self.transposed:
+        if self.input_major:
             return int(weight.numel() // weight.shape[1])
         return int(weight[0].numel())
 
@@ -144,7 +160,7 @@ class LayerKind:
         weight = module.weight
         assert isinstance(weight, Tensor)
         products = int(weight.numel()) if outputs is None else self.fan_in(module) * outputs
-        if self.transposed:
+        if self.input_major and self.spatial_dims:
             groups = int(module.groups) if outputs is None else 1
             return products * groups // max(1, math.prod(module.stride))
         return products
@@ -153,45 +169,26 @@ class LayerKind:
     def like(self, module: Any, outputs: int) -> nn.Module:
         """A fresh ``groups=1`` layer of the module's kind and geometry with ``outputs`` outputs.
 
-        transformers' ``Conv1D`` is replaced by the equivalent ``nn.Linear``.
+        A layer whose features are last (transformers' ``Conv1D`` too) becomes
+        the equivalent ``nn.Linear``.
         """
         weight = module.weight
         assert isinstance(weight, Tensor)
         device, dtype = weight.device, weight.dtype
         if self.spatial_dims == 0:
             return nn.Linear(self.fan_in(module), outputs, bias=True, device=device, dtype=dtype)
-        cls = self.classes[0]
-        inputs = weight.shape[0] if self.transposed else module.in_channels
-        geometry: dict[str, Any] = {  # as the module holds them (tuples, or a padding string)
-            name: getattr(module, name) for name in ("kernel_size", "stride", "padding", "dilation")
-        }
-        if self.transposed:
+        inputs = weight.shape[0] if self.input_major else module.in_channels
+        names = ("kernel_size", "stride", "padding", "dilation", "padding_mode")
+        geometry: dict[str, Any] = {name: getattr(module, name) for name in names}
+        if self.input_major:
             geometry["output_padding"] = module.output_padding
-        geometry["padding_mode"] = module.padding_mode
-        return cls(
-            int(inputs), outputs, **geometry, groups=1, bias=True, device=device, dtype=dtype
-        )
+        return self.classes[0](int(inputs), outputs, **geometry, groups=1, bias=True,
+                               device=device, dtype=dtype)  # fmt: skip
 
     def pointwise(self, inputs: int, outputs: int, like: Tensor) -> nn.Module:
         """A layer mapping ``inputs`` features to ``outputs`` at every position of this kind's
         outputs: a Linear, or a 1x1 convolution, in ``like``'s dtype and device."""
         return pointwise(self.spatial_dims, inputs, outputs, like)
-
-    # ----------------------------------------------------------- running
-    def run(self, module: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        """The module's map with ``weight`` and ``bias`` in its place (its own layout)."""
-        if self.name == "linear":
-            return F.linear(x, weight, bias)
-        if self.name == "transformers_conv1d":
-            flat = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
-            return flat.reshape(*x.shape[:-1], weight.shape[1])
-        if self.transposed:
-            transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-            return transpose[self.spatial_dims - 1](
-                x, weight, bias, module.stride, module.padding, module.output_padding,
-                module.groups, module.dilation,
-            )  # fmt: skip
-        return module._conv_forward(x, weight, bias)
 
 
 def pointwise(spatial_dims: int, inputs: int, outputs: int, like: Tensor) -> nn.Module:
@@ -202,19 +199,27 @@ def pointwise(spatial_dims: int, inputs: int, outputs: int, like: Tensor) -> nn.
     return conv(inputs, outputs, 1, device=like.device, dtype=like.dtype)
 
 
-def _conv(name: str, cls: type[nn.Module], dims: int, transposed: bool = False) -> LayerKind:
-    return LayerKind(name, (cls,), dims, transposed, stock_forward=cls.forward)
+def _conv(name: str, cls: type[nn.Module], dims: int) -> LayerKind:
+    return LayerKind(name, (cls,), dims, _convolution, stock_forward=cls.forward)
+
+
+def _conv_transpose(name: str, cls: type[nn.Module], dims: int) -> LayerKind:
+    function = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+    return LayerKind(name, (cls,), dims, _transposed(function), input_major=True,
+                     stock_forward=cls.forward)  # fmt: skip
 
 
 KINDS: tuple[LayerKind, ...] = (
-    LayerKind("linear", (nn.Linear,), 0, stock_forward=nn.Linear.forward),
-    LayerKind("transformers_conv1d", (), 0, matches=is_conv1d),
+    LayerKind("linear", (nn.Linear,), 0, _linear, stock_forward=nn.Linear.forward),
+    LayerKind(
+        "transformers_conv1d", (), 0, _input_major_linear, input_major=True, matches=is_conv1d
+    ),  # fmt: skip
     _conv("conv1d", nn.Conv1d, 1),
     _conv("conv2d", nn.Conv2d, 2),
     _conv("conv3d", nn.Conv3d, 3),
-    _conv("conv_transpose1d", nn.ConvTranspose1d, 1, transposed=True),
-    _conv("conv_transpose2d", nn.ConvTranspose2d, 2, transposed=True),
-    _conv("conv_transpose3d", nn.ConvTranspose3d, 3, transposed=True),
+    _conv_transpose("conv_transpose1d", nn.ConvTranspose1d, 1),
+    _conv_transpose("conv_transpose2d", nn.ConvTranspose2d, 2),
+    _conv_transpose("conv_transpose3d", nn.ConvTranspose3d, 3),
 )
 KIND = {kind.name: kind for kind in KINDS}
 
@@ -272,8 +277,6 @@ def foldable_kind(module: object) -> LayerKind | None:
     if kind is None or not isinstance(module, nn.Module):
         return None
     if kind.stock_forward is not None and _base(module).forward is not kind.stock_forward:  # type: ignore[attr-defined]
-        return None
-    if kind.name == "transformers_conv1d" and _base(module).__name__ != "Conv1D":
         return None
     if getattr(module, "groups", 1) != 1:
         return None
