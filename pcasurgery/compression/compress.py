@@ -219,15 +219,15 @@ def _standalone(layer: PCALayer, plan: LayerPlan) -> nn.Module:
         return nn.Identity()
     v = _kept_basis(layer) if layer.keepdim else layer.basis
     c, like = layer.center(), layer.projection_weight
-    conv = layer.spatial_dims
+    dims = layer.spatial_dims
     k, width = v.shape[1], layer.width
     if not layer.keepdim:
-        return _pointwise(conv, width, k, v.T, -(v.T @ c), like)
+        return _pointwise(dims, width, k, v.T, -(v.T @ c), like)
     if plan.action == "standalone-factorised":
-        down = _pointwise(conv, width, k, v.T, -(v.T @ c), like)
-        return LowRank(down, _pointwise(conv, k, width, v, c, like))
+        down = _pointwise(dims, width, k, v.T, -(v.T @ c), like)
+        return LowRank(down, _pointwise(dims, k, width, v, c, like))
     p = v @ v.T
-    return _pointwise(conv, width, width, p, c - p @ c, like)
+    return _pointwise(dims, width, width, p, c - p @ c, like)
 
 
 def _fuse_batchnorm(layer: nn.Module, bn: _BatchNorm) -> nn.Module:

@@ -38,7 +38,6 @@ __all__ = [
     "foldable_kind",
     "is_conv1d",
     "kind_of",
-    "linear_like",
     "output_width",
     "weight_matrix",
 ]
@@ -230,12 +229,6 @@ def kind_of(module: object) -> LayerKind | None:
         if kind.covers(module):
             return kind
     return None
-
-
-def linear_like(module: object) -> bool:
-    """``nn.Linear`` (or a subclass) or a ``Conv1D``."""
-    kind = kind_of(module)
-    return kind is not None and kind.spatial_dims == 0
 
 
 def output_width(module: nn.Module) -> int:
