@@ -49,13 +49,13 @@ class UNet(nn.Module):
         self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
         self.bn = nn.BatchNorm2d(16)
         self.up_odd = nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1)
-        self.out = nn.Conv2d(16 + 8 * 0 + 16, 2, 1)
+        self.out = nn.Conv2d(16 + 16, 2, 1)  # the up-sampled map and the skip
 
     def forward(self, x):
         skip = torch.relu(self.down(x))
         h = torch.relu(self.mid(nn.functional.max_pool2d(skip, 2)))
         h = torch.relu(self.bn(self.up(h)))
-        extra = self.up_odd(h)  # 2x larger again: read back at the skip's size
+        extra = self.up_odd(h)  # 2x larger again, pooled back to the skip's size
         h = h + nn.functional.avg_pool2d(extra, 2).mean(1, keepdim=True)
         return self.out(torch.cat([h, skip], 1))
 

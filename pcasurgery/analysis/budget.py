@@ -99,22 +99,23 @@ def _candidates(
     ``width`` when its output never varies: its mean is all it carries). A
     standalone projection (after a grouped convolution, an activation, ...)
     cannot remove anything, so it is planned at full rank, the identity, which
-    ``compress`` drops. ``batchnorm``, a BatchNorm2d that ``compress`` will fold
+    ``compress`` drops. ``batchnorm``, a BatchNorm that ``compress`` will fold
     into the layer, counts among the parameters it removes.
     """
     if not layer.keepdim:
         return None
     module = _followed(model, site)
     values = layer.eigenvalues.detach()
+    varies = bool(values.any())
     if module is None:
         ks = np.array([layer.width])
-    elif not bool(values.any()):
+    elif not varies:
         ks = np.array([0, layer.width])
     else:
         ks = np.arange(1, layer.width + 1)
     plans = [_plan_layer(layer, module, int(k)) for k in ks]
     fractions = np.concatenate([[0.0], explained_fractions(values).cpu().numpy()])
-    loss = np.clip(1.0 - fractions[ks], 0.0, 1.0) if bool(values.any()) else np.zeros(len(ks))
+    loss = np.clip(1.0 - fractions[ks], 0.0, 1.0) if varies else np.zeros(len(ks))
     positions = layer.positions
     dense = _plan_layer(layer, module, layer.width)
     before = 0 if module is None else count_params(module)
