@@ -62,7 +62,8 @@ def test_a_causal_lm_keeps_its_class_and_generate(build):
     assert ps.count_params(small) < ps.count_params(model)
 
 
-def test_a_calibrated_model_saves_with_save_pretrained_and_loads_back(tmp_path):
+@pytest.mark.parametrize("state", ["threshold 0.9", "threshold 1.0", "after apply_plan"])
+def test_a_calibrated_model_saves_with_save_pretrained_and_loads_back(state, tmp_path):
     # safetensors refuses tensors that share memory: no PCA buffer aliases another
     safetensors = pytest.importorskip("safetensors.torch")
     torch.manual_seed(0)
@@ -70,9 +71,11 @@ def test_a_calibrated_model_saves_with_save_pretrained_and_loads_back(tmp_path):
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapped = ps.pca_wrap(model, 0.9, include=blocks)
+        wrapped = ps.pca_wrap(model, 1.0 if state == "threshold 1.0" else 0.9, include=blocks)
         fresh = ps.pca_wrap(model, 0.5, include=blocks)
     ps.calibrate(wrapped, token_batches(96), progress=False)
+    if state == "after apply_plan":
+        ps.apply_plan(wrapped, ps.budget_plan(wrapped, remove=0.2))
     prompt = torch.randint(3, 96, (2, 5))
     with torch.no_grad():
         expected = wrapped(input_ids=prompt).logits

@@ -457,9 +457,11 @@ class PCALayer(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._form_square()
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for spec in _STATE:  # a tensor of its own: safetensors refuses strided and shared ones
-            if spec.view_of and prefix + spec.name in destination:
-                destination[prefix + spec.name] = destination[prefix + spec.name].contiguous()
+        for spec in _STATE:  # a tensor of its own (a full-rank view is its whole base):
+            if spec.view_of and prefix + spec.name in destination:  # safetensors refuses shared
+                destination[prefix + spec.name] = destination[prefix + spec.name].clone(
+                    memory_format=torch.contiguous_format
+                )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # fmt: skip
