@@ -31,6 +31,7 @@ dtype and device of the layers they replace.
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,7 @@ from ..layers.sites import (
     unfollow,
 )
 from .counting import count_params
+from .modeling_pcasurgery import LowRank, compressed_class, mark_replaced, record
 
 __all__ = ["LowRank", "compress", "compression_plan"]
 
@@ -128,55 +130,6 @@ def _kept_basis(layer: PCALayer) -> Tensor:
     """The basis ``compress`` builds with: the kept one, or one zero column where ``k = 0``."""
     v = layer.basis
     return v if v.shape[1] else v.new_zeros(v.shape[0], 1)
-
-
-class LowRank(nn.Sequential):
-    """A factorised layer: ``down`` (``k`` outputs) then ``up`` (``k -> width``).
-
-    It runs as the two small layers, and reads like the layer it replaces:
-    ``weight`` and ``bias`` give the dense equivalent (for code that inspects
-    its children, as ``nn.TransformerEncoderLayer`` does), and the geometry
-    attributes (``in_features``/``out_features``, ``in_channels``,
-    ``kernel_size``, ...) are those of the whole map.
-    """
-
-    def __init__(self, down: Dense, up: Dense):
-        super().__init__(down, up)
-
-    def _parts(self) -> tuple[Dense, Dense]:
-        down, up = self[0], self[1]
-        assert isinstance(down.weight, Tensor) and isinstance(up.weight, Tensor)
-        return down, up
-
-    @property
-    def rank(self) -> int:
-        """``k``, the width between the two layers."""
-        return _kind(self[1]).fan_in(self[1])
-
-    @property
-    def weight(self) -> Tensor:
-        """The dense weight of the composed map (computed, not a parameter)."""
-        down, up = self._parts()
-        kind = _kind(down)
-        dense = _kind(up).matrix(up.weight) @ kind.matrix(down.weight)
-        return kind.weight_from_matrix(dense, down.weight)
-
-    @property
-    def bias(self) -> Tensor:
-        """The bias of the composed map."""
-        down, up = self._parts()
-        up_weight = up.weight.reshape(up.weight.shape[0], -1)
-        down_bias = down.bias if down.bias is not None else torch.zeros_like(up_weight[0])
-        up_bias = up.bias if up.bias is not None else torch.zeros_like(up_weight[:, 0])
-        return up_weight @ down_bias + up_bias
-
-    def __getattr__(self, name: str):
-        if name in ("out_features", "out_channels"):
-            return getattr(self[1], name)
-        if name in ("in_features", "in_channels", "kernel_size", "stride", "padding", "dilation",
-                    "groups", "padding_mode", "output_padding"):  # fmt: skip
-            return getattr(self[0], name)
-        return super().__getattr__(name)
 
 
 # ----------------------------------------------------------------- builders
@@ -336,6 +289,7 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     bns = _fusable_batchnorms(out)
     sites = sites_of(out)
     rows = []
+    before = dict(out.named_modules(remove_duplicate=False))
     with resident(out), progress_bar(progress, desc="compressing", unit="layer",
                                      total=len(sites)) as bar:  # fmt: skip
         for site in sites:  # weights offloaded by accelerate are read here, resident
@@ -347,8 +301,24 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
         out.recompile()
     clear_sites(out)
     assert not any(isinstance(m, PCALayer) for m in out.modules())
+    after = out.named_modules(remove_duplicate=False)
+    mark_replaced(out, [path for path, m in after if path and before.get(path) is not m])
+    _shippable(out)
     out.compression_report = pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
     return out
+
+
+def _shippable(model: nn.Module) -> None:
+    """Give a compressed transformers model the class whose ``save_pretrained`` writes a
+    checkpoint that loads without pcasurgery (``compression.modeling_pcasurgery``)."""
+    cls = type(model)
+    base: type = cls.__dict__.get("_compressed_from") or cls
+    transformers = sys.modules.get("transformers")
+    if transformers is None or getattr(transformers, base.__name__, None) is not base:
+        return  # not one of transformers' own model classes
+    model.__class__ = compressed_class(base)
+    config: Any = model.config
+    config.pcasurgery = record(model, base.__name__)
 
 
 def _row(site: Site, layer: PCALayer, action: str, before: int, after: nn.Module, fused: bool):
