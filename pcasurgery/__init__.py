@@ -8,7 +8,15 @@ smaller layers.
 from . import metrics, pca_layers, torch_utils, writers
 from ._errors import NonFiniteError, NotCalibratedError, OnnxCheckError, PCASurgeryError
 from .analysis import allocate, apply_plan, budget_plan, plot_saturation, report, sweep
-from .compression import compress, compression_plan, count_macs, count_params, export_onnx
+from .compression import (
+    compress,
+    compression_plan,
+    count_macs,
+    count_params,
+    export_onnx,
+    load_compressed,
+    save_compressed,
+)
 from .core.covariance_matrix import TorchCovarianceMatrix
 from .layers import (
     Conv2DPCALayer,
@@ -49,12 +57,14 @@ __all__ = [
     "export_onnx",
     "folded",
     "inject_random_directions",
+    "load_compressed",
     "metrics",
     "pca_layers",
     "pca_layers_of",
     "pca_wrap",
     "plot_saturation",
     "report",
+    "save_compressed",
     "set_centering",
     "set_threshold",
     "sweep",

@@ -1,7 +1,8 @@
 """A zoo of tiny architectures, each through the whole workflow.
 
-wrap -> calibrate -> compress (equal to the projecting model) -> export to ONNX
-(checked in onnxruntime), with the model's class and its own methods kept.
+wrap -> calibrate -> compress (equal to the projecting model) -> save as
+safetensors and load into a fresh instance -> export to ONNX (checked in
+onnxruntime), with the model's class and its own methods kept.
 """
 
 from __future__ import annotations
@@ -135,6 +136,15 @@ def test_every_architecture_wraps_calibrates_compresses_and_exports(name, tmp_pa
                                        atol=1e-4, rtol=1e-4)  # fmt: skip
     if set(small.compression_report["action"]) <= {"factorised", "folded"}:
         assert ps.count_params(small) <= ps.count_params(model)
+    # shipped without a pickle: safetensors + the record, loaded into a fresh instance
+    ps.save_compressed(small, tmp_path / f"{name}.safetensors")
+    torch.manual_seed(1)
+    loaded = ps.load_compressed(build().eval(), tmp_path / f"{name}.safetensors")
+    assert ps.count_params(loaded) == ps.count_params(small)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(*args, **kwargs), small(*args, **kwargs), atol=1e-6, rtol=1e-6
+        )
     ps.export_onnx(small, example if isinstance(example, dict) else example[:3],
                    tmp_path / f"{name}.onnx")  # fmt: skip
 

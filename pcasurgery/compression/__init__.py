@@ -1,5 +1,6 @@
 """Compression (PCA layers folded into plain layers), counting, and ONNX export."""
 
+from .checkpoint import load_compressed, save_compressed
 from .compress import LowRank, compress, compression_plan
 from .counting import count_macs, count_params, macs_per_position
 from .export import export_onnx, run_onnx
@@ -11,6 +12,8 @@ __all__ = [
     "count_macs",
     "count_params",
     "export_onnx",
+    "load_compressed",
     "macs_per_position",
     "run_onnx",
+    "save_compressed",
 ]

@@ -57,8 +57,8 @@ from ..layers.sites import (
     sites_of,
     unfollow,
 )
+from ..modeling_pcasurgery import LowRank, compressed_class, mark_replaced, record
 from .counting import count_params
-from .modeling_pcasurgery import LowRank, compressed_class, mark_replaced, record
 
 __all__ = ["LowRank", "compress", "compression_plan"]
 
@@ -310,7 +310,7 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
 
 def _shippable(model: nn.Module) -> None:
     """Give a compressed transformers model the class whose ``save_pretrained`` writes a
-    checkpoint that loads without pcasurgery (``compression.modeling_pcasurgery``)."""
+    checkpoint that loads without pcasurgery (``pcasurgery.modeling_pcasurgery``)."""
     cls = type(model)
     base: type = cls.__dict__.get("_compressed_from") or cls
     transformers = sys.modules.get("transformers")

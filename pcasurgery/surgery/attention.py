@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.sites import replace_module
+from ..modeling_pcasurgery import mark_replaced, register
 
 __all__ = ["SplitAttention", "split_attention"]
 
@@ -167,4 +168,8 @@ def split_attention(root: nn.Module, wanted) -> list[str]:
         if isinstance(module, nn.MultiheadAttention) and supported(module) and wanted(name):
             replace_module(root, module, SplitAttention(module))
             replaced.append(name)
+    mark_replaced(root, replaced)  # a saved compressed model builds it again from the original
     return replaced
+
+
+register(SplitAttention, SplitAttention)

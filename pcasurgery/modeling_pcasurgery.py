@@ -24,10 +24,12 @@ replaced and what is there now, in plain terms::
 
 A ``type`` is ``LowRank``, ``Sequential`` (with ``children``), ``Identity``,
 one of torch's Linear, Conv and ConvTranspose classes (with the constructor's
-``args``), or ``original``: the module the architecture itself builds at that
-path (a module followed by a standalone projection keeps its own class). Only
-these names are read, so a record cannot make the loader import or run
-anything else. The loader builds the architecture, puts the recorded modules
+``args``), ``original``: the module the architecture itself builds at that
+path (a module followed by a standalone projection keeps its own class), or a
+container registered with :func:`register` (built from the architecture's
+module, then its named ``children`` put in place; pcasurgery registers its
+``SplitAttention``). Only these names are read, so a record cannot make the
+loader import or run anything else. The loader builds the architecture, puts the recorded modules
 in place, then loads the weights; with transformers >= 5 (which builds models
 on the ``meta`` device) no dense weight is ever allocated.
 """
@@ -35,6 +37,7 @@ on the ``meta`` device) no dense weight is ever allocated.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -103,11 +106,23 @@ class LowRank(nn.Sequential):
 
 
 # ------------------------------------------------------------------ record
+_CONTAINERS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {}
+
+
+def register(cls: type, from_original: Callable[[Any], nn.Module]) -> None:
+    """Record modules of class ``cls`` by their named children; a loader builds one with
+    ``from_original(the architecture's module)``, then puts the recorded children in it."""
+    _CONTAINERS[cls.__name__] = (cls, from_original)
+
+
 def describe(module: nn.Module) -> dict[str, Any]:
     """The record of one module compression put in place (see the module docstring)."""
     if isinstance(module, nn.Sequential) and type(module) in (LowRank, nn.Sequential):
         children = [describe(child) for child in module]
         return {"type": type(module).__name__, "children": children}
+    if _CONTAINERS.get(type(module).__name__, (None,))[0] is type(module):
+        named = {name: describe(child) for name, child in module.named_children()}
+        return {"type": type(module).__name__, "children": named}
     if type(module) is nn.Identity:
         return {"type": "Identity"}
     if _LAYERS.get(type(module).__name__) is type(module):
@@ -133,9 +148,18 @@ def build(spec: dict[str, Any], original: nn.Module | None) -> nn.Module:
         return LowRank(*children) if kind == "LowRank" else nn.Sequential(*children)
     if kind == "Identity":
         return nn.Identity()
+    if kind in _CONTAINERS:
+        if original is None:
+            raise ValueError(
+                f"the record builds a {kind} from the architecture's module where it has none"
+            )
+        container = _CONTAINERS[kind][1](original)
+        for name, child in spec.get("children", {}).items():
+            setattr(container, name, build(child, getattr(container, name, None)))
+        return container
     if kind in _LAYERS:
         return _LAYERS[kind](**spec.get("args", {}))
-    allowed = ["LowRank", "Sequential", "Identity", "original", *_LAYERS]
+    allowed = ["LowRank", "Sequential", "Identity", "original", *_LAYERS, *_CONTAINERS]
     raise ValueError(f"a compressed module's record has type {kind!r}; allowed: {allowed}")
 
 
@@ -145,8 +169,13 @@ def replaced(root: nn.Module) -> tuple[str, ...]:
 
 
 def record(root: nn.Module, architecture: str | None = None) -> dict[str, Any]:
-    """The record of ``root``: every replaced path and what is there now."""
-    modules = {path: describe(root.get_submodule(path)) for path in replaced(root)}
+    """The record of ``root``: every replaced path (of compressed models it holds too) and
+    what is there now."""
+    modules = {}
+    for prefix, module in root.named_modules():
+        for path in replaced(module):
+            path = f"{prefix}.{path}" if prefix else path
+            modules[path] = describe(root.get_submodule(path))
     return {"format": FORMAT, "architecture": architecture or type(root).__name__,
             "modules": modules}  # fmt: skip
 
@@ -154,6 +183,8 @@ def record(root: nn.Module, architecture: str | None = None) -> dict[str, Any]:
 def mark_replaced(root: nn.Module, paths: Any) -> None:
     """Add ``paths`` to the root's replaced paths, keeping the outermost of nested ones."""
     every = sorted({*replaced(root), *paths})
+    if not every:
+        return
     kept: list[str] = []
     for path in every:  # sorted: a path comes after its ancestors
         if not any(path.startswith(top + ".") for top in kept):
@@ -161,7 +192,9 @@ def mark_replaced(root: nn.Module, paths: Any) -> None:
     root.__dict__[RECORD] = tuple(kept)
 
 
-def rebuild(root: nn.Module, saved: dict[str, Any], prefix: str = "") -> dict[str, nn.Module]:
+def rebuild(
+    root: nn.Module, saved: dict[str, Any], prefix: str = ""
+) -> dict[str, nn.Module | None]:
     """Put the recorded modules in place in ``root`` (a freshly built architecture).
 
     ``prefix``: the recorded paths start with it where ``root`` is the base
@@ -174,8 +207,7 @@ def rebuild(root: nn.Module, saved: dict[str, Any], prefix: str = "") -> dict[st
         raise ValueError(
             f"a compressed model's record has format {found!r}; this loader reads {FORMAT}"
         )
-    before: dict[str, nn.Module] = {}
-    paths = []
+    built = []  # everything is built before anything changes
     for path, spec in saved.get("modules", {}).items():
         if prefix:
             if not path.startswith(prefix):
@@ -184,11 +216,11 @@ def rebuild(root: nn.Module, saved: dict[str, Any], prefix: str = "") -> dict[st
         parent_path, _, name = path.rpartition(".")
         parent = root.get_submodule(parent_path)
         original = parent._modules.get(name)
-        setattr(parent, name, build(spec, original))
-        before[path] = original  # type: ignore[assignment]
-        paths.append(path)
-    mark_replaced(root, paths)
-    return before
+        built.append((path, parent, name, original, build(spec, original)))
+    for _, parent, name, _, new in built:
+        setattr(parent, name, new)
+    mark_replaced(root, [path for path, *_ in built])
+    return {path: original for path, _, _, original, _ in built}
 
 
 # ------------------------------------------------- transformers' model classes
