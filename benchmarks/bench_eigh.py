@@ -1,6 +1,6 @@
 """The eigendecomposition's cost by width, driver, thread count and batching.
 
-What calibration's last step chooses between (``layers.pca.compute_eigenspaces``):
+What calibration's last step chooses between (``layers.decompose.compute_eigenspaces``):
 for ``count`` symmetric positive semi-definite float64 matrices of each width,
 the seconds per matrix of
 
@@ -8,7 +8,7 @@ the seconds per matrix of
 * ``eigvalsh`` (eigenvalues only) one after another;
 * ``eigh`` of all of them stacked into one batched call;
 * side by side: ``eigh`` in a pool of ``--threads`` one-thread CPU workers,
-  as calibration runs the CPU layers (``layers.pca.side_by_side``); on a GPU
+  as calibration runs the CPU layers (``layers.decompose.side_by_side``); on a GPU
   the matrices go to the host and the results come back;
 * streams (GPU only): ``--threads`` host threads, each on its own CUDA stream.
 
@@ -28,7 +28,7 @@ from functools import partial
 
 import torch
 
-from pcasurgery.layers.pca import side_by_side
+from pcasurgery.layers.decompose import side_by_side
 
 
 def gram(width: int, count: int, device: torch.device) -> torch.Tensor:

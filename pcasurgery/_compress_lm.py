@@ -59,12 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--text", required=True, help="a UTF-8 text file (calibration and evaluation)"
     )
-    parser.add_argument("--remove", type=float, required=True,
-                        help="fraction of the decoder blocks' projection parameters to remove, in (0, 1)")  # fmt: skip
+    parser.add_argument(
+        "--remove",
+        type=float,
+        required=True,
+        help="fraction of the decoder blocks' projection parameters to remove, in (0, 1)",
+    )
     parser.add_argument("--out", required=True, help="folder for the checkpoint and the reports")
-    parser.add_argument("--blocks", default=None,
-                        help="glob of the decoder blocks (default: the model's largest list of "
-                             "identical blocks, e.g. model.layers.*)")  # fmt: skip
+    parser.add_argument(
+        "--blocks",
+        default=None,
+        help="glob of the decoder blocks (default: the model's largest list of "
+        "identical blocks, e.g. model.layers.*)",
+    )
     parser.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
     parser.add_argument(
         "--calibration", type=int, default=16, help="calibration windows (default 16)"
@@ -81,8 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-check", action="store_true", help="skip reloading the written checkpoint"
     )
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bars (default: in a terminal)")  # fmt: skip
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: in a terminal)",
+    )
 
 
 @dataclass(frozen=True)
@@ -94,8 +105,10 @@ class Windows:
     held_out: list[tuple[int, int]]
 
     def as_dict(self) -> dict[str, list[list[int]]]:
-        return {role: [list(w) for w in getattr(self, role)]
-                for role in ("calibration", "planning", "held_out")}  # fmt: skip
+        return {
+            role: [list(w) for w in getattr(self, role)]
+            for role in ("calibration", "planning", "held_out")
+        }
 
 
 def _spread(slots: int, count: int) -> list[int]:
@@ -165,8 +178,13 @@ def _continue(model: Any, tokenizer: Any, prompts: list[list[int]], new_tokens: 
     texts = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
         texts.append(tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True))
     return texts
 
@@ -194,8 +212,10 @@ def _check_blocks(model: nn.Module, glob: str) -> list[str]:
     outermost = set(names)
     blocks = [n for n in names if not any(n.startswith(m + ".") for m in outermost)]
     if not blocks:
-        raise ValueError(f"--blocks {glob!r} matches no module of {type(model).__name__} "
-                         f"(its blocks: {find_blocks(model)!r})")  # fmt: skip
+        raise ValueError(
+            f"--blocks {glob!r} matches no module of {type(model).__name__} "
+            f"(its blocks: {find_blocks(model)!r})"
+        )
     return blocks
 
 
@@ -226,8 +246,10 @@ def _check_model_path(model: str) -> None:
     if not path.exists():
         raise FileNotFoundError(f"MODEL {model!r}: no such file or folder")
     if path.is_dir() and not (path / "config.json").is_file():
-        raise ValueError(f"MODEL {model!r} is a folder without config.json: give a transformers "
-                         "model folder or a .gguf file")  # fmt: skip
+        raise ValueError(
+            f"MODEL {model!r} is a folder without config.json: give a transformers "
+            "model folder or a .gguf file"
+        )
     if path.is_file() and path.suffix != ".gguf":
         raise ValueError(f"MODEL {model!r} is a file but not a .gguf file")
     if path.is_file():
@@ -268,8 +290,15 @@ def run_compress_lm(
     started = time.perf_counter()
     if not (isinstance(args.remove, float) and 0.0 < args.remove < 1.0):
         raise ValueError(f"--remove must be a fraction in (0, 1), got {args.remove!r}")
-    lows = {"window": 2, "calibration": 1, "planning": 1, "held_out": 1, "batch": 1, "prompts": 0,
-            "new_tokens": 1}  # fmt: skip
+    lows = {
+        "window": 2,
+        "calibration": 1,
+        "planning": 1,
+        "held_out": 1,
+        "batch": 1,
+        "prompts": 0,
+        "new_tokens": 1,
+    }
     for name, low in lows.items():
         value = getattr(args, name)
         if not isinstance(value, int) or value < low:
@@ -295,10 +324,12 @@ def run_compress_lm(
     calib = _batches(ids, windows.calibration, args.batch)
     planning = _batches(ids, windows.planning, args.batch)
     held = _batches(ids, windows.held_out, args.batch)
-    log(f"      {len(ids):,} tokens; windows of {args.window} tokens (offsets in summary.json): "
+    log(
+        f"      {len(ids):,} tokens; windows of {args.window} tokens (offsets in summary.json): "
         f"{len(windows.calibration)} calibration and {len(windows.planning)} planning windows in "
         f"tokens 0-{int(len(ids) * (1 - HELD_OUT)):,}, {len(windows.held_out)} held-out windows after; "
-        f"blocks {glob} ({len(blocks)})")  # fmt: skip
+        f"blocks {glob} ({len(blocks)})"
+    )
     prompts = [ids[a : a + min(32, args.window)] for a, _ in windows.held_out[: args.prompts]]
     block_params = lambda m: sum(count_params(m.get_submodule(b)) for b in blocks)  # noqa: E731
     dense: dict[str, float] = {"params": count_params(model), "block_params": block_params(model)}
@@ -327,12 +358,15 @@ def run_compress_lm(
     with steps("compress", "compressing and measuring the compressed model"):
         small: Any = compress(wrapped, progress=args.progress)
         compressed: dict[str, float] = {
-            "params": count_params(small), "block_params": block_params(small),
+            "params": count_params(small),
+            "block_params": block_params(small),
             "perplexity": perplexity(small, held),
-        }  # fmt: skip
+        }
         small_text = _continue(small, tokenizer, prompts, args.new_tokens)
-    log(f"      perplexity {compressed['perplexity']:.3f} "
-        f"({compressed['perplexity'] / dense['perplexity']:.3f}x dense)")  # fmt: skip
+    log(
+        f"      perplexity {compressed['perplexity']:.3f} "
+        f"({compressed['perplexity'] / dense['perplexity']:.3f}x dense)"
+    )
 
     with steps("save", f"writing the checkpoint and reports into {out}"):
         small.save_pretrained(out / "model")
@@ -347,17 +381,23 @@ def run_compress_lm(
 
     removed = 1 - compressed["block_params"] / dense["block_params"]
     summary = {
-        "model": args.model, "text": str(text_path), "blocks": glob, "remove": args.remove,
+        "model": args.model,
+        "text": str(text_path),
+        "blocks": glob,
+        "remove": args.remove,
         "windows": {"length": args.window, "tokens": len(ids), **windows.as_dict()},
-        "dense": dense, "compressed": compressed,
+        "dense": dense,
+        "compressed": compressed,
         "perplexity_ratio": compressed["perplexity"] / dense["perplexity"],
         "removed_block_params": removed,
         "removed_params": 1 - compressed["params"] / dense["params"],
         "seconds": {**steps.seconds, "total": round(time.perf_counter() - started, 2)},
-        "continuations": [{"prompt": tokenizer.decode(p), "dense": d, "compressed": c}
-                          for p, d, c in zip(prompts, dense_text, small_text, strict=True)],
+        "continuations": [
+            {"prompt": tokenizer.decode(p), "dense": d, "compressed": c}
+            for p, d, c in zip(prompts, dense_text, small_text, strict=True)
+        ],
         "checkpoint": str(out / "model"),
-    }  # fmt: skip
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     _print_summary(summary, log)
     return summary
@@ -379,12 +419,18 @@ def _print_summary(summary: dict[str, Any], log: Callable[[str], None]) -> None:
     dense, small = summary["dense"], summary["compressed"]
     log("")
     log(f"      {'':28s} {'dense':>14s} {'compressed':>14s}")
-    log(f"      {'held-out perplexity':28s} {dense['perplexity']:>14.3f} {small['perplexity']:>14.3f}"
-        f"  {summary['perplexity_ratio']:.3f}x")  # fmt: skip
-    log(f"      {'parameters':28s} {dense['params']:>14,} {small['params']:>14,}"
-        f"  {summary['removed_params']:.1%} fewer")  # fmt: skip
-    log(f"      {'decoder-block parameters':28s} {dense['block_params']:>14,} {small['block_params']:>14,}"
-        f"  {summary['removed_block_params']:.1%} fewer")  # fmt: skip
+    log(
+        f"      {'held-out perplexity':28s} {dense['perplexity']:>14.3f} {small['perplexity']:>14.3f}"
+        f"  {summary['perplexity_ratio']:.3f}x"
+    )
+    log(
+        f"      {'parameters':28s} {dense['params']:>14,} {small['params']:>14,}"
+        f"  {summary['removed_params']:.1%} fewer"
+    )
+    log(
+        f"      {'decoder-block parameters':28s} {dense['block_params']:>14,} {small['block_params']:>14,}"
+        f"  {summary['removed_block_params']:.1%} fewer"
+    )
     if "reloaded_perplexity" in small:
         log(f"      {'reloaded checkpoint':28s} {'':>14s} {small['reloaded_perplexity']:>14.3f}")
     for item in summary["continuations"][:1]:
@@ -392,5 +438,7 @@ def _print_summary(summary: dict[str, Any], log: Callable[[str], None]) -> None:
         log(f"      dense      {item['dense']!r}")
         log(f"      compressed {item['compressed']!r}")
     log(f"      seconds: {summary['seconds']}")
-    log(f"      checkpoint: {summary['checkpoint']} (AutoModelForCausalLM.from_pretrained(..., "
-        "trust_remote_code=True))")  # fmt: skip
+    log(
+        f"      checkpoint: {summary['checkpoint']} (AutoModelForCausalLM.from_pretrained(..., "
+        "trust_remote_code=True))"
+    )

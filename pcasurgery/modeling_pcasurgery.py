@@ -47,9 +47,16 @@ RECORD = "_pcasurgery_replaced"  # the root's attribute: the module paths compre
 
 _LAYERS = {
     cls.__name__: cls
-    for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-}  # fmt: skip
+    for cls in (
+        nn.Linear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+    )
+}
 _NOT_ARGS = ("self", "device", "dtype")
 
 
@@ -99,8 +106,17 @@ class LowRank(nn.Sequential):
     def __getattr__(self, name: str):
         if name in ("out_features", "out_channels"):
             return getattr(self[1], name)
-        if name in ("in_features", "in_channels", "kernel_size", "stride", "padding", "dilation",
-                    "groups", "padding_mode", "output_padding"):  # fmt: skip
+        if name in (
+            "in_features",
+            "in_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+            "output_padding",
+        ):
             return getattr(self[0], name)
         return super().__getattr__(name)
 
@@ -176,8 +192,11 @@ def record(root: nn.Module, architecture: str | None = None) -> dict[str, Any]:
         for path in replaced(module):
             path = f"{prefix}.{path}" if prefix else path
             modules[path] = describe(root.get_submodule(path))
-    return {"format": FORMAT, "architecture": architecture or type(root).__name__,
-            "modules": modules}  # fmt: skip
+    return {
+        "format": FORMAT,
+        "architecture": architecture or type(root).__name__,
+        "modules": modules,
+    }
 
 
 def mark_replaced(root: nn.Module, paths: Any) -> None:
@@ -256,10 +275,18 @@ def compressed_class(base: type) -> type:
         return base.save_pretrained(self, save_directory, *args, **kwargs)
 
     name = _PREFIX + base.__name__
-    cls = type(name, (base,), {
-        "__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__,
-        "__qualname__": name, "_compressed_from": base, "_auto_class": _auto_classes(base)[0],
-    })  # fmt: skip
+    cls = type(
+        name,
+        (base,),
+        {
+            "__init__": __init__,
+            "save_pretrained": save_pretrained,
+            "__module__": __name__,
+            "__qualname__": name,
+            "_compressed_from": base,
+            "_auto_class": _auto_classes(base)[0],
+        },
+    )
     _COMPRESSED[base] = cls
     return cls
 
@@ -273,8 +300,9 @@ def _auto_classes(base: type) -> list[str]:
     for name in dir(transformers):
         if not name.startswith("AutoModel"):
             continue
-        mapping = getattr(getattr(getattr(transformers, name), "_model_mapping", None),
-                          "_model_mapping", {})  # fmt: skip
+        mapping = getattr(
+            getattr(getattr(transformers, name), "_model_mapping", None), "_model_mapping", {}
+        )
         names = mapping.get(model_type, ()) if isinstance(mapping, dict) else ()
         if base.__name__ == names or base.__name__ in names:
             found.append(name)

@@ -70,6 +70,13 @@ def token_batches(vocab: int, count: int = 4, batch: int = 4, length: int = 24) 
     return out
 
 
+def decoder_config(**overrides) -> dict:
+    """Keyword arguments of a tiny random decoder-only transformers config (Llama, Qwen2)."""
+    kwargs = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return {**kwargs, **overrides}
+
+
 def warmed_resnet(seed: int = 0) -> ResNet:
     """A ResNet whose BatchNorm running statistics are not the defaults."""
     torch.manual_seed(seed)

@@ -291,7 +291,7 @@ def test_padding_never_enters_the_statistics():
 
 
 def test_eigenspaces_computed_side_by_side_match_numpy_and_keep_the_thread_count():
-    from pcasurgery.layers.pca import compute_eigenspaces
+    from pcasurgery.layers.decompose import compute_eigenspaces
 
     torch.manual_seed(0)
     widths = [5, 40, 17, 40, 3]

@@ -20,7 +20,7 @@ import warnings
 
 import pytest
 import torch
-from models import token_batches
+from models import decoder_config, token_batches
 
 import pcasurgery as ps
 
@@ -30,19 +30,12 @@ VOCAB = 96
 
 
 def _llama():
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )  # fmt: skip
+    config = transformers.LlamaConfig(**decoder_config(vocab_size=VOCAB, tie_word_embeddings=True))
     return transformers.LlamaForCausalLM(config), "model.layers.*", "AutoModelForCausalLM"
 
 
 def _qwen2():
-    config = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
+    config = transformers.Qwen2Config(**decoder_config(vocab_size=VOCAB))
     return transformers.Qwen2ForCausalLM(config), "model.layers.*", "AutoModelForCausalLM"
 
 
@@ -55,17 +48,26 @@ def _gpt2():
 
 def _bert():
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return transformers.BertModel(config), "encoder.layer.*", "AutoModel"
 
 
 def _t5():
     config = transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
         decoder_start_token_id=0,
-    )  # fmt: skip
+    )
     return transformers.T5ForConditionalGeneration(config), "*.block.*", "AutoModelForSeq2SeqLM"
 
 
@@ -141,17 +143,31 @@ def test_compressed_models_load_where_pcasurgery_is_not_installed(tmp_path):
         torch.save(inputs, tmp_path / f"{name}-inputs.pt")
         with torch.no_grad():
             out = small(**inputs)
-            expected[name] = {"output": out[0], "params": ps.count_params(small),
-                              "dense": ps.count_params(model)}  # fmt: skip
+            expected[name] = {
+                "output": out[0],
+                "params": ps.count_params(small),
+                "dense": ps.count_params(model),
+            }
             if small.can_generate():
                 expected[name]["generated"] = small.generate(
                     inputs["input_ids"], max_new_tokens=4, do_sample=False
                 )
-        jobs.append({"auto": auto, "folder": str(folder), "inputs": str(tmp_path / f"{name}-inputs.pt"),
-                     "result": str(tmp_path / f"{name}-result.pt")})  # fmt: skip
+        jobs.append(
+            {
+                "auto": auto,
+                "folder": str(folder),
+                "inputs": str(tmp_path / f"{name}-inputs.pt"),
+                "result": str(tmp_path / f"{name}-result.pt"),
+            }
+        )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    run = subprocess.run([sys.executable, "-c", _LOADER, json.dumps(jobs)], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _LOADER, json.dumps(jobs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     for name, want in expected.items():
         got = torch.load(tmp_path / f"{name}-result.pt", weights_only=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from models import decoder_config
 
 from pcasurgery.__main__ import main
 
@@ -21,8 +22,22 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 TEXT = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "tinyshakespeare.txt"
-SMALL = ["--window", "32", "--calibration", "4", "--planning", "2", "--held-out", "4",
-         "--prompts", "2", "--new-tokens", "6", "--batch", "2"]  # fmt: skip
+SMALL = [
+    "--window",
+    "32",
+    "--calibration",
+    "4",
+    "--planning",
+    "2",
+    "--held-out",
+    "4",
+    "--prompts",
+    "2",
+    "--new-tokens",
+    "6",
+    "--batch",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +49,20 @@ def model_dir(tmp_path_factory) -> Path:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([text], trainer)
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(fast), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    config = transformers.LlamaConfig(**decoder_config(
+        vocab_size=len(fast), hidden_size=48, intermediate_size=96, max_position_embeddings=128,
         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
-    )  # fmt: skip
+    ))  # fmt: skip
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
@@ -73,8 +90,16 @@ def test_the_command_writes_a_checkpoint_and_its_reports(model_dir, text, tmp_pa
     assert main(argv + SMALL) == 0
     printed = capsys.readouterr().out
     assert "[7/7]" in printed and "held-out perplexity" in printed
-    for name in ("report.csv", "plan.csv", "saturation.png", "summary.json", "model/config.json",
-                 "model/model.safetensors", "model/modeling_pcasurgery.py", "model/tokenizer.json"):  # fmt: skip
+    for name in (
+        "report.csv",
+        "plan.csv",
+        "saturation.png",
+        "summary.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/modeling_pcasurgery.py",
+        "model/tokenizer.json",
+    ):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     windows = summary["windows"]
@@ -98,8 +123,16 @@ def test_the_command_writes_a_checkpoint_and_its_reports(model_dir, text, tmp_pa
     assert removed >= 0.3 * plan["params_before"].sum()
     assert len(pd.read_csv(out / "report.csv")) == len(plan) == 14
     assert [set(c) for c in summary["continuations"]] == [{"prompt", "dense", "compressed"}] * 2
-    assert set(summary["seconds"]) >= {"load", "dense", "calibrate", "plan", "compress", "save",
-                                       "check", "total"}  # fmt: skip
+    assert set(summary["seconds"]) >= {
+        "load",
+        "dense",
+        "calibrate",
+        "plan",
+        "compress",
+        "save",
+        "check",
+        "total",
+    }
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         out / "model", trust_remote_code=True
     )
@@ -135,11 +168,25 @@ def _bad_inputs(model_dir: Path, text: Path, tmp_path: Path):
     }, ok
 
 
-@pytest.mark.parametrize("case", ["missing model", "folder without config", "not gguf", "missing text",
-                                  "text too short", "no blocks", "out is a file", "out unwritable",
-                                  "budget 0", "budget 1", "budget 2"])  # fmt: skip
-def test_bad_input_is_a_clear_error_before_any_long_work(case, model_dir, text, tmp_path, capsys,
-                                                         monkeypatch):  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing model",
+        "folder without config",
+        "not gguf",
+        "missing text",
+        "text too short",
+        "no blocks",
+        "out is a file",
+        "out unwritable",
+        "budget 0",
+        "budget 1",
+        "budget 2",
+    ],
+)
+def test_bad_input_is_a_clear_error_before_any_long_work(
+    case, model_dir, text, tmp_path, capsys, monkeypatch
+):
     def never(*args, **kwargs):
         raise AssertionError("the job started its long work")
 

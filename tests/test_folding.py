@@ -169,7 +169,7 @@ def test_a_layer_keeping_most_directions_folds_through_those_it_drops(
     k, computed = layer.in_dim, layer.eigenvectors.shape[1]
     assert computed == (fan_in + (not centering) if widening else width)
     assert computed - k < k  # the dropped directions are the fewer
-    assert layer._discarded(fc).shape == (width, computed - k)
+    assert layer.discarded_directions(fc).shape == (width, computed - k)
 
     def check():
         with torch.no_grad(), ps.folded(wrapped):
@@ -186,16 +186,16 @@ def test_a_layer_keeping_most_directions_folds_through_those_it_drops(
         patch.setattr(ps.pca_layers_of(wrapped)["0"], "_install_spectrum", no_room)
         with pytest.raises(MemoryError, match="no room"):
             ps.calibrate(wrapped, [data], progress=False)
-    assert layer._discarded(fc).shape == (width, computed - k)
+    assert layer.discarded_directions(fc).shape == (width, computed - k)
     layer.load_state_dict(layer.state_dict())  # eigenvectors written in place: not trusted
-    assert (layer._discarded(fc) is None) == widening
+    assert (layer.discarded_directions(fc) is None) == widening
     with torch.no_grad():
         fc.weight.add_(torch.randn_like(fc.weight))  # a step that leaves the old range
         fc.bias.add_(1.0)
-    assert (layer._discarded(fc) is None) == widening
+    assert (layer.discarded_directions(fc) is None) == widening
     check()
     layer.inject_random_directions(0)
-    assert layer._discarded(fc) is None
+    assert layer.discarded_directions(fc) is None
     check()
     small = ps.compress(wrapped.float())
     torch.testing.assert_close(

@@ -59,12 +59,12 @@ def test_the_decomposition_bar_advances_by_each_layers_cost():
         def __exit__(self, *exc):
             return False
 
-    original = ps.layers.pca.progress_bar
-    ps.layers.pca.progress_bar = lambda *a, **k: Recorder()
+    original = ps.layers.decompose.progress_bar
+    ps.layers.decompose.progress_bar = lambda *a, **k: Recorder()
     try:
-        ps.layers.pca.compute_eigenspaces(layers, progress=True)
+        ps.layers.decompose.compute_eigenspaces(layers, progress=True)
     finally:
-        ps.layers.pca.progress_bar = original
+        ps.layers.decompose.progress_bar = original
     assert sorted(seen) == sorted(float(layer.width) ** 3 for layer in layers)
 
 

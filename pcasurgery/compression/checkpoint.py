@@ -53,12 +53,16 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, fx.GraphModule):
-        raise TypeError("model is a torch.fx.GraphModule, which has no class to build it again "
-                        "from; save its state_dict, or export it with export_onnx")  # fmt: skip
+        raise TypeError(
+            "model is a torch.fx.GraphModule, which has no class to build it again "
+            "from; save its state_dict, or export it with export_onnx"
+        )
     left = [name for name, m in model.named_modules() if isinstance(m, PCALayer)]
     if left:
-        raise ValueError(f"model still has PCA layers ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}); "
-                         "save the model compress() returns")  # fmt: skip
+        raise ValueError(
+            f"model still has PCA layers ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}); "
+            "save the model compress() returns"
+        )
     metadata = {_KEY: json.dumps(record(model))}
     _safetensors().torch.save_model(model, os.fspath(path), metadata=metadata)
 
@@ -92,15 +96,19 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with st.safe_open(path, "pt") as f:
         metadata = f.metadata() or {}
     if _KEY not in metadata:
-        raise ValueError(f"path {path!r} holds no record of compressed modules: it was not written "
-                         "by save_compressed (load a plain state dict with load_state_dict)")  # fmt: skip
+        raise ValueError(
+            f"path {path!r} holds no record of compressed modules: it was not written "
+            "by save_compressed (load a plain state dict with load_state_dict)"
+        )
     saved = json.loads(metadata[_KEY])
     previous = model.__dict__.get(RECORD)
     try:
         replaced = rebuild(model, saved)
     except (AttributeError, KeyError) as err:
-        raise ValueError(f"path {path!r}: the recorded modules are not in this architecture "
-                         f"({type(model).__name__}): {err}") from err  # fmt: skip
+        raise ValueError(
+            f"path {path!r}: the recorded modules are not in this architecture "
+            f"({type(model).__name__}): {err}"
+        ) from err
     try:
         for name, old in replaced.items():  # the dtype and device of the module replaced
             reference = next(old.parameters(), None) if old is not None else None
@@ -108,8 +116,10 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 model.get_submodule(name).to(device=reference.device, dtype=reference.dtype)
         missing, unexpected = st.torch.load_model(model, path, strict=False)
         if missing or unexpected:
-            raise ValueError(f"path {path!r} does not fit {type(model).__name__}: missing "
-                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")  # fmt: skip
+            raise ValueError(
+                f"path {path!r} does not fit {type(model).__name__}: missing "
+                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
     except Exception:
         for name, old in replaced.items():
             parent_path, _, child = name.rpartition(".")

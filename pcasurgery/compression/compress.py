@@ -158,7 +158,8 @@ def _compress_pair(layer: PCALayer, module: Dense, plan: LayerPlan) -> nn.Module
     k = v.shape[1]
     if plan.action == "folded":
         return _set(
-            kind.like(module, layer.width), *folded_affine(w, b, layer, layer._discarded(module))
+            kind.like(module, layer.width),
+            *folded_affine(w, b, layer, layer.discarded_directions(module)),
         )
     down = _set(kind.like(module, k), v.T @ w, v.T @ (b - c))
     if plan.action == "down-projection":
@@ -284,7 +285,7 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     layers = _calibrated_layers(model, "compress")
     progress = check_progress(progress)
     for layer in layers.values():
-        layer._ensure_current()
+        layer.ensure_eigenspace()
     out = copy.deepcopy(model)
     bns = _fusable_batchnorms(out)
     sites = sites_of(out)

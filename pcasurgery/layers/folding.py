@@ -39,8 +39,10 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .._progress import progress_bar, step
+from .decompose import side_by_side
 from .kinds import LayerKind, foldable_kind, weight_matrix
-from .pca import PCALayer, _exporting, _tokens, side_by_side
+from .pca import PCALayer, exporting
+from .state import version_tokens
 
 __all__ = [
     "cached_fold",
@@ -73,7 +75,7 @@ def folded_affine(
     (``keepdim=False``: ``P = V^T``, ``q = -V^T c``). The product is taken
     the cheapest way: through ``V`` (``V (V^T W)``), through ``P``, or, given
     ``rest`` (the dropped directions ``R`` that complete ``V`` to a basis of
-    the range of ``W`` and ``b - c``: ``PCALayer._discarded``), as
+    the range of ``W`` and ``b - c``: ``PCALayer.discarded_directions``), as
     ``W - R (R^T W)``, which for a layer that keeps most of its directions
     costs a fraction of the others.
     """
@@ -125,7 +127,7 @@ def _fold(kind: LayerKind, module: nn.Module, pca: PCALayer) -> tuple[Tensor, ..
         v, c = pca.basis.to(w.device, w.dtype), pca.center().to(w.device, w.dtype)
         folded_w, folded_b = v.T @ w, v.T @ (b - c)
     else:
-        folded_w, folded_b = folded_affine(w, b, pca, pca._discarded(module))
+        folded_w, folded_b = folded_affine(w, b, pca, pca.discarded_directions(module))
     folded = (kind.weight_from_matrix(folded_w.to(dtype), weight), folded_b.to(dtype))
     if low_rank:
         return folded + (v.to(dtype).contiguous(), c.to(dtype))
@@ -151,7 +153,7 @@ def own_forward(module: nn.Module) -> bool:
 
 def _foldable(module: nn.Module, pca: PCALayer) -> LayerKind | None:
     """The module's kind where the pair runs folded whenever its input allows, else None."""
-    if pca._collecting() or not pca._has_spectrum or pca._stale or _exporting() or _hooked(pca):
+    if pca._collecting() or not pca._has_spectrum or pca._stale or exporting() or _hooked(pca):
         return None
     kind = foldable_kind(module)
     weight, bias = module.weight, module.bias
@@ -183,7 +185,7 @@ def cached_fold(module: nn.Module) -> tuple[Tensor, ...] | None:
 
 def _cache_key(module: nn.Module, pca: PCALayer) -> tuple[tuple, tuple]:
     tensors = (module.weight, module.bias, pca.projection_weight, pca.projection_bias)
-    return tensors, _tokens(tensors)  # type: ignore[arg-type]  # _foldable checked them
+    return tensors, version_tokens(tensors)  # type: ignore[arg-type]  # _foldable checked them
 
 
 def _build(kind: LayerKind, module: nn.Module, pca: PCALayer) -> tuple:
@@ -198,7 +200,7 @@ def prefold(pairs: Iterable[tuple[nn.Module, PCALayer]], progress: bool | None =
 
     What opening a scope does, so that the first projecting forward in it costs
     what a plain one does. CPU folds are built side by side on one-thread
-    workers (``layers.pca.side_by_side``), the largest weights first, under a
+    workers (``layers.decompose.side_by_side``), the largest weights first, under a
     bar that advances by each weight's size. Either every fold is stored or, on
     an error, none.
     """

@@ -124,8 +124,9 @@ class _Followed:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         pca = self._modules[self.__dict__[_CHILD]]
         assert isinstance(pca, PCALayer)
-        if pca._through is not None and pca._collecting():  # calibration: see through.py
-            pca._through.add(args, kwargs)
+        source = pca.collecting_through()  # calibration: see through.py
+        if source is not None:
+            source.add(args, kwargs)
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         out = folded_forward(self, pca, args, kwargs)  # type: ignore[arg-type]
         return pca(super().forward(*args, **kwargs)) if out is None else out  # type: ignore[misc]

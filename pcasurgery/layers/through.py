@@ -32,7 +32,8 @@ from .._errors import NonFiniteError
 from ..core import moments as _m
 from ..core import spectrum as _s
 from .kinds import affine_kind, weight_matrix
-from .pca import _TOKEN_MASK, PCALayer
+from .pca import PCALayer
+from .statistics import TOKEN_MASK
 
 __all__ = ["InputStatistics", "input_statistics"]
 
@@ -128,7 +129,7 @@ class InputStatistics:
         # unchanged: calibration runs in inference mode, where tensors have no version
         # counter, so a random weighting of the samples (_fingerprint: one read of
         # them, 1/width of the moments' product) must be the same to the bit.
-        seen = (given, self.kind, getattr(self.module, "stride", None), _TOKEN_MASK.get(),
+        seen = (given, self.kind, getattr(self.module, "stride", None), TOKEN_MASK.get(),
                 _fingerprint(samples, channel_dim, self._shared.setdefault("weights", {})))  # fmt: skip
         last = self._shared.get("seen")
         same = (

@@ -48,16 +48,13 @@ from .._validation import (
     kept_modes,
 )
 from ..core import moments as _m
+from ..layers.decompose import compute_eigenspaces
 from ..layers.network import _require_layers, pca_layers_of
 from ..layers.offload import offloaded, resident
-from ..layers.pca import (
-    _MOMENTS,
-    _SUMMED,
-    PCALayer,
-    compute_eigenspaces,
-    token_mask,
-)
+from ..layers.pca import PCALayer
 from ..layers.sites import sites_of
+from ..layers.state import LayerSnapshot
+from ..layers.statistics import token_mask
 from ..layers.through import InputStatistics, input_statistics
 
 __all__ = ["all_reduce_statistics", "calibrate"]
@@ -80,26 +77,25 @@ def all_reduce_statistics(model: nn.Module, group: dist.ProcessGroup | None = No
     layer holds the statistics of the union. ``calibrate`` does this for you.
     """
     layers = list(pca_layers_of(check_module(model)).values())
-    reduced, summed, _ = _reduce([layer.statistics() for layer in layers], layers, group, 0)
+    states = [layer.statistics() for layer in layers]
+    reduced, summed, _ = _reduce(states, [layer.summed_statistics() for layer in layers], group, 0)
     for layer, state, sums in zip(layers, reduced, summed, strict=True):
-        layer.load_statistics(state)
-        for name, value in sums.items():
-            layer._put(name, value)
-        layer._put("statistics_shared", True)
+        layer.load_statistics(state, summed=sums, shared=True)
 
 
 def _reduce(
     states: list[_m.Moments],
-    layers: list[PCALayer],
+    sums: list[dict[str, int]],
     group: dist.ProcessGroup | None,
     batches: int,
 ) -> tuple[list[_m.Moments], list[dict[str, int]], int]:
-    """All-reduce ``states``, and alongside them the layers' summed buffers and ``batches``.
+    """All-reduce ``states``, and alongside them the layers' summed statistics and ``batches``.
 
-    Returns the moments of the union, each layer's summed buffers (those the
+    Returns the moments of the union, each layer's summed statistics (those the
     state table declares ``reduce="sum"``) and the total number of batches.
     """
-    values = [float(getattr(layer, name)) for layer in layers for name in _SUMMED]
+    names = [list(layer_sums) for layer_sums in sums]
+    values = [float(v) for layer_sums in sums for v in layer_sums.values()]
     device = states[0].shift.device if states else None
     extra = torch.tensor(values + [float(batches)], dtype=torch.float64, device=device)
 
@@ -108,23 +104,22 @@ def _reduce(
 
     merged, total = _m.all_reduce_moments(states, reduce, extra)
     assert total is not None
-    totals = [int(round(v)) for v in total.tolist()]
-    width = len(_SUMMED)
-    summed = [dict(zip(_SUMMED, totals[i * width : (i + 1) * width], strict=True))
-              for i in range(len(layers))]  # fmt: skip
-    return merged, summed, totals[-1]
+    totals = iter(int(round(v)) for v in total.tolist())
+    summed = [{name: next(totals) for name in layer_names} for layer_names in names]
+    return merged, summed, next(totals)
 
 
 class _Snapshot:
     """Everything calibration may change in a model, by reference (nothing is copied).
 
-    Module buffers and parameter data are kept as the tensors they are; PCA
-    layers replace their buffers rather than modify them, and moving the model
-    replaces tensors too, so putting the references back restores the model.
-    Train/eval flags are kept by ``kept_modes`` around the whole call.
+    Module buffers and parameter data are kept as the tensors they are, and
+    each PCA layer keeps its own snapshot (``LayerState.snapshot``); moving the
+    model replaces tensors too, so putting the references back restores the
+    model. Train/eval flags are kept by ``kept_modes`` around the whole call.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[PCALayer]):
+    def __init__(self, model: nn.Module, layers: Iterable[PCALayer], *, complete: bool):
+        self.layers = {layer: layer.snapshot(complete=complete) for layer in layers}
         self.modules = [
             (
                 m,
@@ -133,21 +128,17 @@ class _Snapshot:
                 {k: p.data for k, p in m._parameters.items() if p is not None},
             )
             for m in model.modules()
+            if m not in self.layers
         ]
-        self.layers = [
-            (layer, layer.mode, layer.epoch, layer._square_factors, layer._spans)
-            for layer in layers
-        ]
-        self._buffers = {id(m): buffers for m, buffers, *_ in self.modules}
 
-    def buffers_of(self, layer: PCALayer) -> dict[str, Tensor]:
-        """The layer's buffers as they were before calibration."""
-        return {name: t for name, t in self._buffers[id(layer)].items() if t is not None}
+    def of(self, layer: PCALayer) -> LayerSnapshot:
+        """The layer as it was before calibration."""
+        return self.layers[layer]
 
     def restore_modes(self) -> None:
         """Put every PCA layer's mode back."""
-        for layer, mode, *_ in self.layers:
-            layer.mode = mode
+        for layer, snapshot in self.layers.items():
+            layer.mode = snapshot.mode
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -160,12 +151,8 @@ class _Snapshot:
                     param = params[name]
                     if param is not None and param.data is not tensor:
                         param.data = tensor
-        for layer, _, epoch, factors, spans in self.layers:
-            layer.epoch = epoch
-            layer._square_factors = factors
-            layer._spans = spans
-            layer._sync_flags()
-        self.restore_modes()
+        for layer, snapshot in self.layers.items():
+            layer.restore(snapshot)
 
 
 def calibrate(
@@ -239,20 +226,17 @@ def calibrate(
     _require_layers(layers)
     _refuse_meta(model, layers)
 
-    if not reset:  # the statistics to add to: a square still held as factors is formed
-        for layer in layers.values():
-            layer._form_square()
-    snapshot = _Snapshot(model, layers.values())
+    # the statistics to add to (reset=False) are merged: a square held as factors is formed
+    snapshot = _Snapshot(model, layers.values(), complete=not reset)
     with kept_modes(model):
         try:
             for layer in layers.values():  # the old statistics are the snapshot's now
-                layer._fresh_statistics()
+                layer.begin_statistics()
             if target is not None:
                 model.to(target)
             else:
                 target = _model_device(model)
             for layer in layers.values():
-                layer._sync_flags()
                 layer.mode = "collect"
             inputs = _input_side(model)
             model.eval()
@@ -262,15 +246,18 @@ def calibrate(
                 _install_inputs(inputs.values())
                 _combine(layers, snapshot, reset, batches)
                 # a spectrum comes from the input where the statistics are that input's alone
-                alone = {layer: source for layer, source in inputs.items()
-                         if not _distributed() and source.count == layer._n}  # fmt: skip
+                alone = {
+                    layer: source
+                    for layer, source in inputs.items()
+                    if not _distributed() and source.count == layer.sample_rows
+                }
                 compute_eigenspaces(layers.values(), alone, progress)
         except BaseException:
             snapshot.restore()
             raise
         finally:
             for layer in layers.values():
-                layer._through = None
+                layer.collect_through(None)
         snapshot.restore_modes()
     _warn_undersampled(layers)
     return model
@@ -313,7 +300,7 @@ def _input_side(model: nn.Module) -> dict[PCALayer, InputStatistics]:
             continue
         source = input_statistics(module, layer, shared)
         if source is not None:
-            layer._through = source
+            layer.collect_through(source)
             chosen[layer] = source
     return chosen
 
@@ -326,7 +313,9 @@ def _warn_undersampled(layers: Mapping[str, PCALayer]) -> None:
     use (a 1000-wide classifier calibrated on 16 examples keeps at most 15).
     """
     short = [
-        (name, layer._n, layer.width) for name, layer in layers.items() if layer._n < layer.width
+        (name, layer.sample_rows, layer.width)
+        for name, layer in layers.items()
+        if layer.sample_rows < layer.width
     ]
     if short:
         listing = "".join(f"\n  - {name}: {n} rows for width {w}" for name, n, w in short)
@@ -394,36 +383,35 @@ def _combine(
     if reset and not distributed:  # the new statistics are the layers' own already
         _require_batches(batches)
         for layer in layers.values():
-            layer._put("statistics_shared", False)
-            layer._statistics_replaced()
+            layer.finish_statistics(shared=False)
         _require_reached(layers)
         return
-    states, after = [], []
+    states, sums, positions, after = [], [], [], []
     for layer in layers.values():
-        state, old = layer.statistics(), None
+        state, layer_sums, old, place = layer.statistics(), layer.summed_statistics(), None, None
         if not reset:
-            previous = snapshot.buffers_of(layer)
-            old = _m.Moments(*(previous[n].to(state.shift.device) for n in _MOMENTS))
-            if int(old.count) > 0 and not (distributed and bool(previous["statistics_shared"])):
+            previous = snapshot.of(layer)
+            old = previous.moments(state.shift.device)
+            if int(old.count) > 0 and not (distributed and previous.shared):
                 state = _m.merge_moments(old, state)  # local statistics: reduced with the new
-                _add_summed(layer, previous)
+                layer_sums = _added(layer_sums, previous.summed())
                 old = None
-            if int(layer.sample_count) == 0 and int(previous["sample_count"]) > 0:
-                layer._put("sample_positions", previous["sample_positions"])
+            if layer.sample_rows == 0 and previous.rows > 0:
+                place = previous.positions
         states.append(state)
+        sums.append(layer_sums)
+        positions.append(place)
         after.append(old)
     if distributed:
-        states, summed, batches = _reduce(states, list(layers.values()), None, batches)
-        for layer, sums in zip(layers.values(), summed, strict=True):
-            for name, value in sums.items():
-                layer._put(name, value)
+        states, sums, batches = _reduce(states, sums, None, batches)
     _require_batches(batches)
-    for layer, state, old in zip(layers.values(), states, after, strict=True):
+    for layer, state, layer_sums, place, old in zip(
+        layers.values(), states, sums, positions, after, strict=True
+    ):
         if old is not None and int(old.count) > 0:  # already a union over the group
             state = _m.merge_moments(old, state)
-            _add_summed(layer, snapshot.buffers_of(layer))
-        layer.load_statistics(state)
-        layer._put("statistics_shared", distributed)
+            layer_sums = _added(layer_sums, snapshot.of(layer).summed())
+        layer.load_statistics(state, summed=layer_sums, positions=place, shared=distributed)
     _require_reached(layers)
 
 
@@ -433,7 +421,7 @@ def _require_batches(batches: int) -> None:
 
 
 def _require_reached(layers: Mapping[str, PCALayer]) -> None:
-    unreached = [name for name, layer in layers.items() if layer._empty]
+    unreached = [name for name, layer in layers.items() if not layer.has_statistics]
     if unreached:
         raise ValueError(
             f"PCA layers {', '.join(unreached)} saw no data: their modules were never called "
@@ -441,8 +429,6 @@ def _require_reached(layers: Mapping[str, PCALayer]) -> None:
         )
 
 
-def _add_summed(layer: PCALayer, previous: Mapping[str, Tensor]) -> None:
-    """Add the previous values of the layer's summed buffers (``reduce="sum"``) to the new ones."""
-    for name in _SUMMED:
-        current = getattr(layer, name)
-        layer._put(name, current + previous[name].to(current.device))
+def _added(current: Mapping[str, int], previous: Mapping[str, int]) -> dict[str, int]:
+    """Summed statistics (``reduce="sum"``) with the previous values added."""
+    return {name: value + previous[name] for name, value in current.items()}

@@ -1,0 +1,111 @@
+"""Eigendecompositions of many PCA layers: the CPU ones side by side, one thread each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from functools import partial
+from typing import Any
+
+import torch
+
+from .._progress import progress_bar, step
+from ..core import spectrum as _s
+from .pca import PCALayer
+from .state import version_tokens
+
+__all__ = ["compute_eigenspaces", "side_by_side"]
+
+
+def compute_eigenspaces(
+    layers: Iterable[PCALayer],
+    through: Mapping[PCALayer, Any] | None = None,
+    progress: bool | None = False,
+) -> None:
+    """``compute_eigenspace`` for each layer, the CPU layers side by side.
+
+    Each CPU layer's whole computation (its matrix, the float64 decomposition
+    with one LAPACK thread, its projection) runs in a pool of as many workers
+    as ``torch.get_num_threads()``, largest first. On a shared machine a
+    multi-threaded ``eigh`` stalls whenever one of its threads is descheduled;
+    independent one-thread decompositions do not, and on an idle one they keep
+    every core busy too. Layers on a GPU run where their statistics live, one
+    after another.
+
+    Args:
+        layers: the layers.
+        through: for layers whose statistics are exactly a module's input
+            moments mapped through its weights, that module's
+            ``layers.through.InputStatistics``: their spectra come from the
+            narrower input (``eigenspace``) instead of the layer's width.
+        progress: a bar over the layers (``pcasurgery._progress``), advancing by
+            each decomposition's cost (the cube of the width it decomposes).
+    """
+    through = through or {}
+    jobs = [(layer, through.get(layer)) for layer in layers]
+    for layer, _ in jobs:  # fail before any layer changes
+        with torch.inference_mode(False):
+            layer._check_statistics()
+
+    def width(job: tuple[PCALayer, Any]) -> int:
+        return job[0].width if job[1] is None else job[1].width
+
+    on_cpu = sorted(
+        (job for job in jobs if job[0].shift.device.type == "cpu"), key=lambda j: -width(j)
+    )
+    done = {id(layer) for layer, _ in on_cpu}
+    elsewhere = [job for job in jobs if id(job[0]) not in done]
+    costs = [float(width(job)) ** 3 for job in on_cpu + elsewhere]
+    with progress_bar(progress, desc="decompositions", unit="layer", total=sum(costs),
+                      steps=len(costs)) as bar:  # fmt: skip
+        side_by_side([partial(_install, layer, source) for layer, source in on_cpu],
+                     on_done=lambda i: step(bar, costs[i]))  # fmt: skip
+        for i, (layer, source) in enumerate(elsewhere, start=len(on_cpu)):
+            _install(layer, source)
+            step(bar, costs[i])
+
+
+def side_by_side(
+    jobs: Sequence[Callable[[], Any]], on_done: Callable[[int], Any] | None = None
+) -> None:
+    """Run CPU ``jobs`` in a pool of ``torch.get_num_threads()`` workers of one thread each.
+
+    Jobs start in the order given (largest first keeps the workers even). With
+    one thread, or one job, they run here, one after another. ``on_done(i)`` is
+    called here (not in a worker) as job ``i`` ends well. The first error is
+    raised once every job has ended.
+    """
+    workers = min(torch.get_num_threads(), len(jobs))
+    if workers <= 1:
+        for i, job in enumerate(jobs):
+            job()
+            if on_done is not None:
+                on_done(i)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="pcasurgery") as pool:
+            futures = {pool.submit(_one_thread, job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                if on_done is not None and future.exception() is None:
+                    on_done(futures[future])
+            for future in futures:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _install(layer: PCALayer, source: Any) -> None:
+    """Decompose the layer's checked statistics (through ``source`` where given), install the result."""
+    if source is None:
+        layer._install_spectrum(*_s.eigh_descending(layer._matrix_to_decompose(checked=True)))
+    else:
+        layer._install_spectrum(*source.eigenspace(layer.centering))
+        tensors = (layer.eigenvectors, source.module.weight, source.module.bias)
+        layer._spans = (tensors, version_tokens(tensors))
+
+
+def _one_thread(job: Callable[[], Any]) -> None:
+    torch.set_num_threads(1)  # the worker's own OpenMP/MKL setting
+    job()
