@@ -3,7 +3,7 @@
 Argument checks raise the built-in ``ValueError``/``TypeError`` (see
 ``_validation``); these classes are for failures of pcasurgery's own work.
 Each also derives from the built-in class that best describes it, so code
-written against stage-1 releases (``except RuntimeError``) keeps working.
+that catches the built-in class (``except RuntimeError``) keeps working.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Faults, bad input and edge cases: nothing lost, nothing silently wrong.
 
-Each test is a case that lost data, gave a silently wrong result or crashed
-unclearly before; the comment names the case.
+Each test pins one behaviour at an edge: no data lost, no silently wrong
+result, a clear error naming the argument where the input is wrong.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def nan_batch() -> torch.Tensor:
 def test_a_failed_recalibration_leaves_the_model_exactly_as_it_was(
     calibrated_resnet, data, error, reset
 ):
-    """Case 1: a failed re-calibration used to leave some layers new, some old."""
+    """A re-calibration that fails part-way leaves every layer as it was, none half new."""
     wrapped = calibrated_resnet
     wrapped.train()
     wrapped.fc.eval()
@@ -142,7 +142,7 @@ def test_the_models_own_errors_keep_their_type_with_the_batch_as_context():
 
 
 def test_allocate_restores_thresholds_when_the_metric_raises(calibrated_resnet):
-    """Case 2: allocate left every threshold at 1.0 when evaluate raised."""
+    """When evaluate raises, allocate puts every threshold back."""
     thresholds = {n: layer.threshold for n, layer in ps.pca_layers_of(calibrated_resnet).items()}
     calls = []
 
@@ -159,7 +159,7 @@ def test_allocate_restores_thresholds_when_the_metric_raises(calibrated_resnet):
 
 
 def test_a_device_that_holds_no_data_is_refused_before_the_model_moves(calibrated_resnet):
-    """Case 3: calibrate(device="meta") moved the weights to meta, then failed."""
+    """calibrate(device="meta") is refused before any weight moves."""
     before = state_of(calibrated_resnet)
     with pytest.raises(ValueError, match="meta device holds no data"):
         ps.calibrate(calibrated_resnet, [images(4)], device="meta", progress=False)
@@ -173,7 +173,7 @@ def test_a_device_that_holds_no_data_is_refused_before_the_model_moves(calibrate
 
 
 def test_csv_resume_keeps_the_saved_epoch_labels(tmp_path):
-    """Case 4: resuming at initial_epoch=5 relabelled saved epochs 0-2 as 2-4."""
+    """Resuming at initial_epoch=5 keeps the saved epochs' labels (0-2 stay 0-2)."""
     net = nn.Sequential(nn.Linear(4, 6))
     path = str(tmp_path / "run")
     tracker = ps.CheckLayerSat(path, "csv", net, device="cpu")
@@ -227,7 +227,8 @@ def _shards(rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 def test_distributed_reset_false_counts_each_sample_once_and_empty_ranks_take_part(tmp_path):
-    """Cases 5 and 12: reset=False over-counted by the world size; an empty rank killed all."""
+    """Under torch.distributed, reset=False counts each sample once, and a rank with no
+    batch takes part in the reduction."""
     world = 3
     mp.spawn(_distributed_worker, args=(world, str(tmp_path / "store"), str(tmp_path)),
              nprocs=world, join=True)  # fmt: skip
@@ -260,7 +261,7 @@ def test_reset_false_without_distribution_adds_the_new_data_once(calibrated_resn
 
 
 def test_a_training_phase_after_calibration_starts_fresh_statistics():
-    """Case 6: the first training phase after calibrate added to the calibration data."""
+    """The first training phase after calibrate starts statistics of its own."""
     x = torch.from_numpy(decaying_data(400, 6))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 6))
@@ -275,7 +276,7 @@ def test_a_training_phase_after_calibration_starts_fresh_statistics():
 
 
 def test_loading_a_checkpoint_of_the_other_keepdim_fails_naming_it():
-    """Case 7: the load reported 'All keys matched' and the outputs changed shape."""
+    """Loading a checkpoint saved with the other keepdim fails, naming both values."""
     x = torch.from_numpy(decaying_data(300, 8))
     narrow = ps.LinearPCALayer(8, 0.9, keepdim=False)
     narrow(x)
@@ -295,7 +296,7 @@ def test_loading_a_checkpoint_of_the_other_keepdim_fails_naming_it():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), {"acc": float("nan")}])
 def test_non_finite_metrics_are_refused_naming_the_thresholds(calibrated_resnet, bad):
-    """Case 8: allocate with a NaN metric compressed all the way down."""
+    """allocate refuses a NaN or infinite metric, naming the thresholds it was measured at."""
     calls = []
 
     def metric(model):
@@ -315,7 +316,7 @@ def test_non_finite_metrics_are_refused_naming_the_thresholds(calibrated_resnet,
 
 @pytest.mark.slow
 def test_export_honours_or_refuses_the_opset_quietly(tmp_path, capfd):
-    """Case 9: opset 5, 13 and 99 all wrote opset 18 and reported success."""
+    """export_onnx writes the opset asked for, or refuses it; it never writes another."""
     onnx = pytest.importorskip("onnx")
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     x = torch.randn(2, 4)
@@ -331,7 +332,7 @@ def test_export_honours_or_refuses_the_opset_quietly(tmp_path, capfd):
 
 
 def test_packed_lstm_tracking_with_max_samples_keeps_whole_first_sequences(tmp_path):
-    """Case 10: max_samples kept the first packed rows (timestep-major) instead of sequences."""
+    """max_samples on a packed LSTM sequence keeps whole first sequences, not first rows."""
     torch.manual_seed(0)
     lstm = nn.LSTM(3, 5, batch_first=True)
     x = torch.randn(4, 6, 3)
@@ -352,7 +353,7 @@ def test_packed_lstm_tracking_with_max_samples_keeps_whole_first_sequences(tmp_p
 
 
 def test_a_layer_whose_mean_drifts_keeps_float64_accuracy():
-    """Case 11: a first batch near zero fixed the shift; a later batch at 1e6 lost every digit."""
+    """Statistics keep float64 accuracy when the mean drifts far from the first batch's."""
     x = decaying_data(3000, 10, decay=0.8)
     x[500:] += 1e6
     layer = ps.LinearPCALayer(10, 0.99)
@@ -367,7 +368,7 @@ def test_a_layer_whose_mean_drifts_keeps_float64_accuracy():
 
 # ---------------------------------------------------- crashes, unclear errors
 def test_forward_accepts_custom_batch_objects():
-    """Case 13: forward= was never reached for a batch of a type pcasurgery did not know."""
+    """forward= receives batches of any type, including types pcasurgery does not know."""
 
     class Batch:
         def __init__(self, x):
@@ -383,7 +384,7 @@ def test_forward_accepts_custom_batch_objects():
 
 
 def test_empty_batches_are_skipped_everywhere(tmp_path):
-    """Case 14: a 0-row batch crashed inside a PCA layer and poisoned the seed's covariance."""
+    """A batch with no row is skipped by the PCA layers and the seed's covariance alike."""
     x = torch.from_numpy(decaying_data(200, 6))
     net = nn.Sequential(nn.Linear(6, 6))
     wrapped = ps.pca_wrap(net)
@@ -406,7 +407,7 @@ def test_empty_batches_are_skipped_everywhere(tmp_path):
 
 
 def test_non_finite_outputs_under_tracking_name_the_layer(tmp_path):
-    """Case 15: NaN activations under CheckLayerSat raised without the layer's name."""
+    """NaN activations under CheckLayerSat raise an error naming the layer."""
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     tracker = ps.CheckLayerSat(str(tmp_path / "n"), "csv", net, device="cpu")
     x = torch.randn(5, 3)
@@ -418,7 +419,7 @@ def test_non_finite_outputs_under_tracking_name_the_layer(tmp_path):
 
 @pytest.mark.slow
 def test_float16_models_export_with_a_tolerance_that_follows_the_dtype(tmp_path):
-    """Case 16: a float16 model always failed the fixed 1e-4 check."""
+    """A float16 model exports with a tolerance that follows its dtype."""
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).half().eval()
@@ -426,7 +427,8 @@ def test_float16_models_export_with_a_tolerance_that_follows_the_dtype(tmp_path)
 
 
 def test_unclear_errors_are_clear():
-    """Case 17."""
+    """Bad arguments to pca_wrap, inject_random_directions, set_threshold and CheckLayerSat
+    raise errors that name the argument, the value and what is allowed."""
     net = MLP()
     with pytest.raises(TypeError, match=r"targets must be a module class .* got 'Linear'"):
         ps.pca_wrap(net, targets="Linear")
@@ -444,7 +446,7 @@ def test_unclear_errors_are_clear():
 
 
 def test_unwritable_outputs_are_refused_before_any_work(tmp_path):
-    """Case 18: the demo and the recipes found out after minutes of work."""
+    """The demo and the recipes refuse an output path they cannot write before any work."""
     from pcasurgery._demo import run_demo
 
     blocker = tmp_path / "a-file"

@@ -19,16 +19,10 @@ evaluated; for hundreds of layers it takes seconds.
 
 Why squared: errors compound through the layers after, so a model suffers more
 from one layer that loses much than from several that lose a little each; the
-square spreads the loss. On SmolLM2-135M (uncentred statistics, perplexity on
-held-out text, ``benchmarks/bench_llm.py``) summing ``l`` gave 1.48x / 2.00x / 3.45x
-the dense perplexity at 10 / 20 / 30 % fewer parameters and summing ``l ** 2``
-1.48x / 1.95x / 2.64x (``l ** 3``: 1.47x / 2.01x / 2.64x); on all-MiniLM-L6-v2
-at 30 % fewer parameters the embeddings' mean cosine went 0.829 -> 0.831
-(uncentred 0.852 -> 0.855). Why energy rather than variance: what the layers
+square spreads the loss. Why energy rather than variance: what the layers
 after see is the output itself, mean included, and a layer whose output is
-mostly its mean loses little of it with the variance it drops. With centring,
-the fraction of variance squared gave 1.68x / 2.15x / 2.90x on SmolLM2 and the
-fraction of energy squared 1.43x / 1.81x / 2.32x.
+mostly its mean loses little of it with the variance it drops. (The
+measurements behind both choices are in docs/compression.md.)
 
 The spectra cannot say which directions the model's loss reads. Given a loss
 and a few batches, ``budget_plan`` measures that instead (one backward pass
@@ -36,10 +30,7 @@ per batch): a direction ``v_j`` of variance ``lambda_j`` along which the loss's
 gradient ``g`` has ``s_j = sum (v_j . g)^2`` over the samples costs about
 ``lambda_j s_j`` (the second-order term of the loss with the Fisher for its
 Hessian), and a layer at rank ``k`` is charged what it drops, summed (not
-squared: these are already loss units). On SmolLM2-135M that took the
-perplexity at 10 / 20 / 30 % fewer parameters from 1.39x / 1.74x / 2.20x to
-1.03x / 1.21x / 1.55x, and all-MiniLM-L6-v2's mean cosine at 30 % from 0.853
-to 0.929 (``benchmarks/bench_llm.py``).
+squared: these are already loss units).
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ def report(model: nn.Module) -> pd.DataFrame:
     spectrum, which ``calibrate`` warns about), ``explained`` (fraction
     of variance kept), ``keepdim``, ``random_directions``, and from the record
     ``pca_wrap`` left: ``follows`` (the module whose output the layer projects,
-    None when placed by hand) and ``attachment`` (``graph``, ``wrapper`` or
-    ``manual``).
+    None when placed by hand) and ``attachment`` (``module``, ``function``,
+    ``wrapper`` or ``manual``: see ``pcasurgery.layers.sites``).
 
     Raises:
         ValueError: the model has no PCA layer.

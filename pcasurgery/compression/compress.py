@@ -296,10 +296,6 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
         for site in sites:  # weights offloaded by accelerate are read here, resident
             rows.append(_compress_site(out, site, bns.get(site.name)))
             bar.update()
-    if isinstance(out, fx.GraphModule):
-        out.graph.lint()
-        out.delete_all_unused_submodules()
-        out.recompile()
     clear_sites(out)
     assert not any(isinstance(m, PCALayer) for m in out.modules())
     after = out.named_modules(remove_duplicate=False)
@@ -336,13 +332,6 @@ def _compress_site(root: nn.Module, site: Site, bn: _BatchNorm | None) -> dict:
     layer = root.get_submodule(site.layer_path)
     assert isinstance(layer, PCALayer)
     module = _followed(root, site)
-    if site.attachment == "graph":
-        assert isinstance(root, fx.GraphModule)
-        if module is not None:
-            return _compress_graph_pair(root, site, layer, module, bn)
-        new = _standalone(layer, _plan_layer(layer, None))
-        replace_module(root, layer, new)  # the call node's target path now holds the plain map
-        return _row(site, layer, _plan_layer(layer, None).action, 0, new, False)
     if site.attachment in ("module", "function"):
         followed = root.get_submodule(site.name)
         if module is not None and _plan_layer(layer, module).action == "kept":
@@ -410,13 +399,13 @@ def _fusable_batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
     modules = dict(model.named_modules())
     found = {}
     for site in sites_of(model):
-        if site.attachment not in ("graph", "module"):
+        if site.attachment != "module":
             continue
         followed = _followed(model, site)
         dims = _kind(followed).spatial_dims if followed is not None else 0
         if not dims:
             continue
-        target = site.layer_path if site.attachment == "graph" else site.name
+        target = site.name
         nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == target]
         if len(nodes) != 1 or len(nodes[0].users) != 1:
             continue
@@ -426,28 +415,3 @@ def _fusable_batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
         if bn is not None and len(calls) == 1 and _fusable_batchnorm(bn, dims):
             found[site.name] = bn
     return found
-
-
-def _compress_graph_pair(
-    gm: fx.GraphModule, site: Site, layer: PCALayer, module: Dense, bn: _BatchNorm | None
-) -> dict:
-    """Fold a graph site's projection into the module it follows (and a BatchNorm after it)."""
-    plan = _plan_layer(layer, module)
-    new = _compress_pair(layer, module, plan)
-    before = count_params(module)
-    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == site.layer_path]
-    fused = bn is not None
-    for node in nodes:
-        source = node.args[0]
-        if fused:
-            user = next(iter(node.users))
-            user.replace_all_uses_with(node)
-            gm.graph.erase_node(user)
-        node.replace_all_uses_with(source)
-        gm.graph.erase_node(node)
-    if fused:
-        assert bn is not None
-        _fuse_batchnorm(new, bn)
-        before += count_params(bn)
-    replace_module(gm, module, new)
-    return _row(site, layer, plan.action, before, new, fused)

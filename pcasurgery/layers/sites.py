@@ -22,8 +22,6 @@ Attachments:
   ``F.linear(x, self.qkv.weight, self.qkv.bias)``): the weight is a
   :class:`FollowedWeight`, which turns every such call into a call of the
   module, wherever in the model it happens.
-* ``"graph"``: a ``torch.fx`` graph calls the PCA layer after the module
-  (models rewritten by earlier versions).
 * ``"manual"``: a PCA layer placed by hand; it follows nothing known.
 
 Inside ``pcasurgery.folded(model)``, an eval-mode module followed by its PCA
@@ -59,7 +57,7 @@ __all__ = [
     "unfollow",
 ]
 
-ATTACHMENTS = ("module", "function", "wrapper", "graph", "manual")
+ATTACHMENTS = ("module", "function", "wrapper", "manual")
 SITES_ATTRIBUTE = "pca_sites"
 
 
@@ -74,7 +72,7 @@ class Site:
         layer_path: where the PCA layer is registered in the model.
         follows: qualified name of the module whose output it projects directly,
             or None when it follows nothing known (placed by hand).
-        attachment: ``"module"``, ``"function"``, ``"wrapper"``, ``"graph"`` or ``"manual"``
+        attachment: ``"module"``, ``"function"``, ``"wrapper"`` or ``"manual"``
             (module docstring).
     """
 

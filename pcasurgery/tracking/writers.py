@@ -347,7 +347,7 @@ class NPYWriter(AbstractWriter):
         self.epoch_counter: dict[str, int] = {}
 
     def resume_from_saved_state(self, initial_epoch: int) -> None:
-        """Continue the numbering saved in ``epoch_counter.pkl`` (or stage-1's ``.json``)."""
+        """Continue the numbering saved in ``epoch_counter.pkl`` (or an ``epoch_counter.json``)."""
         path = self.savepath / self.COUNTER
         legacy = self.savepath / "epoch_counter.json"
         if legacy.exists() and not path.exists():
