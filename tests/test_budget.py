@@ -41,7 +41,7 @@ def brute_force(plan_layers, costs, losses, target):
 
 @pytest.mark.parametrize("remove", [0.2, 0.35, 0.5])
 def test_the_plan_meets_the_budget_near_the_optimal_loss(remove):
-    from pcasurgery.compression.compress import _plan_layer
+    from pcasurgery.compression.plan import plan_layer
 
     model, data = spectra_model()
     wrapped = ps.calibrate(ps.pca_wrap(model), data, progress=False)
@@ -55,7 +55,7 @@ def test_the_plan_meets_the_budget_near_the_optimal_loss(remove):
     for name, layer in ps.pca_layers_of(wrapped).items():
         module = wrapped.get_submodule(name)
         ks = range(1, layer.width + 1)
-        costs.append([_plan_layer(layer, module, k).params for k in ks])
+        costs.append([plan_layer(layer, module, k).params for k in ks])
         values = layer.eigenvalues.numpy()
         # the allocation minimises the sum of squared fractions of the output's energy
         # lost: the dropped variance over trace(cov) + |mean|^2 (centred statistics)

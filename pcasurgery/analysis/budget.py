@@ -50,14 +50,14 @@ from torch import Tensor, nn
 
 from .._progress import check_progress, progress_bar
 from .._validation import check_choice, check_patterns, kept_modes
-from ..compression.compress import _followed, _fusable_batchnorms, _plan_layer
 from ..compression.counting import count_params
+from ..compression.plan import followed_module, fusable_batchnorms, plan_layer
 from ..core.spectrum import explained_fraction, explained_fractions
-from ..layers.network import _calibrated_layers, folded, set_threshold
+from ..layers.network import calibrated_layers, folded, set_threshold
 from ..layers.pca import PCALayer
 from ..layers.sites import Site, sites_of
-from ..surgery.calibrate import _distributed
-from .sweep import _kept_thresholds, _metrics
+from ..surgery.calibrate import distributed_run
+from .sweep import kept_thresholds, metric_values
 
 __all__ = ["apply_plan", "budget_plan"]
 
@@ -95,7 +95,7 @@ def _candidates(
     """
     if not layer.keepdim:
         return None
-    module = _followed(model, site)
+    module = followed_module(model, site)
     values = layer.eigenvalues.detach()
     varies = bool(values.any())
     if module is None:
@@ -104,11 +104,11 @@ def _candidates(
         ks = np.array([0, layer.width])
     else:
         ks = np.arange(1, layer.width + 1)
-    plans = [_plan_layer(layer, module, int(k)) for k in ks]
+    plans = [plan_layer(layer, module, int(k)) for k in ks]
     fractions = np.concatenate([[0.0], explained_fractions(values).cpu().numpy()])
     loss = np.clip(1.0 - fractions[ks], 0.0, 1.0) if varies else np.zeros(len(ks))
     positions = layer.positions
-    dense = _plan_layer(layer, module, layer.width)
+    dense = plan_layer(layer, module, layer.width)
     before = 0 if module is None else count_params(module)
     return _Layer(
         site=site,
@@ -230,14 +230,14 @@ def budget_plan(
         >>> plan.attrs["removed"] >= 0.3
         True
     """
-    layers_by_name = _calibrated_layers(model, "plan a budget")
+    layers_by_name = calibrated_layers(model, "plan a budget")
     if isinstance(remove, bool) or not isinstance(remove, numbers.Real) or not 0 < remove < 1:
         raise ValueError(f"remove must be a fraction in (0, 1) of the layers' size, got {remove!r}")
     by = check_choice(by, "by", ("params", "macs"))
     patterns = check_patterns(include, "include")
     progress = check_progress(progress)
     items = []
-    batchnorms = _fusable_batchnorms(model)
+    batchnorms = fusable_batchnorms(model)
     for site in sites_of(model):
         if patterns is not None and not any(fnmatch.fnmatchcase(site.name, p) for p in patterns):
             continue
@@ -360,7 +360,7 @@ def _gradient_penalties(
             layer.mode = mode
         for p, flag in params:
             p.requires_grad_(flag)
-    if _distributed():
+    if distributed_run():
         # every process weighs its shard: sum the measures (and what each saw) over all
         device = items[0].layer.eigenvectors.device
         parts = [
@@ -438,13 +438,13 @@ def _refine(
     def score(ranks: list[int], what: str) -> float:
         apply_plan(model, _table(items, ranks))
         model.eval()
-        values = _metrics(evaluate(model), what)
+        values = metric_values(evaluate(model), what)
         bar.update()
         if len(values) != 1:
             raise TypeError(f"evaluate(model) must return one number here, got {values!r}")
         return next(iter(values.values()))
 
-    with kept_modes(model), _kept_thresholds(layers), folded(model, progress=progress), bar:
+    with kept_modes(model), kept_thresholds(layers), folded(model, progress=progress), bar:
         reference = score(full, "full rank")
         drops = []
         for j, item in enumerate(items):
@@ -540,7 +540,7 @@ def apply_plan(model: nn.Module, plan: pd.DataFrame) -> nn.Module:
     """
     if not isinstance(plan, pd.DataFrame) or not {"layer", "k"} <= set(plan.columns):
         raise ValueError("plan must be a DataFrame from budget_plan (columns layer and k)")
-    layers = _calibrated_layers(model, "apply a plan")
+    layers = calibrated_layers(model, "apply a plan")
     missing = [name for name in plan["layer"] if name not in layers]
     if missing:
         raise ValueError(f"the plan names layers this model does not have: {', '.join(missing)}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
-from ..layers.network import _calibrated_layers
+from ..layers.network import calibrated_layers
 from ..layers.sites import sites_of
 
 __all__ = ["REPORT_COLUMNS", "plot_saturation", "report"]
@@ -47,7 +47,7 @@ def report(model: nn.Module) -> pd.DataFrame:
         ValueError: the model has no PCA layer.
         NotCalibratedError: some layers have no statistics (they are named).
     """
-    layers = _calibrated_layers(model, "report")
+    layers = calibrated_layers(model, "report")
     sites = {site.name: site for site in sites_of(model)}
     rows = []
     for name, layer in layers.items():

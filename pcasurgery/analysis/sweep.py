@@ -17,10 +17,11 @@ from torch import nn
 
 from .._progress import check_progress, progress_bar
 from .._validation import check_threshold, kept_modes
-from ..compression.compress import _plan_site, compress
+from ..compression.compress import compress
 from ..compression.counting import count_macs, count_params
+from ..compression.plan import plan_site
 from ..core.spectrum import intrinsic_dimensionality
-from ..layers.network import _calibrated_layers, folded
+from ..layers.network import calibrated_layers, folded
 from ..layers.pca import PCALayer
 from ..layers.sites import Site, sites_of
 
@@ -32,7 +33,7 @@ DEFAULT_LADDER = (
 
 
 @contextlib.contextmanager
-def _kept_thresholds(layers: dict[str, PCALayer], restore: bool = True) -> Iterator[None]:
+def kept_thresholds(layers: dict[str, PCALayer], restore: bool = True) -> Iterator[None]:
     """Put every layer's threshold back on exit (only on failure when ``restore`` is False)."""
     saved = {name: layer.threshold for name, layer in layers.items()}
     done = False
@@ -46,7 +47,7 @@ def _kept_thresholds(layers: dict[str, PCALayer], restore: bool = True) -> Itera
                     layer.threshold = saved[name]
 
 
-def _metrics(value: Any, where: str) -> dict[str, float]:
+def metric_values(value: Any, where: str) -> dict[str, float]:
     """``evaluate``'s result as ``{name: finite float}``; ``where`` names the thresholds used."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, dict)):
         raise TypeError(f"evaluate(model) must return a number or a dict of numbers, got {value!r}")
@@ -99,7 +100,7 @@ def sweep(
         >>> table[["threshold", "metric"]].values.tolist()
         [[0.5, 1.0], [1.0, 1.0]]
     """
-    layers = _calibrated_layers(model, "sweep")
+    layers = calibrated_layers(model, "sweep")
     values = [check_threshold(t, "thresholds[i]") for t in thresholds]
     if not values:
         raise ValueError("thresholds must hold at least one value in (0, 1]")
@@ -109,7 +110,7 @@ def sweep(
     rows = []
     scope = folded(model, progress=progress) if evaluate is not None else contextlib.nullcontext()
     bar = progress_bar(progress, desc="sweep", unit="threshold", total=len(values))
-    with kept_modes(model), _kept_thresholds(layers), scope, bar:
+    with kept_modes(model), kept_thresholds(layers), scope, bar:
         for t in values:
             for layer in layers.values():
                 layer.threshold = t
@@ -123,7 +124,7 @@ def sweep(
             }
             if evaluate is not None:
                 model.eval()
-                row.update(_metrics(evaluate(model), f"threshold {t}"))
+                row.update(metric_values(evaluate(model), f"threshold {t}"))
             rows.append(row)
             bar.update()
     return pd.DataFrame(rows)
@@ -131,7 +132,7 @@ def sweep(
 
 def _layer_macs(model: nn.Module, site: Site, layer: PCALayer, k: int | None = None) -> int:
     """Planned MACs per example of ``layer``'s compressed form at rank ``k``."""
-    return layer.positions * _plan_site(model, site, k).macs_per_position
+    return layer.positions * plan_site(model, site, k).macs_per_position
 
 
 def allocate(
@@ -171,7 +172,7 @@ def allocate(
         A DataFrame of the steps taken: ``step, layer, threshold, k, metric,
         macs, params`` (step 0 is the unprojected start).
     """
-    layers = _calibrated_layers(model, "allocate")
+    layers = calibrated_layers(model, "allocate")
     if not callable(evaluate):
         raise TypeError(f"evaluate must be callable as evaluate(model), got {evaluate!r}")
     if isinstance(max_drop, bool) or not isinstance(max_drop, numbers.Real) or not max_drop >= 0:
@@ -185,7 +186,7 @@ def allocate(
         bar.update()
         model.eval()
         where = "thresholds " + ", ".join(f"{n}={layer.threshold:g}" for n, layer in layers.items())
-        value = _metrics(evaluate(model), where)
+        value = metric_values(evaluate(model), where)
         if len(value) != 1:
             raise TypeError(f"evaluate(model) must return one number for allocate, got {value!r}")
         (metric,) = value.values()
@@ -196,7 +197,7 @@ def allocate(
 
     with (
         kept_modes(model),
-        _kept_thresholds(layers, restore=False),
+        kept_thresholds(layers, restore=False),
         folded(model, progress=progress),
         bar,
     ):

@@ -1,9 +1,10 @@
 """Compression (PCA layers folded into plain layers), counting, and ONNX export."""
 
 from .checkpoint import load_compressed, save_compressed
-from .compress import LowRank, compress, compression_plan
+from .compress import LowRank, compress
 from .counting import count_macs, count_params, macs_per_position
 from .export import export_onnx, run_onnx
+from .plan import compression_plan
 
 __all__ = [
     "LowRank",

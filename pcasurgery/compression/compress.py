@@ -33,97 +33,33 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._progress import check_progress, progress_bar
-from ..layers.folding import factorising_pays, folded_affine, own_forward
-from ..layers.kinds import LayerKind, foldable_kind, kind_of, pointwise, weight_matrix
-from ..layers.network import _calibrated_layers
+from ..layers.folding import folded_affine
+from ..layers.kinds import pointwise, weight_matrix
+from ..layers.network import calibrated_layers
 from ..layers.offload import hook_like, resident
 from ..layers.pca import PCALayer
-from ..layers.sites import (
-    OTHER_BIAS,
-    Projected,
-    Site,
-    SiteTracer,
-    clear_sites,
-    replace_module,
-    sites_of,
-    unfollow,
-)
+from ..layers.sites import Projected, Site, clear_sites, replace_module, sites_of, unfollow
 from ..modeling_pcasurgery import LowRank, compressed_class, mark_replaced, record
 from .counting import count_params
+from .plan import (
+    PLAN_COLUMNS,
+    Dense,
+    LayerPlan,
+    followed_module,
+    fusable_batchnorms,
+    known_kind,
+    plan_layer,
+)
 
-__all__ = ["LowRank", "compress", "compression_plan"]
-
-PLAN_COLUMNS = ("layer", "action", "k", "width", "params_before", "params_after", "batchnorm_fused")
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """How one PCA layer is compressed, and what it costs."""
-
-    action: str  # factorised | folded | down-projection | standalone | standalone-factorised | kept
-    params: int
-    macs_per_position: int
-
-
-# a layer of a kind in ``layers.kinds.KINDS``: what a projection folds into
-Dense = Any
-
-
-def _kind(module: nn.Module) -> LayerKind:
-    kind = kind_of(module)
-    assert kind is not None, type(module)
-    return kind
-
-
-def _fan_in(module: Dense) -> int:
-    return _kind(module).fan_in(module)
-
-
-def _plan_layer(layer: PCALayer, follows: Dense | None, k: int | None = None) -> LayerPlan:
-    """Choose how ``layer`` (at rank ``k``, its current one by default) is compressed.
-
-    ``follows`` is the Linear/Conv2d whose output the layer projects directly,
-    or None for a standalone projection. The choice minimises parameters. A
-    layer at ``k = 0`` (its output is its mean) is built as a rank-1 pair whose
-    weights are zero, and counted so. A standalone projection at full rank is
-    the identity and is dropped (``"identity"``: no parameter, no
-    multiply-accumulate), so a plan that keeps such a layer at full rank never
-    adds a layer.
-    """
-    k = layer.in_dim if k is None else k
-    width, built = layer.width, max(k, 1)
-    if follows is not None:
-        kind, fan_in = _kind(follows), _fan_in(follows)
-        dense = LayerPlan("folded", width * (fan_in + 1), kind.macs_per_position(follows, width))
-        if follows.__dict__.get(OTHER_BIAS):  # see layers.sites
-            return LayerPlan("kept", dense.params, dense.macs_per_position)
-        if not layer.keepdim:
-            return LayerPlan(
-                "down-projection", k * (fan_in + 1), kind.macs_per_position(follows, k)
-            )
-        if factorising_pays(built, fan_in, width):
-            down = LayerPlan("", built * (fan_in + 1), kind.macs_per_position(follows, built))
-            return LayerPlan("factorised", down.params + width * (built + 1),
-                             down.macs_per_position + built * width)  # fmt: skip
-        return dense
-    if not layer.keepdim:
-        return LayerPlan("standalone", k * (width + 1), k * width)
-    if k >= width:
-        return LayerPlan("identity", 0, 0)
-    if factorising_pays(built, width, width):  # x -> k -> width against the width x width map
-        return LayerPlan(
-            "standalone-factorised", built * (width + 1) + width * (built + 1), 2 * built * width
-        )
-    return LayerPlan("standalone", width * (width + 1), width * width)
+__all__ = ["LowRank", "compress"]
 
 
 def _kept_basis(layer: PCALayer) -> Tensor:
@@ -137,7 +73,7 @@ def _set(layer: Dense, weight: Tensor, bias: Tensor) -> Dense:
     """Give ``layer`` the map ``(weight, bias)``, ``weight`` as its kind's ``(outputs, fan-in)`` matrix."""
     assert isinstance(layer.bias, Tensor) and isinstance(layer.weight, Tensor)
     with torch.no_grad():
-        layer.weight.copy_(_kind(layer).weight_from_matrix(weight, layer.weight))
+        layer.weight.copy_(known_kind(layer).weight_from_matrix(weight, layer.weight))
         layer.bias.copy_(bias)
     return layer
 
@@ -151,7 +87,7 @@ def _pointwise(
 
 def _compress_pair(layer: PCALayer, module: Dense, plan: LayerPlan) -> nn.Module:
     """The plain layers computing ``layer(module(x))``."""
-    kind = _kind(module)
+    kind = known_kind(module)
     v = (_kept_basis(layer) if layer.keepdim else layer.basis).to(module.weight.device)
     c = layer.center().to(module.weight.device)
     w, b = weight_matrix(module, torch.float64)
@@ -199,68 +135,7 @@ def _fuse_batchnorm(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
     return layer
 
 
-_BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}  # by spatial dims
-
-
-def _fusable_batchnorm(module: nn.Module, spatial_dims: int) -> bool:
-    """An eval-mode BatchNorm of a convolution's outputs with running statistics: an affine
-    map that can be folded."""
-    return bool(
-        isinstance(module, _BATCHNORMS.get(spatial_dims, ()))
-        and not module.training
-        and module.track_running_stats
-        and module.running_mean is not None
-        and module.running_var is not None
-    )
-
-
-def _followed(model: nn.Module, site: Site) -> Dense | None:
-    """The Linear/Conv2d whose output the site's layer projects directly, if it can be paired."""
-    module = model.get_submodule(site.follows) if site.follows is not None else None
-    if module is None or not own_forward(module):  # its output is not its weights' map
-        return None
-    return module if foldable_kind(module) is not None else None
-
-
-def _plan_site(model: nn.Module, site: Site, k: int | None = None) -> LayerPlan:
-    """How the PCA layer at ``site`` is compressed at rank ``k`` (its current one by default)."""
-    layer = model.get_submodule(site.layer_path)
-    assert isinstance(layer, PCALayer)
-    return _plan_layer(layer, _followed(model, site), k)
-
-
 # ------------------------------------------------------------------- driver
-def compression_plan(model: nn.Module) -> pd.DataFrame:
-    """What ``compress(model)`` will do, one row per PCA layer, without changing anything.
-
-    Columns: ``layer``, ``action`` (``factorised``, ``folded``,
-    ``down-projection``, ``standalone``, ``standalone-factorised``, or ``kept``
-    for a Linear the model calls through ``F.linear`` with a bias of its own
-    making, left as it was), ``k``,
-    ``width``, ``params_before`` (of the layer it rewrites; 0 for a standalone
-    projection), ``params_after``, ``batchnorm_fused`` (a BatchNorm2d that
-    ``compress`` will fold in).
-
-    Raises:
-        ValueError: the model has no PCA layer.
-        NotCalibratedError: some PCA layers have no statistics (named).
-    """
-    layers = _calibrated_layers(model, "plan compression")
-    rows = []
-    bns = _fusable_batchnorms(model)
-    for site in sites_of(model):
-        layer = layers[site.name]
-        module = _followed(model, site)
-        plan = _plan_layer(layer, module)
-        before = count_params(module) if module is not None else 0
-        bn = bns.get(site.name)
-        before += count_params(bn) if bn is not None else 0
-        rows.append({"layer": site.name, "action": plan.action, "k": layer.in_dim,
-                     "width": layer.width, "params_before": before, "params_after": plan.params,
-                     "batchnorm_fused": bn is not None})  # fmt: skip
-    return pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
-
-
 def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     """Return a copy of ``model`` with every PCA layer turned into plain torch layers.
 
@@ -282,12 +157,12 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
         ValueError: the model has no PCA layer.
         NotCalibratedError: some PCA layers have no statistics (named).
     """
-    layers = _calibrated_layers(model, "compress")
+    layers = calibrated_layers(model, "compress")
     progress = check_progress(progress)
     for layer in layers.values():
         layer.ensure_eigenspace()
     out = copy.deepcopy(model)
-    bns = _fusable_batchnorms(out)
+    bns = fusable_batchnorms(out)
     sites = sites_of(out)
     rows = []
     before = dict(out.named_modules(remove_duplicate=False))
@@ -331,10 +206,10 @@ def _compress_site(root: nn.Module, site: Site, bn: _BatchNorm | None) -> dict:
     """
     layer = root.get_submodule(site.layer_path)
     assert isinstance(layer, PCALayer)
-    module = _followed(root, site)
+    module = followed_module(root, site)
     if site.attachment in ("module", "function"):
         followed = root.get_submodule(site.name)
-        if module is not None and _plan_layer(layer, module).action == "kept":
+        if module is not None and plan_layer(layer, module).action == "kept":
             warnings.warn(
                 f"{site.name}: the model calls F.linear on its weight with a bias of its own "
                 "making (as Swin V2 does), into which the projection cannot be folded; it stays "
@@ -345,7 +220,7 @@ def _compress_site(root: nn.Module, site: Site, bn: _BatchNorm | None) -> dict:
             replace_module(root, followed, unfollow(followed))
             return _row(site, layer, "kept", count_params(module), module, False)
         if module is not None:
-            plan = _plan_layer(layer, module)
+            plan = plan_layer(layer, module)
             new = _compress_pair(layer, module, plan)
             before = count_params(module)
             if bn is not None:
@@ -355,7 +230,7 @@ def _compress_site(root: nn.Module, site: Site, bn: _BatchNorm | None) -> dict:
             hook_like(new, followed)
             replace_module(root, followed, new)
             return _row(site, layer, plan.action, before, new, bn is not None)
-        plan = _plan_layer(layer, None)
+        plan = plan_layer(layer, None)
         standalone = _standalone(layer, plan)
         replace_module(root, followed, _then(unfollow(followed), standalone))
         return _row(site, layer, plan.action, 0, standalone, False)
@@ -363,16 +238,16 @@ def _compress_site(root: nn.Module, site: Site, bn: _BatchNorm | None) -> dict:
         wrapper = root.get_submodule(site.name)
         assert isinstance(wrapper, Projected)
         if module is not None:
-            plan = _plan_layer(layer, module)
+            plan = plan_layer(layer, module)
             new = _compress_pair(layer, module, plan)
             hook_like(new, wrapper.module)
             replace_module(root, wrapper, new)
             return _row(site, layer, plan.action, count_params(module), new, False)
-        plan = _plan_layer(layer, None)
+        plan = plan_layer(layer, None)
         standalone = _standalone(layer, plan)
         replace_module(root, wrapper, _then(wrapper.module, standalone))
         return _row(site, layer, plan.action, 0, standalone, False)
-    plan = _plan_layer(layer, None)
+    plan = plan_layer(layer, None)
     new = _standalone(layer, plan)
     replace_module(root, layer, new)
     return _row(site, layer, plan.action, 0, new, False)
@@ -381,37 +256,3 @@ def _compress_site(root: nn.Module, site: Site, bn: _BatchNorm | None) -> dict:
 def _then(module: nn.Module, standalone: nn.Module) -> nn.Module:
     """``module`` followed by a standalone projection (nothing for the identity)."""
     return module if isinstance(standalone, nn.Identity) else nn.Sequential(module, standalone)
-
-
-def _fusable_batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
-    """``{site name: BatchNorm2d}`` for sites after a Conv2d read only by an eval BatchNorm2d.
-
-    Read off the model's graph (traced when it is not a ``GraphModule``); a
-    model that cannot be traced keeps its BatchNorms.
-    """
-    if isinstance(model, fx.GraphModule):
-        graph = model.graph
-    else:
-        try:
-            graph = SiteTracer().trace(model)
-        except Exception:  # noqa: BLE001 - untraceable: nothing is fused
-            return {}
-    modules = dict(model.named_modules())
-    found = {}
-    for site in sites_of(model):
-        if site.attachment != "module":
-            continue
-        followed = _followed(model, site)
-        dims = _kind(followed).spatial_dims if followed is not None else 0
-        if not dims:
-            continue
-        target = site.name
-        nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == target]
-        if len(nodes) != 1 or len(nodes[0].users) != 1:
-            continue
-        user = next(iter(nodes[0].users))
-        bn = modules.get(str(user.target)) if user.op == "call_module" else None
-        calls = [n for n in graph.nodes if n.op == "call_module" and n.target == user.target]
-        if bn is not None and len(calls) == 1 and _fusable_batchnorm(bn, dims):
-            found[site.name] = bn
-    return found

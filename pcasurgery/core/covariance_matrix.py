@@ -13,7 +13,7 @@ from . import moments as _m
 __all__ = ["TorchCovarianceMatrix"]
 
 
-def _resolve_device(device: torch.device | str | None, name: str = "device") -> torch.device:
+def resolve_device(device: torch.device | str | None, name: str = "device") -> torch.device:
     """Turn ``device`` into a ``torch.device``; a CUDA device on a machine without
     one falls back to the CPU with a warning (the seed's default is ``"cuda:0"``)."""
     if device is None:
@@ -59,7 +59,7 @@ class TorchCovarianceMatrix:
         self, bias: bool = False, device: str | torch.device = "cuda:0", save_data: bool = False
     ):
         self.bias = bias
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.save_data = bool(save_data)
         self.saved_samples: Tensor | None = None
         self.moments: _m.Moments | None = None

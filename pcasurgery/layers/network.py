@@ -133,13 +133,13 @@ def _select_layers(
     return chosen
 
 
-def _require_layers(layers: Mapping[str, PCALayer]) -> None:
+def require_layers(layers: Mapping[str, PCALayer]) -> None:
     """Raise ``ValueError`` unless ``layers`` (from :func:`pca_layers_of`) holds a PCA layer."""
     if not layers:
         raise ValueError("model has no PCA layer; wrap it first with pcasurgery.pca_wrap")
 
 
-def _calibrated_layers(model: nn.Module, action: str = "continue") -> OrderedDict[str, PCALayer]:
+def calibrated_layers(model: nn.Module, action: str = "continue") -> OrderedDict[str, PCALayer]:
     """The PCA layers of ``model``, in forward order, all of which have statistics.
 
     Raises:
@@ -148,7 +148,7 @@ def _calibrated_layers(model: nn.Module, action: str = "continue") -> OrderedDic
         NotCalibratedError: some layers have no statistics; ``action`` and their names are said.
     """
     layers = pca_layers_of(check_module(model))
-    _require_layers(layers)
+    require_layers(layers)
     missing = [name for name, layer in layers.items() if not layer.is_calibrated]
     if missing:
         raise NotCalibratedError(
@@ -184,7 +184,7 @@ def set_threshold(
         [0.99, 0.5]
     """
     layers = _select_layers(check_module(model), include)
-    _require_layers(layers)
+    require_layers(layers)
     if isinstance(threshold, Mapping):
         per_layer = {}
         for pattern, value in threshold.items():
@@ -212,7 +212,7 @@ def set_centering(
     """Switch every PCA layer between centred PCA (True) and uncentred (False); returns ``model``."""
     check_bool(centering, "centering")
     layers = _select_layers(check_module(model), include)
-    _require_layers(layers)
+    require_layers(layers)
     for layer in layers.values():
         layer.centering = centering
     return model
@@ -235,7 +235,7 @@ def inject_random_directions(
     """
     seed = check_seed(seed)
     layers = _select_layers(check_module(model), include)
-    _require_layers(layers)
+    require_layers(layers)
     rng = np.random.default_rng(seed) if seed is not None else None
     for layer in layers.values():
         layer.inject_random_directions(rng)

@@ -49,7 +49,7 @@ from .._validation import (
 )
 from ..core import moments as _m
 from ..layers.decompose import compute_eigenspaces
-from ..layers.network import _require_layers, pca_layers_of
+from ..layers.network import pca_layers_of, require_layers
 from ..layers.offload import offloaded, resident
 from ..layers.pca import PCALayer
 from ..layers.sites import sites_of
@@ -65,7 +65,7 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return next((t.device for t in tensors), None)
 
 
-def _distributed() -> bool:
+def distributed_run() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
@@ -223,7 +223,7 @@ def calibrate(
         raise TypeError(f"forward must be callable as forward(model, batch), got {forward!r}")
     target = check_device(device)
     layers = pca_layers_of(model)
-    _require_layers(layers)
+    require_layers(layers)
     _refuse_meta(model, layers)
 
     # the statistics to add to (reset=False) are merged: a square held as factors is formed
@@ -249,7 +249,7 @@ def calibrate(
                 alone = {
                     layer: source
                     for layer, source in inputs.items()
-                    if not _distributed() and source.count == layer.sample_rows
+                    if not distributed_run() and source.count == layer.sample_rows
                 }
                 compute_eigenspaces(layers.values(), alone, progress)
         except BaseException:
@@ -379,7 +379,7 @@ def _combine(
     layers: Mapping[str, PCALayer], snapshot: _Snapshot, reset: bool, batches: int
 ) -> None:
     """Put together the new statistics, the previous ones (``reset=False``) and other ranks'."""
-    distributed = _distributed()
+    distributed = distributed_run()
     if reset and not distributed:  # the new statistics are the layers' own already
         _require_batches(batches)
         for layer in layers.values():

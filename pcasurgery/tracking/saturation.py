@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .._errors import NonFiniteError
 from .._validation import check_bool, check_choice, check_positive_int, check_threshold
 from ..core import spectrum as _s
-from ..core.covariance_matrix import TorchCovarianceMatrix, _resolve_device
+from ..core.covariance_matrix import TorchCovarianceMatrix, resolve_device
 from ..layers.kinds import KINDS, is_conv1d
 from .writers import STATMAP, WRITERS, AbstractWriter, CompositWriter, NPYWriter
 
@@ -200,7 +200,7 @@ class SaturationTracker:
         self.layerwise_sat, self.reset_covariance = layerwise_sat, reset_covariance
         self.average_sat, self.nosave, self.verbose = average_sat, nosave, bool(verbose)
         self.ignore_layer_names = list(ignore_layer_names)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.initial_epoch = int(initial_epoch)
         self.savefile = str(savefile)
 
