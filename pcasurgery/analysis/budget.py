@@ -35,10 +35,11 @@ squared: these are already loss units).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,120 +290,153 @@ def _gradient_penalties(
     """Each planned layer's ``sum_{j > k} lambda_j s_j`` for ``k = 1..width`` (see ``budget_plan``)."""
     if not callable(loss):
         raise TypeError(f"loss must be callable as loss(model, batch), got {loss!r}")
-    planned = {item.site.name for item in items if len(item.ks) > 1}  # a choice to weigh
-    sums: dict[str, Tensor] = {}
-    bases: dict[str, Tensor] = {}
-    seen: set[str] = set()
+    measure = _GradientMeasure({item.site.name for item in items if len(item.ks) > 1})
+    with measure.hooked(model, layers):
+        batches = _backward_passes(model, loss, data, progress)
+    if distributed_run():  # every process weighs its shard: sum over all
+        batches = measure.all_reduce(items, batches)
+    measure.check(batches)
+    return [_tail_penalties(item, measure.sums.get(item.site.name)) for item in items]
 
-    def pass_through(name: str, layer: PCALayer, args: tuple, output: Tensor) -> Tensor:
+
+class _GradientMeasure:
+    """``s_j``: the loss's gradient at each planned PCA layer, squared along its eigenvectors
+    and summed over samples, measured while the layers pass their inputs through."""
+
+    def __init__(self, planned: set[str]):
+        self.planned = planned  # the layers with a choice of rank to weigh
+        self.sums: dict[str, Tensor] = {}
+        self.bases: dict[str, Tensor] = {}
+        self.seen: set[str] = set()
+
+    def pass_through(self, name: str, layer: PCALayer, args: tuple, output: Tensor) -> Tensor:
+        """A forward hook's output: the layer's input, in the graph, cloned so that in-place
+        operations after it stay legal; its gradient is measured."""
         if not layer.keepdim:
             return output  # the layers after expect its k features (it is never planned)
         x = args[0]
-        # the layer's input, in the graph, cloned so that in-place ops after it stay legal
         y = (x if x.requires_grad else x.detach().requires_grad_()).clone()
-        if name in planned:
-            seen.add(name)
-            y.register_hook(lambda g: _add_gradient(name, layer, g))
+        if name in self.planned:
+            self.seen.add(name)
+            y.register_hook(lambda g: self.add(name, layer, g))
         return y
 
-    def _add_gradient(name: str, layer: PCALayer, g: Tensor) -> None:
+    def add(self, name: str, layer: PCALayer, g: Tensor) -> None:
         rows = g.detach().movedim(layer.channel_dim, -1).reshape(-1, layer.width)
         if rows.dtype in (torch.float16, torch.bfloat16):
             rows = rows.float()
-        basis = bases.get(name)
+        basis = self.bases.get(name)
         if basis is None or basis.dtype != rows.dtype or basis.device != rows.device:
-            basis = bases[name] = layer.eigenvectors.detach().to(rows.device, rows.dtype)
+            basis = self.bases[name] = layer.eigenvectors.detach().to(rows.device, rows.dtype)
         along = (rows @ basis).to(torch.float64).square().sum(0)
-        sums[name] = along if name not in sums else sums[name] + along
+        self.sums[name] = along if name not in self.sums else self.sums[name] + along
 
-    params = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(layer, layer.mode) for layer in layers.values()]
-    hooks = [
-        layer.register_forward_hook(
-            lambda module, args, output, name=name: pass_through(name, module, args, output)
-        )
-        for name, layer in layers.items()
-    ]
-    batches = 0
-    sized = getattr(data, "__len__", None)
-    bar = progress_bar(progress, desc="weighing directions", unit="batch",
-                       total=len(data) if sized is not None else None)  # type: ignore[arg-type]  # fmt: skip
-    try:
-        with kept_modes(model), torch.inference_mode(False), torch.enable_grad(), bar:
-            model.eval()
+    @contextlib.contextmanager
+    def hooked(self, model: nn.Module, layers: dict[str, PCALayer]) -> Iterator[None]:
+        """The layers project (so the model runs as it will) but pass their inputs through,
+        and no parameter takes a gradient; all put back on exit."""
+        params = [(p, p.requires_grad) for p in model.parameters()]
+        modes = [(layer, layer.mode) for layer in layers.values()]
+        hooks = [
+            layer.register_forward_hook(
+                lambda module, args, output, name=name: self.pass_through(
+                    name, module, args, output
+                )
+            )
+            for name, layer in layers.items()
+        ]
+        try:
             for layer, _ in modes:
                 layer.mode = "project"
             for p, _ in params:
                 p.requires_grad_(False)
-            for index, batch in enumerate(data):
-                value = loss(model, batch)
-                if not isinstance(value, Tensor) or value.numel() != 1:
-                    raise TypeError(
-                        f"loss(model, batch) must return a scalar tensor, got {value!r} "
-                        f"for batch {index}"
-                    )
-                if not torch.isfinite(value.detach()).all():
-                    raise ValueError(
-                        f"loss(model, batch) returned {float(value.detach())} for batch {index}"
-                    )
-                if not value.requires_grad:
-                    raise ValueError(
-                        "loss(model, batch) does not depend on any PCA layer's output "
-                        f"(batch {index}); compute it from model(batch)"
-                    )
-                value.reshape(()).backward()
-                batches += 1
-                bar.update()
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for layer, mode in modes:
-            layer.mode = mode
-        for p, flag in params:
-            p.requires_grad_(flag)
-    if distributed_run():
-        # every process weighs its shard: sum the measures (and what each saw) over all
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for layer, mode in modes:
+                layer.mode = mode
+            for p, flag in params:
+                p.requires_grad_(flag)
+
+    def all_reduce(self, items: list[_Layer], batches: int) -> int:
+        """Sum the measures, the layers each process saw and its batches over all processes."""
         device = items[0].layer.eigenvectors.device
+        width = [item.layer.eigenvectors.shape[1] for item in items]
         parts = [
-            sums.get(item.site.name, torch.zeros(item.layer.eigenvectors.shape[1])).to(
-                device, torch.float64
-            )
-            for item in items
+            self.sums.get(item.site.name, torch.zeros(w)).to(device, torch.float64)
+            for item, w in zip(items, width, strict=True)
         ]
-        flags = [float(item.site.name in seen) for item in items] + [float(batches)]
+        flags = [float(item.site.name in self.seen) for item in items] + [float(batches)]
         packed = torch.cat(parts + [torch.tensor(flags, dtype=torch.float64, device=device)])
         dist.all_reduce(packed)
-        offsets = np.cumsum([0] + [len(part) for part in parts])
+        offsets = np.cumsum([0] + width)
         for item, start, end in zip(items, offsets[:-1], offsets[1:], strict=True):
-            sums[item.site.name] = packed[start:end]
+            self.sums[item.site.name] = packed[start:end]
         *ran, total = packed[offsets[-1] :].tolist()
-        seen = {item.site.name for item, flag in zip(items, ran, strict=True) if flag > 0}
-        batches = int(round(total))
-    if batches == 0:
-        raise ValueError("data must hold at least one batch for loss, got none")
-    missing = [name for name in planned if name not in seen]
-    if missing:
-        raise ValueError(
-            f"loss(model, batch) never ran these planned layers: {', '.join(missing)}; "
-            "restrict the plan with include="
-        )
-    if not any(bool(s.any()) for s in sums.values()):
-        raise ValueError(
-            "the loss's gradient is zero at every planned layer, so it cannot weigh their "
-            "directions: a loss at its minimum (the distance to the model's own outputs, say) "
-            "has none; use the task's loss, or (output * torch.randn_like(output)).sum()"
-        )
-    penalties = []
-    for item in items:
-        name = item.site.name
-        weights = sums.get(name)
-        values = item.layer.eigenvalues.detach().double().cpu().numpy()
-        r = item.layer.eigenvectors.shape[1]
-        s = np.zeros(r) if weights is None else weights.cpu().numpy()
-        contributions = values[:r] * s
-        tail = np.concatenate([np.cumsum(contributions[::-1])[::-1], [0.0]])
-        penalties.append(tail[np.minimum(item.ks, r)])
-    return penalties
+        self.seen = {item.site.name for item, flag in zip(items, ran, strict=True) if flag > 0}
+        return int(round(total))
+
+    def check(self, batches: int) -> None:
+        """Refuse a measure that cannot weigh the plan, saying why."""
+        if batches == 0:
+            raise ValueError("data must hold at least one batch for loss, got none")
+        missing = [name for name in self.planned if name not in self.seen]
+        if missing:
+            raise ValueError(
+                f"loss(model, batch) never ran these planned layers: {', '.join(missing)}; "
+                "restrict the plan with include="
+            )
+        if not any(bool(s.any()) for s in self.sums.values()):
+            raise ValueError(
+                "the loss's gradient is zero at every planned layer, so it cannot weigh their "
+                "directions: a loss at its minimum (the distance to the model's own outputs, "
+                "say) has none; use the task's loss, or (output * torch.randn_like(output)).sum()"
+            )
+
+
+def _backward_passes(
+    model: nn.Module,
+    loss: Callable[[nn.Module, Any], Tensor],
+    data: Iterable[Any],
+    progress: bool | None,
+) -> int:
+    """One backward pass of ``loss(model, batch)`` per batch, checked; returns the batches run."""
+    batches = 0
+    sized = getattr(data, "__len__", None)
+    total = len(data) if sized is not None else None  # type: ignore[arg-type]
+    bar = progress_bar(progress, desc="weighing directions", unit="batch", total=total)
+    with kept_modes(model), torch.inference_mode(False), torch.enable_grad(), bar:
+        model.eval()
+        for index, batch in enumerate(data):
+            value = loss(model, batch)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise TypeError(
+                    f"loss(model, batch) must return a scalar tensor, got {value!r} for batch {index}"
+                )
+            if not torch.isfinite(value.detach()).all():
+                raise ValueError(
+                    f"loss(model, batch) returned {float(value.detach())} for batch {index}"
+                )
+            if not value.requires_grad:
+                raise ValueError(
+                    "loss(model, batch) does not depend on any PCA layer's output "
+                    f"(batch {index}); compute it from model(batch)"
+                )
+            value.reshape(()).backward()
+            batches += 1
+            bar.update()
+    return batches
+
+
+def _tail_penalties(item: _Layer, weights: Tensor | None) -> np.ndarray:
+    """``sum_{j > k} lambda_j s_j`` at each of the item's candidate ranks ``k``."""
+    values = item.layer.eigenvalues.detach().double().cpu().numpy()
+    r = item.layer.eigenvectors.shape[1]
+    s = np.zeros(r) if weights is None else weights.cpu().numpy()
+    contributions = values[:r] * s
+    tail = np.concatenate([np.cumsum(contributions[::-1])[::-1], [0.0]])
+    return tail[np.minimum(item.ks, r)]
 
 
 def _table(items: list[_Layer], choice: list[int]) -> pd.DataFrame:
