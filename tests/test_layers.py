@@ -97,9 +97,10 @@ def test_conv_layer_is_channelwise_and_one_1x1_convolution(keepdim):
     layer.eval()
     rows = x.transpose(0, 2, 3, 1).reshape(-1, 8).astype(np.float64)
     pca = PCA(n_components=0.95, svd_solver="full").fit(rows)
+    projected = layer(t)  # the first eval call decomposes; reading in_dim never does
     assert layer.in_dim == pca.n_components_
     out = (
-        layer(t).double().numpy().transpose(0, 2, 3, 1).reshape(-1, 8 if keepdim else layer.in_dim)
+        projected.double().numpy().transpose(0, 2, 3, 1).reshape(-1, 8 if keepdim else layer.in_dim)
     )
     expected = pca.inverse_transform(pca.transform(rows)) if keepdim else pca.transform(rows)
     np.testing.assert_allclose(out, expected, atol=1e-4)
@@ -214,6 +215,7 @@ def test_collect_mode_collects_in_eval_and_project_mode_projects_in_training():
     layer(torch.randn(10, 3))
     assert int(layer.sample_count) == 10
     layer.threshold = 0.5
+    layer.compute_eigenspace()
     assert layer.in_dim < 3  # a real projection, not the identity
     layer.mode = "project"
     layer.train()
@@ -413,3 +415,36 @@ def test_a_moved_layer_keeps_its_basis_a_view_of_the_eigenvectors(device):
     if device != "meta":
         assert layer.basis.data_ptr() == layer.eigenvectors.data_ptr()
         torch.testing.assert_close(layer(torch.from_numpy(x[:20]).to(device)).cpu(), expected)
+
+
+def test_reading_a_layer_never_decomposes():
+    torch.manual_seed(0)
+    layer = LinearPCALayer(6, threshold=0.9)
+    layer(torch.randn(64, 6) * torch.logspace(0, -2, 6))
+    calls = []
+    original = type(layer).compute_eigenspace
+
+    def counted(self):
+        calls.append(1)
+        return original(self)
+
+    type(layer).compute_eigenspace = counted  # type: ignore[method-assign]
+    try:
+        for read in (
+            "in_dim",
+            "explained",
+            "transformation_matrix",
+            "reduced_transformation_matrix",
+        ):
+            with pytest.raises(
+                NotCalibratedError, match="newer than its eigenspace.*compute_eigenspace"
+            ):
+                getattr(layer, read)
+        layer.threshold = 0.5  # stored for the decomposition to come
+        assert calls == []
+        layer.compute_eigenspace()
+        assert len(calls) == 1 and layer.threshold == 0.5 and 1 <= layer.in_dim < 6
+        layer.threshold = 0.999  # a new projection from the spectrum, no decomposition
+        assert len(calls) == 1 and layer.in_dim > 1
+    finally:
+        type(layer).compute_eigenspace = original  # type: ignore[method-assign]

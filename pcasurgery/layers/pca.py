@@ -119,7 +119,12 @@ class PCALayer(LayerStatistics):
 
     @property
     def threshold(self) -> float:
-        """Fraction of variance the projection keeps; setting it recomputes the projection."""
+        """Fraction of variance the projection keeps.
+
+        Setting it rebuilds the projection from the current spectrum (no
+        eigendecomposition); on a layer whose statistics are newer than its
+        eigenspace it is only stored, for the decomposition to come.
+        """
         return self._threshold_host
 
     @threshold.setter
@@ -128,9 +133,12 @@ class PCALayer(LayerStatistics):
         current = self._has_spectrum and not self._stale and not bool(self.random_directions)
         self._put("_threshold", value)
         self._threshold_host = value
+        if self._stale:
+            return  # the next decomposition (compute_eigenspace, an eval call) uses it
         if current and _s.intrinsic_dimensionality(self.eigenvalues, value) == self._rank_host:
             return  # the same k: the projection stands
-        self._refresh()
+        if self._has_spectrum:
+            self._update_projection()
 
     @property
     def centering(self) -> bool:
@@ -181,8 +189,14 @@ class PCALayer(LayerStatistics):
 
     @property
     def in_dim(self) -> int:
-        """``k``: the number of kept eigendirections."""
-        self.ensure_eigenspace()
+        """``k``: the number of kept eigendirections.
+
+        Reading it never decomposes: on a layer whose statistics are newer than
+        its eigenspace (training-mode batches since) it raises
+        ``NotCalibratedError``; call :meth:`compute_eigenspace` or run the layer
+        in eval mode first. So do ``explained`` and the transformation matrices.
+        """
+        self._require_current()
         return self._rank_host
 
     @property
@@ -203,13 +217,13 @@ class PCALayer(LayerStatistics):
     @property
     def explained(self) -> float:
         """Fraction of the variance the kept directions carry."""
-        self.ensure_eigenspace()
+        self._require_current()
         return _s.explained_fraction(self.eigenvalues, self._rank_host)
 
     @property
     def transformation_matrix(self) -> Tensor:
         """The ``(width, width)`` projector ``V_k V_k^T`` (random if directions were injected)."""
-        self.ensure_eigenspace()
+        self._require_current()
         if self.keepdim and not self._factored:
             return self.projection_weight.detach().clone()
         return self.projection_weight.T @ self.projection_weight
@@ -217,7 +231,7 @@ class PCALayer(LayerStatistics):
     @property
     def reduced_transformation_matrix(self) -> Tensor:
         """The ``(width, k)`` basis ``V_k`` the projection keeps (random after injection), a copy."""
-        self.ensure_eigenspace()
+        self._require_current()
         return self.basis.to(self.projection_weight.dtype, copy=True)
 
     # ------------------------------------------------------------ computation
@@ -235,12 +249,18 @@ class PCALayer(LayerStatistics):
                 "(pcasurgery.calibrate) or forward data in training mode first"
             )
 
-    def _refresh(self) -> None:
-        """Bring the projection in line with threshold/centering, using stored statistics."""
+    def _require_current(self) -> None:
+        """Raise unless the eigenspace matches the statistics (reading never decomposes)."""
         if self._stale:
-            self.compute_eigenspace()
-        elif self._has_spectrum:
-            self._update_projection()
+            raise NotCalibratedError(
+                f"PCA layer {self.name!r} has statistics newer than its eigenspace: call "
+                "compute_eigenspace() (or run it in eval mode) before reading its spectrum"
+            )
+        if not self._has_spectrum:
+            raise NotCalibratedError(
+                f"PCA layer {self.name!r} has no statistics yet: run calibration "
+                "(pcasurgery.calibrate) or forward data in training mode first"
+            )
 
     @torch.no_grad()
     def compute_eigenspace(self) -> None:
