@@ -19,8 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="demo-out", help="folder for the demo's files")
     from ._compress_lm import add_arguments
 
-    lm = sub.add_parser("compress-lm", help="compress a causal LM under a parameter budget",
-                        description=_compress_lm_doc())  # fmt: skip
+    lm = sub.add_parser(
+        "compress-lm",
+        help="compress a causal LM under a parameter budget",
+        description=_compress_lm_doc(),
+    )
     add_arguments(lm)
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -69,8 +69,13 @@ def _plot_tradeoff(table, chosen: float, original: dict[str, Any], path: Path) -
     ax = fig.add_subplot()
     ax.plot(table["params"], 100 * table["test_accuracy"], "o-", label="compressed (PCA)")
     for _, row in table.iterrows():
-        ax.annotate(f"{row['threshold']:g}", (row["params"], 100 * row["test_accuracy"]),
-                    textcoords="offset points", xytext=(4, -10), fontsize=7)  # fmt: skip
+        ax.annotate(
+            f"{row['threshold']:g}",
+            (row["params"], 100 * row["test_accuracy"]),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=7,
+        )
     ax.axhline(100 * original["test_accuracy"], color="grey", ls="--", label="original accuracy")
     ax.axvline(original["params"], color="grey", ls=":", label="original parameters")
     pick = table[table["threshold"] == chosen].iloc[0]
@@ -132,8 +137,10 @@ def run_demo(
 
 def _train(split: Split, epochs: int, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     n_train, n_val, n_test = len(split.x_train), len(split.x_val), len(split.x_test)
-    print(f"[1/6] training a small CNN on scikit-learn's digits ({n_train} train / {n_val} validation / "
-          f"{n_test} test images, {epochs} epochs)")  # fmt: skip
+    print(
+        f"[1/6] training a small CNN on scikit-learn's digits ({n_train} train / {n_val} validation / "
+        f"{n_test} test images, {epochs} epochs)"
+    )
     torch.manual_seed(seed)  # the initial weights too
     model = train(DigitsCNN(), split, epochs=epochs, seed=seed)
     original = {
@@ -142,9 +149,11 @@ def _train(split: Split, epochs: int, seed: int) -> tuple[torch.nn.Module, dict[
         "params": count_params(model),
         "macs": count_macs(model, split.x_test[:1]),
     }
-    print(f"      test accuracy {original['test_accuracy']:.2%} (validation {original['val_accuracy']:.2%}), "
-          f"{original['params']:,} parameters, "
-          f"{original['macs']:,} multiply-accumulates per image")  # fmt: skip
+    print(
+        f"      test accuracy {original['test_accuracy']:.2%} (validation {original['val_accuracy']:.2%}), "
+        f"{original['params']:,} parameters, "
+        f"{original['macs']:,} multiply-accumulates per image"
+    )
     return model, original
 
 
@@ -186,8 +195,10 @@ def _sweep(
     ok = swept[swept["val_accuracy"] >= original["val_accuracy"] - max_drop]
     chosen = float((ok if len(ok) else swept).sort_values("params").iloc[0]["threshold"])
     _plot_tradeoff(swept, chosen, original, out / "accuracy_vs_parameters.png")
-    print(f"      smallest model within {100 * max_drop:g} point of the original validation accuracy: "
-          f"threshold {chosen:g}")  # fmt: skip
+    print(
+        f"      smallest model within {100 * max_drop:g} point of the original validation accuracy: "
+        f"threshold {chosen:g}"
+    )
     return chosen
 
 
@@ -222,11 +233,19 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     print("[6/6] summary")
     rows = [
         ("test accuracy", f"{original['test_accuracy']:.2%}", f"{after['test_accuracy']:.2%}", ""),
-        ("parameters", f"{original['params']:,}", f"{after['params']:,}",
-         f"{original['params'] / after['params']:.1f}x fewer"),
-        ("MACs per image", f"{original['macs']:,}", f"{after['macs']:,}",
-         f"{original['macs'] / after['macs']:.1f}x fewer"),
-    ]  # fmt: skip
+        (
+            "parameters",
+            f"{original['params']:,}",
+            f"{after['params']:,}",
+            f"{original['params'] / after['params']:.1f}x fewer",
+        ),
+        (
+            "MACs per image",
+            f"{original['macs']:,}",
+            f"{after['macs']:,}",
+            f"{original['macs'] / after['macs']:.1f}x fewer",
+        ),
+    ]
     for b, times in summary["onnx_latency_ms"].items():
         t0, t1 = times["original"], times["compressed"]
         rows.append(

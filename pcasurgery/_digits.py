@@ -44,10 +44,13 @@ def load_digits_split(seed: int = 0, val: int = 240, test: int = 360) -> Split:
     x, y = x[order], y[order]
     n_train = len(x) - val - test
     return Split(
-        x[:n_train], y[:n_train],
-        x[n_train : n_train + val], y[n_train : n_train + val],
-        x[n_train + val :], y[n_train + val :],
-    )  # fmt: skip
+        x[:n_train],
+        y[:n_train],
+        x[n_train : n_train + val],
+        y[n_train : n_train + val],
+        x[n_train + val :],
+        y[n_train + val :],
+    )
 
 
 class DigitsMLP(nn.Module):

@@ -39,8 +39,14 @@ def _automatic() -> bool:
     return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("CI")
 
 
-def progress_bar(progress: bool | None, *, desc: str, unit: str, total: float | None = None,
-                 steps: int | None = None) -> Any:  # fmt: skip
+def progress_bar(
+    progress: bool | None,
+    *,
+    desc: str,
+    unit: str,
+    total: float | None = None,
+    steps: int | None = None,
+) -> Any:
     """A tqdm bar following the convention above (disabled, it costs nothing).
 
     Args:
@@ -58,10 +64,17 @@ def progress_bar(progress: bool | None, *, desc: str, unit: str, total: float | 
     enabled = _automatic() if progress is None else progress
     delay = DELAY if progress is None else 0.0
     if steps is None:
-        return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, delay=delay,
-                    dynamic_ncols=True)  # fmt: skip
-    bar = tqdm(total=total, desc=desc, disable=not enabled, delay=delay, dynamic_ncols=True,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")  # fmt: skip
+        return tqdm(
+            total=total, desc=desc, unit=unit, disable=not enabled, delay=delay, dynamic_ncols=True
+        )
+    bar = tqdm(
+        total=total,
+        desc=desc,
+        disable=not enabled,
+        delay=delay,
+        dynamic_ncols=True,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]",
+    )
     bar.steps, bar.done, bar.unit_name = steps, 0, unit
     bar.set_postfix_str(f"0/{steps} {unit}s", refresh=False)
     return bar

@@ -64,8 +64,17 @@ __all__ = ["apply_plan", "budget_plan"]
 
 _BELOW_ONE = float(np.nextafter(1.0, 0.0))
 
-PLAN_COLUMNS = ("layer", "width", "k", "action", "explained", "params_before", "params_after",
-                "macs_before", "macs_after")  # fmt: skip
+PLAN_COLUMNS = (
+    "layer",
+    "width",
+    "k",
+    "action",
+    "explained",
+    "params_before",
+    "params_after",
+    "macs_before",
+    "macs_after",
+)
 
 
 @dataclass
@@ -273,8 +282,12 @@ def budget_plan(
     if evaluate is not None:
         choice, attrs = _refine(model, items, costs, target, choice, evaluate, progress)
     plan = _table(items, choice)
-    plan.attrs.update(remove=float(remove), by=by, removed=1.0 - _total(costs, choice) / before,
-                      objective="spectral" if loss is None else "gradient")  # fmt: skip
+    plan.attrs.update(
+        remove=float(remove),
+        by=by,
+        removed=1.0 - _total(costs, choice) / before,
+        objective="spectral" if loss is None else "gradient",
+    )
     plan.attrs.update(attrs)
     return plan
 
@@ -442,12 +455,19 @@ def _tail_penalties(item: _Layer, weights: Tensor | None) -> np.ndarray:
 def _table(items: list[_Layer], choice: list[int]) -> pd.DataFrame:
     rows = []
     for item, i in zip(items, choice, strict=True):
-        rows.append({
-            "layer": item.site.name, "width": item.layer.width, "k": int(item.ks[i]),
-            "action": item.actions[i], "explained": 1.0 - float(item.loss[i]),
-            "params_before": item.params_before, "params_after": int(item.params[i]),
-            "macs_before": item.macs_before, "macs_after": int(item.macs[i]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "layer": item.site.name,
+                "width": item.layer.width,
+                "k": int(item.ks[i]),
+                "action": item.actions[i],
+                "explained": 1.0 - float(item.loss[i]),
+                "params_before": item.params_before,
+                "params_after": int(item.params[i]),
+                "macs_before": item.macs_before,
+                "macs_after": int(item.macs[i]),
+            }
+        )
     return pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
 
 

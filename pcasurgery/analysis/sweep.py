@@ -28,8 +28,24 @@ from ..layers.sites import Site, sites_of
 __all__ = ["DEFAULT_LADDER", "allocate", "sweep"]
 
 DEFAULT_LADDER = (
-    1.0, 0.9999, 0.999, 0.998, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5,
-)  # fmt: skip
+    1.0,
+    0.9999,
+    0.999,
+    0.998,
+    0.995,
+    0.99,
+    0.98,
+    0.97,
+    0.95,
+    0.93,
+    0.9,
+    0.85,
+    0.8,
+    0.75,
+    0.7,
+    0.6,
+    0.5,
+)
 
 
 @contextlib.contextmanager
@@ -204,18 +220,36 @@ def allocate(
         for layer in layers.values():
             layer.threshold = 1.0
         metric, macs = measure()
-        table = [{"step": 0, "layer": None, "threshold": 1.0, "k": None, "metric": metric, "macs": macs,
-                  "params": count_params(compress(model, progress=False))}]  # fmt: skip
+        table = [
+            {
+                "step": 0,
+                "layer": None,
+                "threshold": 1.0,
+                "k": None,
+                "metric": metric,
+                "macs": macs,
+                "params": count_params(compress(model, progress=False)),
+            }
+        ]
         position = dict.fromkeys(layers, 0)
         floor = metric - float(max_drop)
-        while (best := _best_step(model, layers, sites, steps, position, measure, metric, macs,
-                                  floor)) is not None:  # fmt: skip
+        while (
+            best := _best_step(model, layers, sites, steps, position, measure, metric, macs, floor)
+        ) is not None:
             name, j, metric, macs = best
             layers[name].threshold = steps[j]
             position[name] = j
-            table.append({"step": len(table), "layer": name, "threshold": steps[j], "k": layers[name].in_dim,
-                          "metric": metric, "macs": macs,
-                          "params": count_params(compress(model, progress=False))})  # fmt: skip
+            table.append(
+                {
+                    "step": len(table),
+                    "layer": name,
+                    "threshold": steps[j],
+                    "k": layers[name].in_dim,
+                    "metric": metric,
+                    "macs": macs,
+                    "params": count_params(compress(model, progress=False)),
+                }
+            )
             bar.set_postfix_str(f"{len(table) - 1} steps taken", refresh=False)
     return pd.DataFrame(table)
 

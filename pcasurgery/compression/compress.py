@@ -166,8 +166,10 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     sites = sites_of(out)
     rows = []
     before = dict(out.named_modules(remove_duplicate=False))
-    with resident(out), progress_bar(progress, desc="compressing", unit="layer",
-                                     total=len(sites)) as bar:  # fmt: skip
+    with (
+        resident(out),
+        progress_bar(progress, desc="compressing", unit="layer", total=len(sites)) as bar,
+    ):
         for site in sites:  # weights offloaded by accelerate are read here, resident
             rows.append(_compress_site(out, site, bns.get(site.name)))
             bar.update()
@@ -194,9 +196,15 @@ def _shippable(model: nn.Module) -> None:
 
 
 def _row(site: Site, layer: PCALayer, action: str, before: int, after: nn.Module, fused: bool):
-    return {"layer": site.name, "action": action, "k": layer.in_dim, "width": layer.width,
-            "params_before": before, "params_after": count_params(after),
-            "batchnorm_fused": fused}  # fmt: skip
+    return {
+        "layer": site.name,
+        "action": action,
+        "k": layer.in_dim,
+        "width": layer.width,
+        "params_before": before,
+        "params_after": count_params(after),
+        "batchnorm_fused": fused,
+    }
 
 
 def _compress_site(root: nn.Module, site: Site, bn: _BatchNorm | None) -> dict:

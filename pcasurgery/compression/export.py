@@ -33,11 +33,19 @@ def _outputs(result: Any, where: str = "output") -> list[tuple[str, Tensor]]:
     if isinstance(result, Tensor):
         return [(where, result)]
     if isinstance(result, Mapping):
-        return [pair for key, value in result.items() if isinstance(value, (Tensor, Mapping, tuple, list))
-                for pair in _outputs(value, str(key))]  # fmt: skip
+        return [
+            pair
+            for key, value in result.items()
+            if isinstance(value, (Tensor, Mapping, tuple, list))
+            for pair in _outputs(value, str(key))
+        ]
     if isinstance(result, (tuple, list)):
-        return [pair for i, r in enumerate(result) if isinstance(r, (Tensor, Mapping, tuple, list))
-                for pair in _outputs(r, f"{where}[{i}]")]  # fmt: skip
+        return [
+            pair
+            for i, r in enumerate(result)
+            if isinstance(r, (Tensor, Mapping, tuple, list))
+            for pair in _outputs(r, f"{where}[{i}]")
+        ]
     raise TypeError(f"the model returned {type(result).__name__}; export needs tensors")
 
 

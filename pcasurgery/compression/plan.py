@@ -85,8 +85,11 @@ def plan_layer(layer: PCALayer, follows: Dense | None, k: int | None = None) -> 
             )
         if factorising_pays(built, fan_in, width):
             down = LayerPlan("", built * (fan_in + 1), kind.macs_per_position(follows, built))
-            return LayerPlan("factorised", down.params + width * (built + 1),
-                             down.macs_per_position + built * width)  # fmt: skip
+            return LayerPlan(
+                "factorised",
+                down.params + width * (built + 1),
+                down.macs_per_position + built * width,
+            )
         return dense
     if not layer.keepdim:
         return LayerPlan("standalone", k * (width + 1), k * width)
@@ -154,9 +157,17 @@ def compression_plan(model: nn.Module) -> pd.DataFrame:
         before = count_params(module) if module is not None else 0
         bn = bns.get(site.name)
         before += count_params(bn) if bn is not None else 0
-        rows.append({"layer": site.name, "action": plan.action, "k": layer.in_dim,
-                     "width": layer.width, "params_before": before, "params_after": plan.params,
-                     "batchnorm_fused": bn is not None})  # fmt: skip
+        rows.append(
+            {
+                "layer": site.name,
+                "action": plan.action,
+                "k": layer.in_dim,
+                "width": layer.width,
+                "params_before": before,
+                "params_after": plan.params,
+                "batchnorm_fused": bn is not None,
+            }
+        )
     return pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
 
 

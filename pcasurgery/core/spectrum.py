@@ -125,8 +125,10 @@ def eigh_through(a: Tensor, inner: Tensor) -> tuple[Tensor, Tensor]:
     """
     d, r = a.shape
     if inner.shape != (r, r) or r >= d:
-        raise ValueError(f"eigh_through needs a (d, r) with r < d and inner (r, r), got "
-                         f"{tuple(a.shape)} and {tuple(inner.shape)}")  # fmt: skip
+        raise ValueError(
+            f"eigh_through needs a (d, r) with r < d and inner (r, r), got "
+            f"{tuple(a.shape)} and {tuple(inner.shape)}"
+        )
     a, inner = a.to(torch.float64), inner.to(torch.float64)
     factor = _gram_factor(a)
     if factor is None:
@@ -244,8 +246,10 @@ def projection_affine(
         return weight.to(dtype), (-(weight @ center)).to(dtype)
     d, k = basis.shape
     if rest is not None and rest.shape != (d, d - k):
-        raise ValueError(f"rest must complete basis {tuple(basis.shape)} to ({d}, {d}), got "
-                         f"shape {tuple(rest.shape)}")  # fmt: skip
+        raise ValueError(
+            f"rest must complete basis {tuple(basis.shape)} to ({d}, {d}), got "
+            f"shape {tuple(rest.shape)}"
+        )
     if rest is not None and rest.shape[1] < k:
         others = rest.to(torch.float64)
         bias = others @ (others.T @ center)  # mu - V V^T mu

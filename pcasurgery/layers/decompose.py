@@ -56,10 +56,13 @@ def compute_eigenspaces(
     done = {id(layer) for layer, _ in on_cpu}
     elsewhere = [job for job in jobs if id(job[0]) not in done]
     costs = [float(width(job)) ** 3 for job in on_cpu + elsewhere]
-    with progress_bar(progress, desc="decompositions", unit="layer", total=sum(costs),
-                      steps=len(costs)) as bar:  # fmt: skip
-        side_by_side([partial(_install, layer, source) for layer, source in on_cpu],
-                     on_done=lambda i: step(bar, costs[i]))  # fmt: skip
+    with progress_bar(
+        progress, desc="decompositions", unit="layer", total=sum(costs), steps=len(costs)
+    ) as bar:
+        side_by_side(
+            [partial(_install, layer, source) for layer, source in on_cpu],
+            on_done=lambda i: step(bar, costs[i]),
+        )
         for i, (layer, source) in enumerate(elsewhere, start=len(on_cpu)):
             _install(layer, source)
             step(bar, costs[i])

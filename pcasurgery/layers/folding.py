@@ -215,8 +215,9 @@ def prefold(pairs: Iterable[tuple[nn.Module, PCALayer]], progress: bool | None =
 
     on_cpu = [module.weight.device.type == "cpu" for module, *_ in jobs]
     cpu = [i for i, here in enumerate(on_cpu) if here]
-    with progress_bar(progress, desc="folds", unit="layer", total=sum(sizes),
-                      steps=len(jobs)) as bar:  # fmt: skip
+    with progress_bar(
+        progress, desc="folds", unit="layer", total=sum(sizes), steps=len(jobs)
+    ) as bar:
         side_by_side([partial(job, i) for i in cpu], on_done=lambda j: step(bar, sizes[cpu[j]]))
         for i, here in enumerate(on_cpu):
             if not here:

@@ -76,8 +76,16 @@ def _convolution(module: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor
 
 def _transposed(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
     def run(module: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        return function(x, weight, bias, module.stride, module.padding, module.output_padding,
-                        module.groups, module.dilation)  # fmt: skip
+        return function(
+            x,
+            weight,
+            bias,
+            module.stride,
+            module.padding,
+            module.output_padding,
+            module.groups,
+            module.dilation,
+        )
 
     return run
 
@@ -181,8 +189,9 @@ class LayerKind:
         geometry: dict[str, Any] = {name: getattr(module, name) for name in names}
         if self.input_major:
             geometry["output_padding"] = module.output_padding
-        return self.classes[0](int(inputs), outputs, **geometry, groups=1, bias=True,
-                               device=device, dtype=dtype)  # fmt: skip
+        return self.classes[0](
+            int(inputs), outputs, **geometry, groups=1, bias=True, device=device, dtype=dtype
+        )
 
     def pointwise(self, inputs: int, outputs: int, like: Tensor) -> nn.Module:
         """A layer mapping ``inputs`` features to ``outputs`` at every position of this kind's
@@ -204,15 +213,16 @@ def _conv(name: str, cls: type[nn.Module], dims: int) -> LayerKind:
 
 def _conv_transpose(name: str, cls: type[nn.Module], dims: int) -> LayerKind:
     function = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
-    return LayerKind(name, (cls,), dims, _transposed(function), input_major=True,
-                     stock_forward=cls.forward)  # fmt: skip
+    return LayerKind(
+        name, (cls,), dims, _transposed(function), input_major=True, stock_forward=cls.forward
+    )
 
 
 KINDS: tuple[LayerKind, ...] = (
     LayerKind("linear", (nn.Linear,), 0, _linear, stock_forward=nn.Linear.forward),
     LayerKind(
         "transformers_conv1d", (), 0, _input_major_linear, input_major=True, matches=is_conv1d
-    ),  # fmt: skip
+    ),
     _conv("conv1d", nn.Conv1d, 1),
     _conv("conv2d", nn.Conv2d, 2),
     _conv("conv3d", nn.Conv3d, 3),

@@ -599,8 +599,9 @@ class Conv2DPCALayer(_ChannelPCALayer):
         return x
 
 
-def pca_layer_for(spatial_dims: int, width: int, threshold: float, centering: bool,
-                  keepdim: bool) -> PCALayer:  # fmt: skip
+def pca_layer_for(
+    spatial_dims: int, width: int, threshold: float, centering: bool, keepdim: bool
+) -> PCALayer:
     """A PCA layer for outputs with ``spatial_dims`` positions per channel (0: features last)."""
     if spatial_dims == 0:
         return LinearPCALayer(width, threshold, keepdim=keepdim, centering=centering)

@@ -67,5 +67,10 @@ def convert_delve_state(layer: Any, state_dict: dict, prefix: str) -> None:
         "basis": vectors[:, :k].contiguous(),
     }
     state_dict.update({prefix + name: value for name, value in converted.items()})
-    log.info("%s: loaded a delve PCA layer (k = %d of %d at threshold %g)",
-             prefix or layer.name, k, layer.width, threshold)  # fmt: skip
+    log.info(
+        "%s: loaded a delve PCA layer (k = %d of %d at threshold %g)",
+        prefix or layer.name,
+        k,
+        layer.width,
+        threshold,
+    )

@@ -244,8 +244,9 @@ class FollowedWeight(nn.Parameter):
     def __deepcopy__(self, memo: dict) -> FollowedWeight:
         if id(self) in memo:
             return memo[id(self)]
-        result = FollowedWeight(self.data.clone(memory_format=torch.preserve_format),
-                                self.requires_grad)  # fmt: skip
+        result = FollowedWeight(
+            self.data.clone(memory_format=torch.preserve_format), self.requires_grad
+        )
         memo[id(self)] = result
         module = self.__dict__.get(_MODULE)
         if module is not None:
@@ -398,8 +399,9 @@ def _prefixed(site: Site, prefix: str) -> Site:
     def name(path: str | None) -> str | None:
         return None if path is None else f"{prefix}.{path}"
 
-    return Site(f"{prefix}.{site.name}", f"{prefix}.{site.layer_path}", name(site.follows),
-                site.attachment)  # fmt: skip
+    return Site(
+        f"{prefix}.{site.name}", f"{prefix}.{site.layer_path}", name(site.follows), site.attachment
+    )
 
 
 def sites_of(model: nn.Module) -> tuple[Site, ...]:

@@ -372,8 +372,9 @@ class LayerState(nn.Module):
                     memory_format=torch.contiguous_format
                 )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):  # fmt: skip
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         if prefix + "sum_squares" in state_dict and prefix + "shifted_sum_sq" not in state_dict:
             convert_delve_state(self, state_dict, prefix)
         incoming_keepdim = state_dict.get(prefix + "_keepdim")
@@ -399,8 +400,9 @@ class LayerState(nn.Module):
                     self._buffers[spec.name] = current.new_empty(incoming.shape)
         if prefix + "shifted_sum_sq" in state_dict:
             self._square_factors = None  # the square comes from the checkpoint
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)  # fmt: skip
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         for spec in STATE:  # checkpoints written before these buffers existed
             if spec.optional and prefix + spec.name in missing_keys:
                 missing_keys.remove(prefix + spec.name)

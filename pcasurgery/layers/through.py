@@ -129,8 +129,13 @@ class InputStatistics:
         # unchanged: calibration runs in inference mode, where tensors have no version
         # counter, so a random weighting of the samples (_fingerprint: one read of
         # them, 1/width of the moments' product) must be the same to the bit.
-        seen = (given, self.kind, getattr(self.module, "stride", None), TOKEN_MASK.get(),
-                _fingerprint(samples, channel_dim, self._shared.setdefault("weights", {})))  # fmt: skip
+        seen = (
+            given,
+            self.kind,
+            getattr(self.module, "stride", None),
+            TOKEN_MASK.get(),
+            _fingerprint(samples, channel_dim, self._shared.setdefault("weights", {})),
+        )
         last = self._shared.get("seen")
         same = (
             last is not None
@@ -141,9 +146,13 @@ class InputStatistics:
         )
         try:
             added, self._subtract, moments = _m._accumulate_known(
-                self.state, samples, channel_dim, self._subtract,
-                self._shared["moments"] if same else None, empty=self.examples == 0,
-            )  # fmt: skip
+                self.state,
+                samples,
+                channel_dim,
+                self._subtract,
+                self._shared["moments"] if same else None,
+                empty=self.examples == 0,
+            )
         except NonFiniteError as err:
             raise NonFiniteError(
                 f"PCA layer {self.pca.name!r} received NaN or infinite activations "

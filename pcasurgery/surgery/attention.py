@@ -93,8 +93,9 @@ class SplitAttention(nn.Module):
         q = self.q_proj(query).reshape(length, batch * heads, dim).transpose(0, 1)
         k = self.k_proj(key).reshape(source, batch * heads, dim).transpose(0, 1)
         v = self.v_proj(value).reshape(source, batch * heads, dim).transpose(0, 1)
-        mask = _additive_mask(attn_mask, key_padding_mask, is_causal, batch, heads, length,
-                              source, q.dtype, q.device)  # fmt: skip
+        mask = _additive_mask(
+            attn_mask, key_padding_mask, is_causal, batch, heads, length, source, q.dtype, q.device
+        )
         scores = (q * math.sqrt(1.0 / dim)) @ k.transpose(1, 2)
         if mask is not None:
             scores = scores + mask

@@ -240,8 +240,9 @@ def calibrate(
                 layer.mode = "collect"
             inputs = _input_side(model)
             model.eval()
-            batches = _stream(model, data, forward or run_batch, target, max_batches,
-                              max_samples, progress)  # fmt: skip
+            batches = _stream(
+                model, data, forward or run_batch, target, max_batches, max_samples, progress
+            )
             with resident(model):  # offloaded weights, read through their inputs' moments
                 _install_inputs(inputs.values())
                 _combine(layers, snapshot, reset, batches)

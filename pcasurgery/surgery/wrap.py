@@ -210,8 +210,10 @@ def _announce_memory(chosen: list[tuple[str, nn.Module]]) -> None:
         sizes.append((layer_bytes(output_width(module), dtype), name, output_width(module)))
     total = sum(size for size, _, _ in sizes)
     if total > LARGE_BYTES:
-        widest = "".join(f"\n  - {n}: width {w}, {b / 2**30:.2f} GiB"
-                         for b, n, w in sorted(sizes, reverse=True)[:5])  # fmt: skip
+        widest = "".join(
+            f"\n  - {n}: width {w}, {b / 2**30:.2f} GiB"
+            for b, n, w in sorted(sizes, reverse=True)[:5]
+        )
         warnings.warn(
             f"the {len(sizes)} PCA layers may hold up to {total / 2**30:.1f} GiB once calibrated "
             f"(width**2 float64 statistics and eigenvectors per layer, allocated by calibration), "
@@ -225,8 +227,9 @@ def _announce_memory(chosen: list[tuple[str, nn.Module]]) -> None:
 def _make_layer(name: str, module: nn.Module, threshold: float, centering: bool, keepdim: bool):
     kind = kind_of(module)
     assert kind is not None  # _select_targets chose it
-    layer = pca_layer_for(kind.spatial_dims, kind.output_width(module), threshold, centering,
-                          keepdim)  # fmt: skip
+    layer = pca_layer_for(
+        kind.spatial_dims, kind.output_width(module), threshold, centering, keepdim
+    )
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         # an offloaded module's weight is on the meta device: its layer goes where it runs
@@ -341,8 +344,12 @@ def pca_wrap(
 
     order, functional, untraced = _forward_order(wrapped, chosen)
     if untraced is not None:
-        log.debug("torch.fx could not trace %s: PCA layers are listed in registration order "
-                  "rather than forward order (%s)", type(model).__name__, untraced)  # fmt: skip
+        log.debug(
+            "torch.fx could not trace %s: PCA layers are listed in registration order "
+            "rather than forward order (%s)",
+            type(model).__name__,
+            untraced,
+        )
     unreached += [name for name in layers if name not in order]
     _warn_unreached(unreached)
     if not order:
@@ -385,8 +392,11 @@ def _forward_order(
     for i, node in enumerate(graph.nodes):
         if node.op == "call_module" and node.target in names:
             position.setdefault(str(node.target), i)
-    weights = {f"{name}.weight": name for name, m in chosen
-               if affine_kind(m) == "linear" and name not in position}  # fmt: skip
+    weights = {
+        f"{name}.weight": name
+        for name, m in chosen
+        if affine_kind(m) == "linear" and name not in position
+    }
     functional = set()
     for i, node in enumerate(graph.nodes):
         if node.op != "call_function":

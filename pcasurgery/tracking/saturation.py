@@ -192,8 +192,11 @@ class SaturationTracker:
             interpolation_downsampling, "interpolation_downsampling"
         )
         if interpolation_strategy is not None:
-            check_choice(interpolation_strategy, "interpolation_strategy",
-                         ("nearest", "bilinear", "bicubic", "area", "nearest-exact"))  # fmt: skip
+            check_choice(
+                interpolation_strategy,
+                "interpolation_strategy",
+                ("nearest", "bilinear", "bicubic", "area", "nearest-exact"),
+            )
         self.interpolation_strategy = interpolation_strategy
         for flag in ("layerwise_sat", "reset_covariance", "average_sat", "include_conv", "nosave"):
             check_bool(locals()[flag], flag)
@@ -293,10 +296,16 @@ class SaturationTracker:
         x = output
         if isinstance(module, CONVOLUTIONS) and x.dim() >= 3:
             size = self.interpolation_downsampling
-            if (self.interpolation_strategy is not None and x.dim() == 4
-                    and (x.shape[2] > size or x.shape[3] > size)):  # fmt: skip
-                x = F.interpolate(x, size=(min(size, x.shape[2]), min(size, x.shape[3])),
-                                  mode=self.interpolation_strategy)  # fmt: skip
+            if (
+                self.interpolation_strategy is not None
+                and x.dim() == 4
+                and (x.shape[2] > size or x.shape[3] > size)
+            ):
+                x = F.interpolate(
+                    x,
+                    size=(min(size, x.shape[2]), min(size, x.shape[3])),
+                    mode=self.interpolation_strategy,
+                )
             method = self.conv_method
             if method == "channelwise":
                 return x, 1, x.shape[0]
@@ -431,8 +440,14 @@ class SaturationTracker:
                     points = _s.embed(cov.saved_samples, eigenvectors, cov.mean)
                     samples[key.format(STATMAP["embed"])] = points.cpu().numpy()
                 if self.verbose:
-                    log.info("%s %s: saturation %.4f (k = %d of %d)", mode, name,
-                             _s.saturation(k, matrix.shape[0]), k, matrix.shape[0])  # fmt: skip
+                    log.info(
+                        "%s %s: saturation %.4f (k = %d of %d)",
+                        mode,
+                        name,
+                        _s.saturation(k, matrix.shape[0]),
+                        k,
+                        matrix.shape[0],
+                    )
         return values, samples
 
     def add_saturations(self, save: bool = True) -> dict[str, Any]:
@@ -450,9 +465,11 @@ class SaturationTracker:
                 if sats:
                     values[f"average-{mode}-sat"] = float(np.mean(sats))
         if not self.nosave:
-            written = values if self.layerwise_sat else {
-                k: v for k, v in values.items() if k.startswith("average-")
-            }  # fmt: skip
+            written = (
+                values
+                if self.layerwise_sat
+                else {k: v for k, v in values.items() if k.startswith("average-")}
+            )
             self.writer.add_scalars(prefix="", value_dict=written, sample_value_dict=samples)
             if save:
                 self.writer.save()
