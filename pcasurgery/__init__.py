@@ -7,7 +7,15 @@ smaller layers.
 
 from . import metrics, pca_layers, torch_utils, writers
 from ._errors import NonFiniteError, NotCalibratedError, OnnxCheckError, PCASurgeryError
-from .analysis import allocate, apply_plan, budget_plan, plot_saturation, report, sweep
+from .analysis import (
+    allocate,
+    apply_plan,
+    budget_plan,
+    compress_sequential,
+    plot_saturation,
+    report,
+    sweep,
+)
 from .compression import (
     compress,
     compression_plan,
@@ -51,6 +59,7 @@ __all__ = [
     "budget_plan",
     "calibrate",
     "compress",
+    "compress_sequential",
     "compression_plan",
     "count_macs",
     "count_params",

@@ -119,3 +119,16 @@ def test_the_eval_fold_on_cuda_equals_the_float64_reference():
                 rtol=1e-5,
                 atol=1e-5,
             )
+
+
+def test_sequential_compression_computes_each_block_on_the_gpu_and_brings_it_back():
+    model, data = tiny_llama(), token_batches(96)
+    on_cpu = ps.compress_sequential(copy.deepcopy(model), data, blocks="model.layers.*", remove=0.3)
+    on_gpu = ps.compress_sequential(model, data, blocks="model.layers.*", remove=0.3, device="cuda")
+    assert {p.device.type for p in on_gpu.parameters()} == {"cpu"}
+    assert ps.count_params(on_gpu) == ps.count_params(on_cpu)
+    prompt = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            on_gpu(input_ids=prompt).logits, on_cpu(input_ids=prompt).logits, atol=1e-4, rtol=1e-4
+        )

@@ -177,14 +177,17 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     assert not any(isinstance(m, PCALayer) for m in out.modules())
     after = out.named_modules(remove_duplicate=False)
     mark_replaced(out, [path for path, m in after if path and before.get(path) is not m])
-    _shippable(out)
+    make_shippable(out)
     out.compression_report = pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
     return out
 
 
-def _shippable(model: nn.Module) -> None:
+def make_shippable(model: nn.Module) -> None:
     """Give a compressed transformers model the class whose ``save_pretrained`` writes a
-    checkpoint that loads without pcasurgery (``pcasurgery.modeling_pcasurgery``)."""
+    checkpoint that loads without pcasurgery (``pcasurgery.modeling_pcasurgery``); other
+    models are left as they are."""
+    if not (hasattr(model, "config") and hasattr(model, "save_pretrained")):
+        return
     cls = type(model)
     base: type = cls.__dict__.get("_compressed_from") or cls
     transformers = sys.modules.get("transformers")

@@ -1,0 +1,251 @@
+"""Compress a stack of blocks one block at a time: ``compress_sequential``.
+
+The inputs of the first block are captured once (the model runs up to it on
+each calibration batch). Then, for each block in order: the block is wrapped
+with PCA layers (a copy), calibrated on its captured inputs, planned, and
+compressed; the compressed block takes its place in the model, and the block's
+outputs on the captured inputs become the next block's inputs. Only one
+block's statistics and eigenvectors exist at a time.
+
+``propagate="compressed"`` (the default) passes on the compressed block's
+outputs, so each block is calibrated on the activations the compressed model
+will really feed it, and compensates for what the blocks before it lost (what
+SliceGPT does); ``"original"`` passes on the dense block's outputs, which gives
+exactly what whole-model calibration gives.
+
+Each block's ranks come from ``plan`` (a ``budget_plan`` table of the whole
+wrapped model, whose layer names are the model's: the global allocation), or
+else from a budget that removes ``remove`` of each block's planned parameters
+(``budget_plan`` on the block: the same fraction of every block).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .._batches import attention_mask, run_batch, to_device
+from .._progress import check_progress, progress_bar
+from .._validation import check_device, check_module, kept_modes
+from ..compression.compress import compress, make_shippable
+from ..compression.plan import PLAN_COLUMNS
+from ..layers.statistics import token_mask
+from ..surgery import calibrate, pca_wrap
+from .budget import apply_plan, budget_plan
+
+__all__ = ["compress_sequential"]
+
+log = logging.getLogger("pcasurgery")
+
+PROPAGATE = ("compressed", "original")
+
+
+class _Captured(Exception):
+    """Raised by the hook on the first block once its inputs are stored."""
+
+
+def block_names(model: nn.Module, blocks: str) -> list[str]:
+    """The outermost modules whose qualified names match the glob ``blocks``, in model order."""
+    names = [
+        name for name, _ in model.named_modules() if name and fnmatch.fnmatchcase(name, blocks)
+    ]
+    outermost = [n for n in names if not any(n.startswith(m + ".") for m in names)]
+    if not outermost:
+        raise ValueError(f"blocks={blocks!r} matches no module of {type(model).__name__}")
+    return outermost
+
+
+# one block call: its positional and keyword arguments, and the batch's token mask
+Call = tuple[tuple, dict, Tensor | None]
+
+
+def _capture(
+    model: nn.Module, first: nn.Module, data: Iterable[Any], forward: Callable
+) -> list[Call]:
+    """``(args, kwargs, mask)`` of ``first``'s call on each batch (the model stops there);
+    ``mask``: the batch's ``attention_mask``, which keeps padding out of the statistics."""
+    captured: list[Call] = []
+    mask: list[Tensor | None] = [None]
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        caches = [k for k, v in kwargs.items() if type(v).__name__.endswith("Cache")]
+        if caches:  # a key/value cache would grow at every later call of the block
+            kwargs = {**kwargs, **dict.fromkeys(caches), "use_cache": False}
+        captured.append((args, kwargs, mask[0]))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode(), kept_modes(model):
+            model.eval()
+            for batch in data:
+                mask[0] = attention_mask(batch)
+                try:
+                    forward(model, batch)
+                except _Captured:
+                    continue
+                raise ValueError(f"the model never called its first block on batch {len(captured)}")
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError("data must hold at least one batch, got none")
+    return captured
+
+
+def _outputs(block: nn.Module, inputs: list[Call]) -> list[Call]:
+    """The next block's inputs: ``block``'s output in place of the first argument."""
+    out = []
+    with torch.inference_mode():
+        for args, kwargs, mask in inputs:
+            y = block(*args, **kwargs)
+            hidden = y[0] if isinstance(y, (tuple, list)) else y
+            if not isinstance(hidden, Tensor):
+                raise TypeError(
+                    f"a block returned {type(y).__name__}; compress_sequential needs a tensor "
+                    "(or a tuple whose first item is one): the next block's input"
+                )
+            out.append(((hidden, *args[1:]), kwargs, mask))
+    return out
+
+
+def statistics_bytes(block: nn.Module, targets: tuple[type, ...] = (nn.Linear,)) -> int:
+    """The bytes a block's PCA layers hold while it is calibrated: per followed layer of
+    width ``w``, a float64 ``(w, w)`` square and as many eigenvectors."""
+    total = 0
+    for module in block.modules():
+        width = getattr(module, "out_features", None) or getattr(module, "nf", None)
+        if isinstance(module, targets) or getattr(module, "nf", None) is not None:
+            total += 2 * 8 * int(width or 0) ** 2
+    return total
+
+
+def compress_sequential(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    blocks: str,
+    remove: float | None = None,
+    plan: pd.DataFrame | None = None,
+    propagate: str = "compressed",
+    by: str = "params",
+    centering: bool = True,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Calibrate and compress the blocks matched by ``blocks`` one at a time, in place.
+
+    Args:
+        model: the model (not wrapped); its blocks are replaced by compressed ones.
+        data: calibration batches, as ``calibrate`` takes them (a list: it is
+            iterated once, to capture the first block's inputs, which are kept).
+        blocks: glob of the blocks (``"model.layers.*"``); the outermost matches.
+        remove: the fraction of each block's planned parameters (or MACs) to
+            remove (``budget_plan`` on the block). Give this or ``plan``.
+        plan: a ``budget_plan`` table of the whole wrapped model (its ranks,
+            layer by layer: the global allocation); layers of the blocks it does
+            not name stay dense.
+        propagate: ``"compressed"``: the next block is calibrated on the
+            compressed block's outputs; ``"original"``: on the dense block's.
+        by: what ``remove`` counts, ``"params"`` or ``"macs"``.
+        centering: centred PCA (True) or uncentred.
+        forward: ``forward(model, batch)`` runs a batch (default: as ``calibrate`` does).
+        device: where each block is calibrated and compressed (``"cuda"``, say): the
+            block and the activations move there, and the compressed block comes back
+            to where the block was; the rest of the model never moves.
+        progress: a bar over the blocks (``None``: in a terminal, after two seconds).
+
+    Returns:
+        ``model``, with its ``compression_report`` (``compress``'s columns, one
+        row per PCA layer, named as in the whole model).
+
+    Raises:
+        ValueError: neither or both of ``remove`` and ``plan``; ``propagate`` not one
+            of ``"compressed"``, ``"original"``; ``blocks`` matches nothing; no data.
+    """
+    check_module(model)
+    if (remove is None) == (plan is None):
+        raise ValueError("give either remove (a fraction per block) or plan (a budget_plan table)")
+    if propagate not in PROPAGATE:
+        raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
+    if plan is not None and not {"layer", "k"} <= set(getattr(plan, "columns", ())):
+        raise ValueError("plan must be a DataFrame from budget_plan (columns layer and k)")
+    progress = check_progress(progress)
+    target = check_device(device)
+    run = forward or run_batch
+    names = block_names(model, blocks)
+    first = model.get_submodule(names[0])
+    log.info(
+        "compress_sequential: %d blocks; the PCA statistics of one block take %.1f MiB",
+        len(names),
+        statistics_bytes(first) / 2**20,
+    )
+    inputs = [to_device(call, target) for call in _capture(model, first, data, run)]
+    rows = []
+    with progress_bar(progress, desc="compressing blocks", unit="block", total=len(names)) as bar:
+        for name in names:
+            block = model.get_submodule(name)
+            home = next(itertools.chain(block.parameters(), block.buffers()), None)
+            if target is not None:
+                block.to(target)
+            small, report = _compress_block(block, name, inputs, remove, plan, by, centering)
+            inputs = _outputs(small if propagate == "compressed" else block, inputs)
+            if target is not None and home is not None:
+                small.to(home.device)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, small)
+            rows.append(report)
+            bar.update()
+    make_shippable(model)
+    report = (
+        pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=list(PLAN_COLUMNS))
+    )
+    model.compression_report = report
+    return model
+
+
+def _compress_block(
+    block: nn.Module,
+    name: str,
+    inputs: list[Call],
+    remove: float | None,
+    plan: pd.DataFrame | None,
+    by: str,
+    centering: bool,
+) -> tuple[nn.Module, pd.DataFrame]:
+    """The compressed copy of one block, calibrated on ``inputs``, and its report rows.
+
+    With a global ``plan``, only the block's layers it names are wrapped (the
+    others stay as they are), each at its planned rank; a block it does not
+    name is returned as it is.
+    """
+    local = None
+    if plan is not None:
+        prefix = name + "."
+        named = plan[plan["layer"].astype(str).str.startswith(prefix)]
+        local = named.assign(layer=named["layer"].astype(str).str[len(prefix) :])
+        if not len(local):
+            return block, pd.DataFrame(columns=list(PLAN_COLUMNS))
+    include = None if local is None else [glob.escape(n) for n in local["layer"]]
+    wrapped = pca_wrap(block, centering=centering, include=include)
+    calibrate(wrapped, inputs, forward=_call, progress=False)
+    if local is None:
+        local = budget_plan(wrapped, remove=float(remove), by=by, progress=False)  # type: ignore[arg-type]
+    apply_plan(wrapped, local)
+    small = compress(wrapped, progress=False)
+    report: pd.DataFrame = small.__dict__["compression_report"]
+    return small, report.assign(layer=name + "." + report["layer"].astype(str))
+
+
+def _call(block: nn.Module, call: Call) -> Any:
+    args, kwargs, mask = call
+    with token_mask(mask):
+        return block(*args, **kwargs)
