@@ -161,7 +161,9 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     progress = check_progress(progress)
     for layer in layers.values():
         layer.ensure_eigenspace()
-    out = copy.deepcopy(model)
+    # the copy shares the PCA layers (read here, never changed, and all replaced): their
+    # statistics and eigenvectors are not copied
+    out = copy.deepcopy(model, memo={id(layer): layer for layer in layers.values()})
     bns = fusable_batchnorms(out)
     sites = sites_of(out)
     rows = []
