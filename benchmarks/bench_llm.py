@@ -174,53 +174,23 @@ def uniform_plan(wrapped: nn.Module, remove: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def distil(
-    student: nn.Module, trained: str, lr: float, steps: int, step_loss, decay: bool = False
-) -> float:
-    """``steps`` AdamW steps on ``student``'s submodule ``trained``, each on ``step_loss(generator)``.
-
-    The generator is seeded (0) once. With ``decay`` the learning rate warms up
-    over 30 steps, then falls linearly to 0 at the last. Returns the seconds it
-    took; ``student`` is left in eval mode.
-    """
-    g = torch.Generator().manual_seed(0)
-    params = list(student.get_submodule(trained).parameters())
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min(1.0, (s + 1) / 30) * (1 - s / steps) if decay else 1.0
-    )
-    student.train()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step_loss(g)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-    student.eval()
-    return time.perf_counter() - start
-
-
 def heal(student: nn.Module, teacher: nn.Module, ids: list[int], steps: int) -> float:
-    """Distil ``teacher`` into ``student`` in place: ``steps`` AdamW steps on 2 windows of 256.
+    """``ps.heal`` of the decoder blocks on pairs of windows of 256 tokens drawn from the
+    calibration text (the KL divergence from the teacher's next-token distribution).
+    Returns the seconds it took."""
+    g = torch.Generator().manual_seed(0)
 
-    The loss is the KL divergence from the teacher's next-token distribution,
-    on windows drawn from the calibration text; only the decoder blocks train.
-    Returns the seconds it took.
-    """
+    def windows():
+        while True:
+            starts = torch.randint(0, len(ids) - 257, (2,), generator=g).tolist()
+            yield {
+                "input_ids": torch.tensor([ids[s : s + 256] for s in starts]),
+                "use_cache": False,
+            }
 
-    def step_loss(g: torch.Generator) -> torch.Tensor:
-        starts = torch.randint(0, len(ids) - 257, (2,), generator=g).tolist()
-        batch = torch.tensor([ids[s : s + 256] for s in starts])
-        with torch.no_grad():
-            target = nn.functional.log_softmax(teacher(input_ids=batch, use_cache=False).logits, -1)
-        logits = student(input_ids=batch, use_cache=False).logits
-        kl = nn.functional.kl_div(
-            nn.functional.log_softmax(logits, -1), target, log_target=True, reduction="batchmean"
-        )
-        return kl / batch.shape[1]
-
-    return distil(student, "model.layers", 2e-5, steps, step_loss)
+    result = ps.heal(student, teacher, windows(), steps=steps, lr=2e-5, warmup=30,
+                     target="logits", train="model.layers", progress=False)  # fmt: skip
+    return result["seconds"]
 
 
 def timed(fn) -> float:
@@ -524,27 +494,19 @@ def bench_minilm(args) -> dict[str, float]:
 
 def heal_encoder(student: nn.Module, teacher: nn.Module, lines: list[str], encode,
                  steps: int) -> float:  # fmt: skip
-    """Distil ``teacher``'s embeddings into ``student`` in place: ``steps`` AdamW steps.
+    """``ps.heal`` of the encoder layers on 32 lines a step drawn from ``lines`` (all of the
+    calibration text's): the last hidden states' squared error relative to the teacher's,
+    plus one minus the cosine of the mean-pooled sentence embeddings; peak learning
+    rate 1.5e-4 (warm-up, then linear decay). Returns the seconds."""
+    g = torch.Generator().manual_seed(0)
 
-    Each step takes 32 lines drawn from ``lines`` (all of the calibration
-    text's); the loss is one minus the cosine of the mean-pooled sentence
-    embeddings, plus the mean squared error of the last hidden states over real
-    tokens relative to the teacher's mean square. Only the encoder layers
-    train, at a peak learning rate of 1.5e-4 (warm-up, then linear decay).
-    Returns the seconds.
-    """
+    def batches():
+        while True:
+            yield encode([lines[i] for i in torch.randint(0, len(lines), (32,), generator=g)])
 
-    def step_loss(g: torch.Generator) -> torch.Tensor:
-        batch = encode([lines[i] for i in torch.randint(0, len(lines), (32,), generator=g)])
-        mask = batch["attention_mask"][..., None].float()
-        with torch.no_grad():
-            target = teacher(**batch).last_hidden_state
-        out = student(**batch).last_hidden_state
-        states = (((out - target) ** 2) * mask).sum() / ((target**2) * mask).sum()
-        cosine = nn.functional.cosine_similarity((out * mask).sum(1), (target * mask).sum(1))
-        return states + (1 - cosine).mean()
-
-    return distil(student, "encoder.layer", 1.5e-4, steps, step_loss, decay=True)
+    result = ps.heal(student, teacher, batches(), steps=steps, lr=1.5e-4, warmup=30,
+                     target="hidden", train="encoder.layer", progress=False)  # fmt: skip
+    return result["seconds"]
 
 
 PRODUCTS = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm")  # onnxruntime's matrix-product kernels

@@ -22,6 +22,7 @@ from .compression import (
     count_macs,
     count_params,
     export_onnx,
+    heal,
     load_compressed,
     save_compressed,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "count_params",
     "export_onnx",
     "folded",
+    "heal",
     "inject_random_directions",
     "load_compressed",
     "metrics",

@@ -4,6 +4,7 @@ from .checkpoint import load_compressed, save_compressed
 from .compress import LowRank, compress
 from .counting import count_macs, count_params, macs_per_position
 from .export import export_onnx, run_onnx
+from .heal import heal
 from .plan import compression_plan
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "count_macs",
     "count_params",
     "export_onnx",
+    "heal",
     "load_compressed",
     "macs_per_position",
     "run_onnx",
