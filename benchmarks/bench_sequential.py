@@ -67,9 +67,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--blocks", type=int, default=22)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["sequential", "whole"],
+                        choices=["sequential", "whole"])  # fmt: skip
     args = parser.parse_args(argv)
     results = {}
-    for mode in ("sequential", "whole"):
+    for mode in args.modes:
         run = subprocess.run(
             [
                 sys.executable,
@@ -91,7 +93,8 @@ def main(argv=None) -> dict:
         results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
         r = results[mode]
         print(f"{mode:>10}: {r['seconds']:7.1f} s, peak {r['peak'] / 2**30:6.2f} GiB "
-              f"({(r['peak'] - r['weights']) / 2**30:+.2f} GiB above the weights), "
+              f"({(r['peak'] - r['weights']) / 2**30:+.2f} GiB above the weights, "
+              f"{(r['peak'] - r['built']) / 2**30:+.2f} GiB above the process before the job), "
               f"{r['params']:,} parameters after", flush=True)  # fmt: skip
     if len(results) == 2:
         seq, whole = results["sequential"], results["whole"]

@@ -20,7 +20,7 @@ from ..layers.folding import factorising_pays, own_forward
 from ..layers.kinds import LayerKind, foldable_kind, kind_of
 from ..layers.network import calibrated_layers
 from ..layers.pca import PCALayer
-from ..layers.sites import OTHER_BIAS, Site, SiteTracer, sites_of
+from ..layers.sites import Site, SiteTracer, sites_of
 from .counting import count_params
 
 __all__ = [
@@ -77,7 +77,7 @@ def plan_layer(layer: PCALayer, follows: Dense | None, k: int | None = None) -> 
     if follows is not None:
         kind, fan_in = known_kind(follows), _fan_in(follows)
         dense = LayerPlan("folded", width * (fan_in + 1), kind.macs_per_position(follows, width))
-        if follows.__dict__.get(OTHER_BIAS):  # see layers.sites
+        if layer.other_bias:  # the model calls F.linear with a bias of its own making
             return LayerPlan("kept", dense.params, dense.macs_per_position)
         if not layer.keepdim:
             return LayerPlan(

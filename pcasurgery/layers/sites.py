@@ -199,9 +199,6 @@ def follow(module: nn.Module, pca: PCALayer) -> tuple[nn.Module, str, str]:
 
 
 _MODULE = "_pcasurgery_module"  # a FollowedWeight's attribute: the module it is the weight of
-OTHER_BIAS = (
-    "_pcasurgery_other_bias"  # a module's flag: F.linear ran on its weight with another bias
-)
 _OWN_CALL: ContextVar[object] = ContextVar("pcasurgery_own_call", default=None)
 
 
@@ -232,9 +229,9 @@ class FollowedWeight(nn.Parameter):
                         return module(args[0])  # folded in eval
                     # another bias (Swin V2 zeroes the key's): the map, then the layer;
                     # compress cannot fold the layer into a bias the model changes
-                    module.__dict__[OTHER_BIAS] = True
                     pca = module._modules[module.__dict__[_CHILD]]
-                    assert pca is not None
+                    assert isinstance(pca, PCALayer)
+                    pca.note_other_bias()
                     return pca(F.linear(*args, **kwargs))
                 finally:
                     _OWN_CALL.reset(token)

@@ -124,9 +124,10 @@ SUMMED = tuple(s.name for s in STATE if s.reduce == "sum")
 assert MOMENTS == ("sample_count", "shift", "shifted_sum", "shifted_sum_sq")
 
 # The attributes outside the buffers that are part of a layer's state: its mode, the
-# seed's epoch counter, a square held as its factors and the span of a spectrum
-# computed through the followed module's input (see LayerState's class attributes).
-HOST_STATE = ("_mode", "epoch", "_square_factors", "_spans")
+# seed's epoch counter, a square held as its factors, the span of a spectrum computed
+# through the followed module's input, and whether the model was seen to call the
+# followed Linear with another bias (see LayerState's class attributes).
+HOST_STATE = ("_mode", "epoch", "_square_factors", "_spans", "_other_bias")
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,10 @@ class LayerState(nn.Module):
     # when they were computed (layers.through); see ``discarded_directions``. Cleared
     # when the spectrum is installed; a weight replaced since stays referenced until then.
     _spans: tuple[tuple, tuple] | None = None
+    # the model calls ``F.linear`` on the followed module's weight with a bias of its own
+    # making (Swin V2's key), learned on a forward (layers.sites.FollowedWeight): the
+    # projection cannot be folded into that module, and compress keeps it as it is
+    _other_bias: bool = False
 
     # The buffers of STATE, for type checkers (nn.Module resolves them at run time).
     sample_count: Tensor
@@ -309,6 +314,15 @@ class LayerState(nn.Module):
         if name == "shifted_sum_sq":
             self._form_square()
         return super().__getattr__(name)
+
+    @property
+    def other_bias(self) -> bool:
+        """Whether the model calls the followed Linear through ``F.linear`` with another bias."""
+        return self._other_bias
+
+    def note_other_bias(self) -> None:
+        """Record that the model calls the followed Linear with a bias of its own making."""
+        self._other_bias = True
 
     @property
     def keepdim(self) -> bool:
