@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -326,3 +328,46 @@ def test_offloaded_tensors_on_the_meta_device_are_refused_before_any_work():
         ps.calibrate(wrapped, [torch.randn(32, 6)], progress=False)
     for key, value in before.items():
         assert torch.equal(wrapped.state_dict()[key], value), key
+
+
+def test_calibration_decomposes_for_the_spectrum_and_eigenvectors_come_at_first_use(monkeypatch):
+    from pcasurgery.core import spectrum
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6)).eval()
+    data = [torch.randn(64, 12) @ torch.diag(torch.logspace(0, -2, 12)) for _ in range(3)]
+    eager = ps.calibrate(ps.pca_wrap(net, 0.9), data, progress=False)
+    for layer in ps.pca_layers_of(eager).values():
+        layer.compute_eigenvectors()
+    calls = {"eigh": 0, "eigvalsh": 0}
+    eigh, eigvalsh = spectrum.eigh_descending, spectrum.eigvalsh_descending
+    monkeypatch.setattr(
+        spectrum,
+        "eigh_descending",
+        lambda m: calls.__setitem__("eigh", calls["eigh"] + 1) or eigh(m),
+    )
+    monkeypatch.setattr(spectrum, "eigvalsh_descending",
+                        lambda m: calls.__setitem__("eigvalsh", calls["eigvalsh"] + 1) or eigvalsh(m))  # fmt: skip
+    lazy = ps.calibrate(ps.pca_wrap(net, 0.9), data, progress=False)
+    table = ps.report(lazy)
+    assert calls == {"eigh": 0, "eigvalsh": 2}  # a report reads eigenvalues only
+    assert all(layer.eigenvectors_pending for layer in ps.pca_layers_of(lazy).values())
+    pd.testing.assert_frame_equal(table, ps.report(eager))
+    saved = copy.deepcopy(lazy.state_dict())  # saved with the eigenvectors still to come
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(lazy(x), eager(x), atol=1e-6, rtol=1e-6)
+        lazy(x)
+    assert calls["eigh"] == 2 and not any(
+        layer.eigenvectors_pending for layer in ps.pca_layers_of(lazy).values()
+    )
+    restored = ps.pca_wrap(net, 0.5)
+    restored.load_state_dict(saved)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.eval()(x), eager(x), atol=1e-6, rtol=1e-6)
+    # statistics about to be forgotten give the pending eigenvectors first
+    again = ps.calibrate(ps.pca_wrap(net, 0.9), data, progress=False)
+    for layer in ps.pca_layers_of(again).values():
+        layer.reset_statistics()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), eager(x), atol=1e-6, rtol=1e-6)

@@ -81,11 +81,11 @@ def test_export_errors(tmp_path, monkeypatch):
 def test_sweep_rows_restoration_and_monotonic_k(monkeypatch, wrapped_resnet):
     ps.set_threshold(wrapped_resnet, {"*": 0.9, "fc": 0.95})
     before = ps.report(wrapped_resnet)[["layer", "threshold", "idim"]]
+    x = torch.randn(16, 3, 8, 8)
+    reference = wrapped_resnet(x).detach()  # (the eigenvectors' first use)
     calls = []
     original = spectrum.eigh_descending
     monkeypatch.setattr(spectrum, "eigh_descending", lambda m: calls.append(1) or original(m))
-    x = torch.randn(16, 3, 8, 8)
-    reference = wrapped_resnet(x).detach()
 
     def evaluate(model):
         assert not model.training

@@ -85,14 +85,14 @@ def test_a_failed_recalibration_leaves_the_model_exactly_as_it_was(
     wrapped = calibrated_resnet
     wrapped.train()
     wrapped.fc.eval()
-    before = state_of(wrapped)
     table = ps.report(wrapped)
     flags = {name: m.training for name, m in wrapped.named_modules()}
     x = images(5, seed=9)
     with torch.no_grad():
-        expected = wrapped.eval()(x)
+        expected = wrapped.eval()(x)  # (the eigenvectors' first use)
     for name, m in wrapped.named_modules():
         m.training = flags[name]
+    before = state_of(wrapped)
     with pytest.raises(error):
         ps.calibrate(wrapped, data, progress=False, reset=reset)
     assert_same_state(wrapped, before)

@@ -184,6 +184,7 @@ def test_a_layer_keeping_most_directions_folds_through_those_it_drops(
 
     with monkeypatch.context() as patch:  # a failed calibration keeps what it found
         patch.setattr(ps.pca_layers_of(wrapped)["0"], "_install_spectrum", no_room)
+        patch.setattr(ps.pca_layers_of(wrapped)["0"], "_install_eigenvalues", no_room)
         with pytest.raises(MemoryError, match="no room"):
             ps.calibrate(wrapped, [data], progress=False)
     assert layer.discarded_directions(fc).shape == (width, computed - k)

@@ -131,6 +131,8 @@ def test_a_budget_weighed_by_the_language_models_loss(build):
         wrapped = ps.pca_wrap(model, include=blocks)
     batches = token_batches(96)
     ps.calibrate(wrapped, batches, progress=False)
+    for layer in ps.pca_layers_of(wrapped).values():  # (what the plan uses first)
+        layer.compute_eigenvectors()
     state = {k: v.clone() for k, v in wrapped.state_dict().items()}
 
     def lm_loss(m, batch):

@@ -54,6 +54,7 @@ from .._validation import check_choice, check_patterns, kept_modes
 from ..compression.counting import count_params
 from ..compression.plan import followed_module, fusable_batchnorms, plan_layer
 from ..core.spectrum import explained_fraction, explained_fractions
+from ..layers.decompose import compute_eigenvectors
 from ..layers.network import calibrated_layers, folded, set_threshold
 from ..layers.pca import PCALayer
 from ..layers.sites import Site, sites_of
@@ -304,11 +305,18 @@ def _gradient_penalties(
     if not callable(loss):
         raise TypeError(f"loss must be callable as loss(model, batch), got {loss!r}")
     measure = _GradientMeasure({item.site.name for item in items if len(item.ks) > 1})
-    with measure.hooked(model, layers):
-        batches = _backward_passes(model, loss, data, progress)
-    if distributed_run():  # every process weighs its shard: sum over all
-        batches = measure.all_reduce(items, batches)
-    measure.check(batches)
+    before = {layer: layer.snapshot() for layer in layers.values()}
+    try:
+        compute_eigenvectors(layers.values(), progress)  # the directions weighed, side by side
+        with measure.hooked(model, layers):
+            batches = _backward_passes(model, loss, data, progress)
+        if distributed_run():  # every process weighs its shard: sum over all
+            batches = measure.all_reduce(items, batches)
+        measure.check(batches)
+    except BaseException:
+        for layer, snapshot in before.items():  # as they were, eigenvectors pending included
+            layer.restore(snapshot)
+        raise
     return [_tail_penalties(item, measure.sums.get(item.site.name)) for item in items]
 
 

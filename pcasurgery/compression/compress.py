@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._progress import check_progress, progress_bar
+from ..layers.decompose import compute_eigenvectors
 from ..layers.folding import folded_affine
 from ..layers.kinds import pointwise, weight_matrix
 from ..layers.network import calibrated_layers
@@ -159,6 +160,7 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     """
     layers = calibrated_layers(model, "compress")
     progress = check_progress(progress)
+    compute_eigenvectors(layers.values(), progress)  # side by side, where still pending
     for layer in layers.values():
         layer.ensure_eigenspace()
     # the copy shares the PCA layers (read here, never changed, and all replaced): their

@@ -20,6 +20,7 @@ __all__ = [
     "cov_trace",
     "diag_trace",
     "eigh_descending",
+    "eigvalsh_descending",
     "eigh_through",
     "embed",
     "explained_fraction",
@@ -65,6 +66,14 @@ def eigh_descending(matrix: Tensor) -> tuple[Tensor, Tensor]:
     _check_square(matrix)
     values, vectors = torch.linalg.eigh(matrix.to(torch.float64))
     return values.flip(0).clamp_min(0.0), _fix_signs(vectors.flip(1))
+
+
+def eigvalsh_descending(matrix: Tensor) -> Tensor:
+    """The eigenvalues of a symmetric PSD matrix, largest first, float64, tiny negative ones
+    (rounding) clipped to 0: :func:`eigh_descending`'s without its eigenvectors (the
+    tridiagonal reduction and its eigenvalues only, about a third of the work)."""
+    _check_square(matrix)
+    return torch.linalg.eigvalsh(matrix.to(torch.float64)).flip(0).clamp_min(0.0)
 
 
 def _fix_signs(vectors: Tensor) -> Tensor:

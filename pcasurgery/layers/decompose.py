@@ -14,13 +14,15 @@ from ..core import spectrum as _s
 from .pca import PCALayer
 from .state import version_tokens
 
-__all__ = ["compute_eigenspaces", "side_by_side"]
+__all__ = ["compute_eigenspaces", "compute_eigenvectors", "side_by_side"]
 
 
 def compute_eigenspaces(
     layers: Iterable[PCALayer],
     through: Mapping[PCALayer, Any] | None = None,
     progress: bool | None = False,
+    *,
+    vectors: bool = True,
 ) -> None:
     """``compute_eigenspace`` for each layer, the CPU layers side by side.
 
@@ -40,6 +42,10 @@ def compute_eigenspaces(
             narrower input (``eigenspace``) instead of the layer's width.
         progress: a bar over the layers (``pcasurgery._progress``), advancing by
             each decomposition's cost (the cube of the width it decomposes).
+        vectors: False: the eigenvalues only (a third of the work), the
+            eigenvectors and projections waiting for their first use
+            (``PCALayer.compute_eigenvectors``; :func:`compute_eigenvectors` for many);
+            layers decomposed ``through`` their input get theirs now (cheaply).
     """
     through = through or {}
     jobs = [(layer, through.get(layer)) for layer in layers]
@@ -60,11 +66,11 @@ def compute_eigenspaces(
         progress, desc="decompositions", unit="layer", total=sum(costs), steps=len(costs)
     ) as bar:
         side_by_side(
-            [partial(_install, layer, source) for layer, source in on_cpu],
+            [partial(_install, layer, source, vectors) for layer, source in on_cpu],
             on_done=lambda i: step(bar, costs[i]),
         )
         for i, (layer, source) in enumerate(elsewhere, start=len(on_cpu)):
-            _install(layer, source)
+            _install(layer, source, vectors)
             step(bar, costs[i])
 
 
@@ -99,9 +105,11 @@ def side_by_side(
         torch.set_num_threads(threads)
 
 
-def _install(layer: PCALayer, source: Any) -> None:
+def _install(layer: PCALayer, source: Any, vectors: bool = True) -> None:
     """Decompose the layer's checked statistics (through ``source`` where given), install the result."""
-    if source is None:
+    if source is None and not vectors:
+        layer._install_eigenvalues(_s.eigvalsh_descending(layer._matrix_to_decompose(checked=True)))
+    elif source is None:
         layer._install_spectrum(*_s.eigh_descending(layer._matrix_to_decompose(checked=True)))
     else:
         layer._install_spectrum(*source.eigenspace(layer.centering))
@@ -112,3 +120,23 @@ def _install(layer: PCALayer, source: Any) -> None:
 def _one_thread(job: Callable[[], Any]) -> None:
     torch.set_num_threads(1)  # the worker's own OpenMP/MKL setting
     job()
+
+
+def compute_eigenvectors(layers: Iterable[PCALayer], progress: bool | None = False) -> None:
+    """``PCALayer.compute_eigenvectors`` for the layers whose eigenvectors are pending, the
+    CPU ones side by side (as :func:`compute_eigenspaces`), largest first."""
+    pending = sorted(
+        (layer for layer in layers if layer.eigenvectors_pending), key=lambda layer: -layer.width
+    )
+    on_cpu = [layer for layer in pending if layer.shift.device.type == "cpu"]
+    elsewhere = [layer for layer in pending if layer.shift.device.type != "cpu"]
+    costs = [float(layer.width) ** 3 for layer in on_cpu + elsewhere]
+    with progress_bar(
+        progress, desc="eigenvectors", unit="layer", total=sum(costs), steps=len(costs)
+    ) as bar:
+        side_by_side(
+            [layer.compute_eigenvectors for layer in on_cpu], on_done=lambda i: step(bar, costs[i])
+        )
+        for i, layer in enumerate(elsewhere, start=len(on_cpu)):
+            layer.compute_eigenvectors()
+            step(bar, costs[i])

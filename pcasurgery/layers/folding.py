@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .._progress import progress_bar, step
-from .decompose import side_by_side
+from .decompose import compute_eigenvectors, side_by_side
 from .kinds import LayerKind, foldable_kind, weight_matrix
 from .pca import PCALayer, exporting
 from .state import version_tokens
@@ -153,7 +153,14 @@ def own_forward(module: nn.Module) -> bool:
 
 def _foldable(module: nn.Module, pca: PCALayer) -> LayerKind | None:
     """The module's kind where the pair runs folded whenever its input allows, else None."""
-    if pca._collecting() or not pca._has_spectrum or pca._stale or exporting() or _hooked(pca):
+    if (
+        pca._collecting()
+        or not pca._has_spectrum
+        or pca._stale
+        or pca._pending  # the layer computes its eigenvectors at its first (unfolded) call
+        or exporting()
+        or _hooked(pca)
+    ):
         return None
     kind = foldable_kind(module)
     weight, bias = module.weight, module.bias
@@ -204,6 +211,8 @@ def prefold(pairs: Iterable[tuple[nn.Module, PCALayer]], progress: bool | None =
     bar that advances by each weight's size. Either every fold is stored or, on
     an error, none.
     """
+    pairs = list(pairs)
+    compute_eigenvectors([pca for _, pca in pairs if not pca._stale], progress)
     jobs = [(module, pca, kind) for module, pca in pairs if (kind := _foldable(module, pca))]
     jobs.sort(key=lambda job: -cast(Tensor, job[0].weight).numel())  # _foldable checked it
     built: dict[int, tuple] = {}

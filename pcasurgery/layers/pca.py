@@ -137,7 +137,9 @@ class PCALayer(LayerStatistics):
             return  # the next decomposition (compute_eigenspace, an eval call) uses it
         if current and _s.intrinsic_dimensionality(self.eigenvalues, value) == self._rank_host:
             return  # the same k: the projection stands
-        if self._has_spectrum:
+        if self._pending:  # the projection is built with the eigenvectors, at their first use
+            self._put_rank(_s.intrinsic_dimensionality(self.eigenvalues, value))
+        elif self._has_spectrum:
             self._update_projection()
 
     @property
@@ -224,6 +226,7 @@ class PCALayer(LayerStatistics):
     def transformation_matrix(self) -> Tensor:
         """The ``(width, width)`` projector ``V_k V_k^T`` (random if directions were injected)."""
         self._require_current()
+        self.compute_eigenvectors()
         if self.keepdim and not self._factored:
             return self.projection_weight.detach().clone()
         return self.projection_weight.T @ self.projection_weight
@@ -232,6 +235,7 @@ class PCALayer(LayerStatistics):
     def reduced_transformation_matrix(self) -> Tensor:
         """The ``(width, k)`` basis ``V_k`` the projection keeps (random after injection), a copy."""
         self._require_current()
+        self.compute_eigenvectors()
         return self.basis.to(self.projection_weight.dtype, copy=True)
 
     # ------------------------------------------------------------ computation
@@ -248,6 +252,50 @@ class PCALayer(LayerStatistics):
                 f"PCA layer {self.name!r} has no statistics yet: run calibration "
                 "(pcasurgery.calibrate) or forward data in training mode first"
             )
+        self.compute_eigenvectors()
+
+    @property
+    def eigenvectors_pending(self) -> bool:
+        """Whether the spectrum's eigenvalues are known but its eigenvectors (and so the
+        projection) are not computed yet: after a calibration, until their first use."""
+        return self._pending
+
+    @torch.no_grad()
+    def compute_eigenvectors(self) -> None:
+        """Compute the eigenvectors of a spectrum installed as eigenvalues only (and the
+        projection): what a projection, a fold, ``compress`` or a plan weighed by a loss
+        does at their first use. Nothing to do where they are computed."""
+        if self._pending:  # the eigenvalues installed stay (and the ranks read off them)
+            _, vectors = _s.eigh_descending(self._matrix_to_decompose())
+            self._install_spectrum(self.eigenvalues, vectors)
+
+    @torch.no_grad()
+    def _install_eigenvalues(self, values: Tensor) -> None:
+        """The spectrum as its eigenvalues only; the eigenvectors and the projection wait for
+        their first use (:meth:`compute_eigenvectors`)."""
+        self._spans = None
+        with torch.inference_mode(False):
+            self._put("eigenvalues", values)
+            self._put("eigenvectors", values.new_zeros(self.width, 0))
+            self._put("mean", _m.mean(self._held_moments()))
+            self._put("computed_count", self.sample_count)
+            self._computed = self._n
+            self._put_rank(_s.intrinsic_dimensionality(values, self.threshold))
+            self._put("random_directions", False)
+            self._put("vectors_pending", True)
+            self._pending = True
+
+    def _vectors_wanted(self) -> None:
+        self.compute_eigenvectors()
+
+    def _before_statistics_change(self) -> None:
+        """Eigenvectors still pending are computed from the statistics that are about to go."""
+        if self._pending and not self._stale and not self._empty:
+            self.compute_eigenvectors()
+
+    def _put_rank(self, k: int) -> None:
+        self._put("rank", k)
+        self._rank_host = k
 
     def _require_current(self) -> None:
         """Raise unless the eigenspace matches the statistics (reading never decomposes)."""
@@ -290,6 +338,8 @@ class PCALayer(LayerStatistics):
             self._put("mean", _m.mean(self._held_moments()))
             self._put("computed_count", self.sample_count)
             self._computed = self._n
+            self._put("vectors_pending", False)
+            self._pending = False
             self._update_projection()
         if self.verbose:
             log.info(
@@ -307,8 +357,7 @@ class PCALayer(LayerStatistics):
     def _update_projection(self) -> None:
         with torch.inference_mode(False):
             k = _s.intrinsic_dimensionality(self.eigenvalues, self.threshold)
-            self._put("rank", k)
-            self._rank_host = k
+            self._put_rank(k)
             basis = self._leading_vectors(k)
             vectors = self.eigenvectors
             rest = vectors[:, k:] if vectors.shape[1] == self.width else None
@@ -426,6 +475,8 @@ class PCALayer(LayerStatistics):
             if self._mode == "project":
                 self.ensure_eigenspace()
             return x
+        if self._pending:  # the eigenvectors' first use
+            self.compute_eigenvectors()
         return self._affine(x)
 
     def extra_repr(self) -> str:

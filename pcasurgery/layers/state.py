@@ -112,6 +112,9 @@ STATE: tuple[StateSpec, ...] = (
     StateSpec("mean", _vector, _F64),
     StateSpec("rank", _scalar, _I64),
     StateSpec("random_directions", _scalar, torch.bool),
+    # eigenvalues installed, eigenvectors and projection not computed yet (a calibration
+    # decomposes for the spectrum only; the vectors come at their first use)
+    StateSpec("vectors_pending", _scalar, torch.bool, optional=True),
     # the affine map of the projection (V V^T, or V^T where that is smaller: see
     # PCALayer._factored), and the (width, k) basis it keeps
     StateSpec("projection_weight", lambda w, keep: (0, w), None, resizable=True),
@@ -122,6 +125,9 @@ SPEC = {spec.name: spec for spec in STATE}
 MOMENTS = tuple(s.name for s in STATE if s.reduce == "moments")  # Moments' field order
 SUMMED = tuple(s.name for s in STATE if s.reduce == "sum")
 assert MOMENTS == ("sample_count", "shift", "shifted_sum", "shifted_sum_sq")
+
+# The buffers a spectrum installed as its eigenvalues only does not have yet
+_WITH_VECTORS = frozenset({"eigenvectors", "basis", "projection_weight", "projection_bias"})
 
 # The attributes outside the buffers that are part of a layer's state: its mode, the
 # seed's epoch counter, a square held as its factors, the span of a spectrum computed
@@ -212,6 +218,7 @@ class LayerState(nn.Module):
     projection_weight: Tensor
     projection_bias: Tensor
     basis: Tensor
+    vectors_pending: Tensor
 
     def __init__(
         self, width: int, threshold: float, keepdim: bool, centering: bool, width_name: str
@@ -277,6 +284,7 @@ class LayerState(nn.Module):
                     self._threshold,
                     self._centering,
                     self.rank,
+                    self.vectors_pending,
                 )
             ]
         ).tolist()
@@ -284,6 +292,7 @@ class LayerState(nn.Module):
         self._subtract, self._keepdim_host = bool(flags[2]), bool(flags[3])
         self._threshold_host, self._centering_host = flags[4], bool(flags[5])
         self._rank_host = int(flags[6])
+        self._pending = bool(flags[7])
 
     @property
     def _empty(self) -> bool:
@@ -313,7 +322,12 @@ class LayerState(nn.Module):
     def __getattr__(self, name: str) -> Any:
         if name == "shifted_sum_sq":
             self._form_square()
+        elif name in _WITH_VECTORS and self.__dict__.get("_pending"):
+            self._vectors_wanted()  # their first read after a calibration computes them
         return super().__getattr__(name)
+
+    def _vectors_wanted(self) -> None:
+        """Compute eigenvectors installed as pending (``PCALayer.compute_eigenvectors``)."""
 
     @property
     def other_bias(self) -> bool:
@@ -364,7 +378,7 @@ class LayerState(nn.Module):
             if s.view_of
         }
         super()._apply(fn, recurse)
-        device = self.projection_weight.device
+        device = self._buffers["shift"].device  # (raw: reading the projection could compute it)
         for name, value in keep.items():
             if value is not None:
                 self._buffers[name] = value.to(device)

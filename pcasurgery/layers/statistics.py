@@ -111,8 +111,12 @@ class LayerStatistics(LayerState):
                 shape = spec.shape(self.width, self.keepdim)
                 self._put(spec.name, torch.full(shape, spec.initial, dtype=current.dtype))
 
+    def _before_statistics_change(self) -> None:
+        """What must be derived from the statistics before they change (see ``PCALayer``)."""
+
     def reset_statistics(self) -> None:
         """Forget the collected statistics; the current projection stays in place."""
+        self._before_statistics_change()
         self._fresh_statistics()
         self._statistics_replaced()
 
@@ -147,6 +151,10 @@ class LayerStatistics(LayerState):
             raise ValueError(
                 f"{self.name}: statistics of width {state.shift.shape[0]} do not fit width {self.width}"
             )
+        if any(
+            value is not self._buffers[name] for name, value in zip(MOMENTS, state, strict=True)
+        ):
+            self._before_statistics_change()
         if square_factors is not None:
             state = state._replace(total_sq=state.shift.new_zeros(0, 0))
         for name, value in zip(MOMENTS, state, strict=True):

@@ -252,7 +252,8 @@ def calibrate(
                     for layer, source in inputs.items()
                     if not distributed_run() and source.count == layer.sample_rows
                 }
-                compute_eigenspaces(layers.values(), alone, progress)
+                # the spectra (what a report reads); eigenvectors come at their first use
+                compute_eigenspaces(layers.values(), alone, progress, vectors=False)
         except BaseException:
             snapshot.restore()
             raise
