@@ -65,7 +65,7 @@ def test_passing_the_compressed_activations_on_equals_compressing_block_after_bl
         ps.apply_plan(wrapped, ps.budget_plan(wrapped, remove=0.3))
         reference = ps.compress(wrapped)
     sequential = ps.compress_sequential(
-        copy.deepcopy(model), data, blocks="model.layers.*", remove=0.3
+        copy.deepcopy(model), data, blocks="model.layers.*", remove=0.3, budget="per-block"
     )
     assert ps.count_params(sequential) == ps.count_params(reference) < ps.count_params(model)
     torch.testing.assert_close(
@@ -73,7 +73,12 @@ def test_passing_the_compressed_activations_on_equals_compressing_block_after_bl
     )
     # and it differs from passing the dense activations on
     dense_on = ps.compress_sequential(
-        copy.deepcopy(model), data, blocks="model.layers.*", remove=0.3, propagate="original"
+        copy.deepcopy(model),
+        data,
+        blocks="model.layers.*",
+        remove=0.3,
+        budget="per-block",
+        propagate="original",
     )
     assert not torch.allclose(_logits(dense_on, PROMPT), _logits(sequential, PROMPT), atol=1e-4)
 
@@ -89,7 +94,7 @@ def test_one_block_is_calibrated_at_a_time_and_the_result_ships(monkeypatch, tmp
 
     monkeypatch.setattr(ps.analysis.sequential, "calibrate", counting)
     small = ps.compress_sequential(model, data, blocks="model.layers.*", remove=0.3)
-    assert seen == [7, 7, 7]  # q, k, v, o, gate, up, down of one block
+    assert seen == [7] * 6  # q, k, v, o, gate, up, down of one block; two passes (global budget)
     assert not ps.pca_layers_of(small)
     small.save_pretrained(tmp_path)
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
@@ -107,3 +112,26 @@ def test_bad_arguments_are_named():
         ps.compress_sequential(model, data, blocks="decoder.*", remove=0.2)
     with pytest.raises(ValueError, match="at least one batch"):
         ps.compress_sequential(model, [], blocks="model.layers.*", remove=0.2)
+
+
+def test_a_global_budget_from_the_eigenvalues_of_a_first_pass_equals_the_whole_models():
+    model, data = _llama(), token_batches(96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = ps.pca_wrap(model, include="model.layers.*")
+    ps.calibrate(wrapped, data, progress=False)
+    plan = ps.budget_plan(wrapped, remove=0.3)
+    ps.apply_plan(wrapped, plan)
+    whole = ps.compress(wrapped)
+    sequential = ps.compress_sequential(
+        copy.deepcopy(model), data, blocks="model.layers.*", remove=0.3, propagate="original"
+    )
+    assert list(sequential.compression_report["k"]) == list(plan["k"])  # the same allocation
+    assert ps.count_params(sequential) == ps.count_params(whole)
+    torch.testing.assert_close(
+        _logits(sequential, PROMPT), _logits(whole, PROMPT), atol=1e-5, rtol=1e-5
+    )
+    per_block = ps.compress_sequential(
+        copy.deepcopy(model), data, blocks="model.layers.*", remove=0.3, budget="per-block"
+    )
+    assert list(per_block.compression_report["k"]) != list(plan["k"])

@@ -37,6 +37,7 @@ from .._progress import check_progress, progress_bar
 from .._validation import check_device, check_module, kept_modes
 from ..compression.compress import compress, make_shippable
 from ..compression.plan import PLAN_COLUMNS
+from ..layers.network import pca_layers_of
 from ..layers.statistics import token_mask
 from ..surgery import calibrate, pca_wrap
 from .budget import apply_plan, budget_plan
@@ -46,6 +47,7 @@ __all__ = ["compress_sequential"]
 log = logging.getLogger("pcasurgery")
 
 PROPAGATE = ("compressed", "original")
+BUDGETS = ("global", "per-block")
 
 
 class _Captured(Exception):
@@ -135,6 +137,7 @@ def compress_sequential(
     remove: float | None = None,
     plan: pd.DataFrame | None = None,
     propagate: str = "compressed",
+    budget: str = "global",
     by: str = "params",
     centering: bool = True,
     forward: Callable[[nn.Module, Any], Any] | None = None,
@@ -148,13 +151,19 @@ def compress_sequential(
         data: calibration batches, as ``calibrate`` takes them (a list: it is
             iterated once, to capture the first block's inputs, which are kept).
         blocks: glob of the blocks (``"model.layers.*"``); the outermost matches.
-        remove: the fraction of each block's planned parameters (or MACs) to
-            remove (``budget_plan`` on the block). Give this or ``plan``.
+        remove: the fraction of the blocks' planned parameters (or MACs) to
+            remove (see ``budget``). Give this or ``plan``.
         plan: a ``budget_plan`` table of the whole wrapped model (its ranks,
             layer by layer: the global allocation); layers of the blocks it does
             not name stay dense.
         propagate: ``"compressed"``: the next block is calibrated on the
             compressed block's outputs; ``"original"``: on the dense block's.
+        budget: with ``remove``, ``"global"``: the ranks are allocated over every
+            block's layers at once (``budget_plan``'s spectral allocation) from a
+            first pass that keeps each layer's eigenvalues only (the blocks
+            calibrated one at a time on the dense activations), then the blocks
+            are compressed one at a time; ``"per-block"``: each block removes
+            ``remove`` of its own (one pass).
         by: what ``remove`` counts, ``"params"`` or ``"macs"``.
         centering: centred PCA (True) or uncentred.
         forward: ``forward(model, batch)`` runs a batch (default: as ``calibrate`` does).
@@ -176,6 +185,8 @@ def compress_sequential(
         raise ValueError("give either remove (a fraction per block) or plan (a budget_plan table)")
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     if plan is not None and not {"layer", "k"} <= set(getattr(plan, "columns", ())):
         raise ValueError("plan must be a DataFrame from budget_plan (columns layer and k)")
     progress = check_progress(progress)
@@ -189,6 +200,9 @@ def compress_sequential(
         statistics_bytes(first) / 2**20,
     )
     inputs = [to_device(call, target) for call in _capture(model, first, data, run)]
+    if remove is not None and budget == "global":
+        spectra = _spectra(model, names, inputs, centering, target, progress)
+        plan = budget_plan(spectra, remove=float(remove), by=by, progress=False)
     rows = []
     with progress_bar(progress, desc="compressing blocks", unit="block", total=len(names)) as bar:
         for name in names:
@@ -210,6 +224,55 @@ def compress_sequential(
     )
     model.compression_report = report
     return model
+
+
+def _spectra(
+    model: nn.Module,
+    names: list[str],
+    inputs: list[Call],
+    centering: bool,
+    target: torch.device | None,
+    progress: bool | None,
+) -> nn.Module:
+    """The first pass of a global budget: every block wrapped and calibrated in turn on the
+    dense activations, keeping of each only its PCA layers' eigenvalues and the shapes of
+    the modules they follow (weights on ``meta``), under a root that names them as the
+    model does, for ``budget_plan``."""
+    root = nn.Module()
+    with progress_bar(progress, desc="spectra", unit="block", total=len(names)) as bar:
+        for name in names:
+            block = model.get_submodule(name)
+            home = next(itertools.chain(block.parameters(), block.buffers()), None)
+            if target is not None:
+                block.to(target)
+            wrapped = pca_wrap(block, centering=centering)
+            calibrate(wrapped, inputs, forward=_call, progress=False)  # eigenvalues only
+            inputs = _outputs(block, inputs)
+            if target is not None and home is not None:
+                block.to(home.device)
+            for layer in pca_layers_of(wrapped).values():
+                layer.begin_statistics()  # the statistics go; the spectrum's eigenvalues stay
+            for module in wrapped.modules():
+                for key, param in list(module._parameters.items()):
+                    if param is not None:
+                        module._parameters[key] = nn.Parameter(
+                            param.to("meta"), param.requires_grad
+                        )
+            _attach(root, name, wrapped)
+            bar.update()
+    return root
+
+
+def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Register ``module`` at ``path`` under ``root``, creating empty parents."""
+    *parents, last = path.split(".")
+    for part in parents:
+        if part not in root._modules:
+            root.add_module(part, nn.Module())
+        child = root._modules[part]
+        assert child is not None
+        root = child
+    root.add_module(last, module)
 
 
 def _compress_block(
