@@ -31,18 +31,23 @@ def _logits(model, prompt):
         return model(input_ids=prompt, use_cache=False).logits
 
 
+def _whole_model(model, data, remove):
+    """The whole-model procedure: its plan and the compressed model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = ps.pca_wrap(model, include="model.layers.*")
+    ps.calibrate(wrapped, data, progress=False)
+    plan = ps.budget_plan(wrapped, remove=remove)
+    ps.apply_plan(wrapped, plan)
+    return plan, ps.compress(wrapped)
+
+
 PROMPT = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(4))
 
 
 def test_passing_the_dense_activations_on_equals_whole_model_compression():
     model, data = _llama(), token_batches(96)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        wrapped = ps.pca_wrap(model, include="model.layers.*")
-    ps.calibrate(wrapped, data, progress=False)
-    plan = ps.budget_plan(wrapped, remove=0.3)
-    ps.apply_plan(wrapped, plan)
-    whole = ps.compress(wrapped)
+    plan, whole = _whole_model(model, data, remove=0.3)
     sequential = ps.compress_sequential(
         copy.deepcopy(model), data, blocks="model.layers.*", plan=plan, propagate="original"
     )
@@ -116,13 +121,7 @@ def test_bad_arguments_are_named():
 
 def test_a_global_budget_from_the_eigenvalues_of_a_first_pass_equals_the_whole_models():
     model, data = _llama(), token_batches(96)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        wrapped = ps.pca_wrap(model, include="model.layers.*")
-    ps.calibrate(wrapped, data, progress=False)
-    plan = ps.budget_plan(wrapped, remove=0.3)
-    ps.apply_plan(wrapped, plan)
-    whole = ps.compress(wrapped)
+    plan, whole = _whole_model(model, data, remove=0.3)
     sequential = ps.compress_sequential(
         copy.deepcopy(model), data, blocks="model.layers.*", remove=0.3, propagate="original"
     )

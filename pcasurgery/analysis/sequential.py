@@ -21,11 +21,12 @@ else from a budget that removes ``remove`` of each block's planned parameters
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pandas as pd
@@ -179,6 +180,10 @@ def compress_sequential(
     Raises:
         ValueError: neither or both of ``remove`` and ``plan``; ``propagate`` not one
             of ``"compressed"``, ``"original"``; ``blocks`` matches nothing; no data.
+            These are raised before any block changes. The model is changed in
+            place, block after block (keeping the dense blocks would double the
+            memory): where a later block fails, the blocks before it stay compressed,
+            and the failed block stays as it was.
     """
     check_module(model)
     if (remove is None) == (plan is None):
@@ -207,13 +212,10 @@ def compress_sequential(
     with progress_bar(progress, desc="compressing blocks", unit="block", total=len(names)) as bar:
         for name in names:
             block = model.get_submodule(name)
-            home = next(itertools.chain(block.parameters(), block.buffers()), None)
-            if target is not None:
-                block.to(target)
-            small, report = _compress_block(block, name, inputs, remove, plan, by, centering)
-            inputs = _outputs(small if propagate == "compressed" else block, inputs)
-            if target is not None and home is not None:
-                small.to(home.device)
+            with _computed_on(block, target) as back:
+                small, report = _compress_block(block, name, inputs, remove, plan, by, centering)
+                inputs = _outputs(small if propagate == "compressed" else block, inputs)
+                back.append(small)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, small)
             rows.append(report)
@@ -224,6 +226,22 @@ def compress_sequential(
     )
     model.compression_report = report
     return model
+
+
+@contextlib.contextmanager
+def _computed_on(block: nn.Module, target: torch.device | None) -> Iterator[list[nn.Module]]:
+    """Within the block, ``block`` is on ``target`` (when given); the modules appended to
+    the list yielded go back to where ``block`` was, at the end."""
+    home = next(itertools.chain(block.parameters(), block.buffers()), None)
+    back: list[nn.Module] = []
+    if target is not None:
+        block.to(target)
+    try:
+        yield back
+    finally:
+        if target is not None and home is not None:
+            for module in [block, *back]:
+                module.to(home.device)
 
 
 def _spectra(
@@ -242,14 +260,11 @@ def _spectra(
     with progress_bar(progress, desc="spectra", unit="block", total=len(names)) as bar:
         for name in names:
             block = model.get_submodule(name)
-            home = next(itertools.chain(block.parameters(), block.buffers()), None)
-            if target is not None:
-                block.to(target)
-            wrapped = pca_wrap(block, centering=centering)
-            calibrate(wrapped, inputs, forward=_call, progress=False)  # eigenvalues only
-            inputs = _outputs(block, inputs)
-            if target is not None and home is not None:
-                block.to(home.device)
+            with _computed_on(block, target) as back:
+                wrapped = pca_wrap(block, centering=centering)
+                calibrate(wrapped, inputs, forward=_call, progress=False)  # eigenvalues only
+                inputs = _outputs(block, inputs)
+                back.append(block)
             for layer in pca_layers_of(wrapped).values():
                 layer.begin_statistics()  # the statistics go; the spectrum's eigenvalues stay
             for module in wrapped.modules():
