@@ -7,14 +7,16 @@ in a fresh process, which reports its peak resident memory:
 
 * whole: ``pca_wrap`` the blocks, ``calibrate``, ``budget_plan(remove=0.2)``,
   ``apply_plan``, ``compress``;
-* sequential: ``compress_sequential(..., remove=0.2)`` (one block's statistics
-  at a time; the compressed activations passed on).
+* sequential: ``compress_sequential(..., remove=0.2, budget=--budget)`` (one
+  block's statistics at a time; the compressed activations passed on; the
+  global budget makes a first pass for the eigenvalues).
 
 Printed: the weights' size, each mode's seconds and peak memory above the
 weights, and the ratios (goal: sequential peak <= weights + 1.5 GiB, time
 within 1.2x of the whole-model run).
 
 Usage: python benchmarks/bench_sequential.py [--blocks 22] [--windows 8] [--threads 2]
+           [--budget global|per-block] [--modes sequential whole]
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ _RUN = textwrap.dedent(
             ps.apply_plan(wrapped, ps.budget_plan(wrapped, remove=0.2))
             small = ps.compress(wrapped)
         else:
-            small = ps.compress_sequential(model, data, blocks="model.layers.*", remove=0.2)
+            small = ps.compress_sequential(model, data, blocks="model.layers.*", remove=0.2,
+                                           budget=sys.argv[5])
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": seconds, "peak": peak, "weights": weights, "built": base,
@@ -67,6 +70,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--blocks", type=int, default=22)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", default="global", choices=["global", "per-block"],
+                        help="compress_sequential's budget (global: two passes)")  # fmt: skip
     parser.add_argument("--modes", nargs="+", default=["sequential", "whole"],
                         choices=["sequential", "whole"])  # fmt: skip
     args = parser.parse_args(argv)
@@ -81,6 +86,7 @@ def main(argv=None) -> dict:
                 str(args.blocks),
                 str(args.windows),
                 str(args.threads),
+                args.budget,
             ],
             capture_output=True,
             text=True,

@@ -16,7 +16,9 @@ The job:
 4. wraps the decoder blocks' projections with PCA layers and calibrates them;
 5. plans per-layer ranks that remove ``--remove`` of the blocks' projection
    parameters, weighed by the language-model loss's gradient on the planning
-   windows (``budget_plan(loss=..., data=...)``), applies it and compresses;
+   windows (``budget_plan(loss=..., data=...)``), and compresses the blocks one
+   at a time at those ranks, each calibrated on the compressed blocks' outputs
+   (``compress_sequential(plan=..., propagate="compressed")``);
 6. measures the compressed model the same way, writes the checkpoint (loads
    with ``AutoModelForCausalLM.from_pretrained(DIR/model, trust_remote_code=True)``
    where pcasurgery is not installed), reloads it to check its perplexity, and
@@ -44,8 +46,8 @@ import torch
 from torch import nn
 
 from ._validation import check_writable
-from .analysis import apply_plan, budget_plan, plot_saturation, report
-from .compression import compress, count_params
+from .analysis import budget_plan, compress_sequential, plot_saturation, report
+from .compression import count_params
 from .surgery import calibrate, pca_wrap
 
 __all__ = ["add_arguments", "perplexity", "run_compress_lm", "split_windows"]
@@ -350,13 +352,15 @@ def run_compress_lm(
         plan = budget_plan(
             wrapped, remove=args.remove, loss=_lm_loss, data=planning, progress=args.progress
         )
-        apply_plan(wrapped, plan)
     log(
         f"      {int((plan['action'] == 'factorised').sum())} of {len(plan)} projections factorised"
     )
 
-    with steps("compress", "compressing and measuring the compressed model"):
-        small: Any = compress(wrapped, progress=args.progress)
+    with steps("compress", "compressing block by block and measuring the compressed model"):
+        del wrapped  # the plan holds the ranks; the dense model is compressed in place
+        small: Any = compress_sequential(
+            model, calib, blocks=glob, plan=plan, propagate="compressed", progress=args.progress
+        )
         compressed: dict[str, float] = {
             "params": count_params(small),
             "block_params": block_params(small),
