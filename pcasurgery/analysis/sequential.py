@@ -266,7 +266,7 @@ def _spectra(
                 inputs = _outputs(block, inputs)
                 back.append(block)
             for layer in pca_layers_of(wrapped).values():
-                layer.begin_statistics()  # the statistics go; the spectrum's eigenvalues stay
+                layer.keep_eigenvalues_only()
             for module in wrapped.modules():
                 for key, param in list(module._parameters.items()):
                     if param is not None:

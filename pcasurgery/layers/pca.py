@@ -288,6 +288,24 @@ class PCALayer(LayerStatistics):
     def _vectors_wanted(self) -> None:
         self.compute_eigenvectors()
 
+    @torch.no_grad()
+    def keep_eigenvalues_only(self) -> None:
+        """Free the statistics, the eigenvectors and the projection, keeping the eigenvalues
+        and the rank: what a spectral plan reads (``compress_sequential``'s first pass).
+        The layer can no longer project, nor compute its eigenvectors, until calibrated again."""
+        self._fresh_statistics()
+        self._spans = None
+        with torch.inference_mode(False):
+            empty = self.eigenvalues.new_zeros(self.width, 0)
+            for name in ("eigenvectors", "basis"):
+                self._put(name, empty)
+            weight = self._buffers["projection_weight"]
+            assert weight is not None
+            self._put("projection_weight", weight.new_zeros(0, self.width))
+            self._put("projection_bias", weight.new_zeros(0))
+            self._put("vectors_pending", True)
+        self._sync_flags()
+
     def _before_statistics_change(self) -> None:
         """Eigenvectors still pending are computed from the statistics that are about to go."""
         if self._pending and not self._stale and not self._empty:
