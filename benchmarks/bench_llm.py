@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 import pcasurgery as ps
+from pcasurgery._compress_lm import perplexity
 from pcasurgery.layers import sites_of
 
 TEXT = Path(__file__).parent / "data" / "tinyshakespeare.txt"
@@ -93,20 +94,6 @@ def windows(ids: list[int], count: int, length: int) -> torch.Tensor:
 
 def batches(ids: torch.Tensor, size: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": ids[i : i + size]} for i in range(0, len(ids), size)]
-
-
-@torch.inference_mode()
-def perplexity(model: nn.Module, held_out: list[dict[str, torch.Tensor]]) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for batch in held_out:
-        logits = model(**batch, use_cache=False).logits[:, :-1]
-        target = batch["input_ids"][:, 1:]
-        loss = nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), target.flatten(), reduction="sum"
-        )
-        total, count = total + float(loss), count + target.numel()
-    return math.exp(total / count)
 
 
 def block_params(model: nn.Module) -> int:
