@@ -38,6 +38,7 @@ from .._progress import check_progress, progress_bar
 from .._validation import check_device, check_module, kept_modes
 from ..compression.compress import compress, make_shippable
 from ..compression.plan import PLAN_COLUMNS
+from ..layers.kinds import kind_of, output_width
 from ..layers.network import pca_layers_of
 from ..layers.statistics import token_mask
 from ..surgery import calibrate, pca_wrap
@@ -119,15 +120,15 @@ def _outputs(block: nn.Module, inputs: list[Call]) -> list[Call]:
     return out
 
 
-def statistics_bytes(block: nn.Module, targets: tuple[type, ...] = (nn.Linear,)) -> int:
-    """The bytes a block's PCA layers hold while it is calibrated: per followed layer of
-    width ``w``, a float64 ``(w, w)`` square and as many eigenvectors."""
-    total = 0
-    for module in block.modules():
-        width = getattr(module, "out_features", None) or getattr(module, "nf", None)
-        if isinstance(module, targets) or getattr(module, "nf", None) is not None:
-            total += 2 * 8 * int(width or 0) ** 2
-    return total
+def statistics_bytes(block: nn.Module) -> int:
+    """The bytes a block's PCA layers hold while it is calibrated: per layer of a known
+    kind (``layers.kinds``) of output width ``w``, a float64 ``(w, w)`` square and as many
+    eigenvectors."""
+    return sum(
+        2 * 8 * output_width(module) ** 2
+        for module in block.modules()
+        if kind_of(module) is not None
+    )
 
 
 def compress_sequential(
