@@ -48,6 +48,7 @@ __all__ = [
     "mapped_square",
     "mean",
     "merge_moments",
+    "moments_of_rows",
     "reshift",
     "second_moment",
 ]
@@ -439,6 +440,24 @@ def mapped_square(weight: Tensor, inner: Tensor) -> Tensor:
     """``weight @ inner @ weight.T`` in float64, on ``inner``'s device: products mapped through ``weight``."""
     w = weight.to(device=inner.device, dtype=torch.float64)
     return w @ inner.to(torch.float64) @ w.T
+
+
+def moments_of_rows(rows: Tensor) -> Moments:
+    """The moments of samples held as the rows of a float64 ``(n, width)`` matrix.
+
+    They are taken around the rows' mean rounded to float32, so that later
+    float32 batches subtract the shift exactly (:func:`_batch_moments`), and
+    the sums of the shifted rows are formed in float64: no cancellation, however
+    far the mean lies from zero.
+    """
+    rows = rows.to(torch.float64)
+    n, width = rows.shape
+    if not n:
+        return empty_moments(width, rows.device)
+    shift = rows.mean(0).to(torch.float32).to(torch.float64)
+    shifted = rows - shift
+    count = torch.full((), n, dtype=torch.int64, device=rows.device)
+    return Moments(count, shift, shifted.sum(0), _gram(shifted.T))
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

@@ -9,6 +9,8 @@ matrices for control experiments, and the seed library's stats
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -26,6 +28,7 @@ __all__ = [
     "explained_fraction",
     "explained_fractions",
     "intrinsic_dimensionality",
+    "pca_of_rows",
     "projection_affine",
     "random_orthogonal",
     "saturation",
@@ -74,6 +77,44 @@ def eigvalsh_descending(matrix: Tensor) -> Tensor:
     tridiagonal reduction and its eigenvalues only, about a third of the work)."""
     _check_square(matrix)
     return torch.linalg.eigvalsh(matrix.to(torch.float64)).flip(0).clamp_min(0.0)
+
+
+def pca_of_rows(
+    rows: Tensor, centering: bool = True, vectors: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """The spectrum of the covariance (or the second moment) of samples given as rows.
+
+    ``rows`` is ``(n, d)`` with ``n <= d``: fewer samples than features, where the
+    ``(d, d)`` matrix has rank at most ``n`` and its ``d``-wide decomposition
+    would be mostly spent on zeros. With ``A`` the (centred) rows over ``sqrt(n)``
+    and the thin QR ``A^T = Q R``, the matrix is ``A^T A = Q (R R^T) Q^T``: the
+    SVD of the ``(n, n)`` ``R`` gives its eigenvalues (the squared singular
+    values) and eigenvectors ``Q U``, orthonormal to rounding, and the matrix is
+    never formed (whose float64 rounding the decomposition would otherwise inherit).
+
+    Args:
+        rows: the samples, ``(n, d)``.
+        centering: the covariance (divided by ``n``) if True, else ``E[x x^T]``.
+        vectors: also the eigenvectors (else ``None`` in their place).
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``: float64 ``(d,)`` descending (the last
+        ``d - n`` zero), and ``(d, n)`` with the eigenvectors of the first ``n``
+        as columns, signs fixed as in :func:`eigh_descending`; or None.
+    """
+    n, d = rows.shape
+    if not 0 < n <= d:
+        raise ValueError(f"pca_of_rows needs (n, d) rows with 0 < n <= d, got {tuple(rows.shape)}")
+    a = rows.to(torch.float64)
+    if centering:
+        a = a - a.mean(0)
+    q, r = torch.linalg.qr(a.T / math.sqrt(n))
+    if vectors:
+        u, s, _ = torch.linalg.svd(r)
+        basis = _fix_signs(q @ u)
+    else:
+        s, basis = torch.linalg.svdvals(r), None
+    return torch.cat([s.square(), s.new_zeros(d - n)]), basis
 
 
 def _fix_signs(vectors: Tensor) -> Tensor:

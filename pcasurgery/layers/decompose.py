@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from .._progress import progress_bar, step
-from ..core import spectrum as _s
 from .pca import PCALayer
 from .state import version_tokens
 
@@ -107,10 +106,12 @@ def side_by_side(
 
 def _install(layer: PCALayer, source: Any, vectors: bool = True) -> None:
     """Decompose the layer's checked statistics (through ``source`` where given), install the result."""
-    if source is None and not vectors:
-        layer._install_eigenvalues(_s.eigvalsh_descending(layer._matrix_to_decompose(checked=True)))
-    elif source is None:
-        layer._install_spectrum(*_s.eigh_descending(layer._matrix_to_decompose(checked=True)))
+    if source is None:
+        values, eigenvectors = layer._decomposition(vectors, checked=True)
+        if eigenvectors is None:
+            layer._install_eigenvalues(values)
+        else:
+            layer._install_spectrum(values, eigenvectors)
     else:
         layer._install_spectrum(*source.eigenspace(layer.centering))
         tensors = (layer.eigenvectors, source.module.weight, source.module.bias)

@@ -266,7 +266,8 @@ class PCALayer(LayerStatistics):
         projection): what a projection, a fold, ``compress`` or a plan weighed by a loss
         does at their first use. Nothing to do where they are computed."""
         if self._pending:  # the eigenvalues installed stay (and the ranks read off them)
-            _, vectors = _s.eigh_descending(self._matrix_to_decompose())
+            _, vectors = self._decomposition(vectors=True)
+            assert vectors is not None
             self._install_spectrum(self.eigenvalues, vectors)
 
     @torch.no_grad()
@@ -336,8 +337,22 @@ class PCALayer(LayerStatistics):
             NotCalibratedError: the layer has seen no data.
             NonFiniteError: the statistics contain NaN or infinite values (a ``ValueError``).
         """
-        matrix = self._matrix_to_decompose()
-        self._install_spectrum(*_s.eigh_descending(matrix))
+        values, vectors = self._decomposition(vectors=True)
+        assert vectors is not None
+        self._install_spectrum(values, vectors)
+
+    def _decomposition(self, vectors: bool, checked: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The statistics' eigenvalues (descending) and, if ``vectors``, eigenvectors:
+        from the samples where the layer holds them as rows, else from the covariance
+        (or second moment); checked unless ``checked`` already."""
+        if self._rows is not None:
+            if not checked:
+                self._check_statistics()
+            return _s.pca_of_rows(self._held_rows(), self.centering, vectors)
+        matrix = self._matrix_to_decompose(checked)
+        if vectors:
+            return _s.eigh_descending(matrix)
+        return _s.eigvalsh_descending(matrix), None
 
     def _matrix_to_decompose(self, checked: bool = False) -> Tensor:
         """The covariance (or second moment) to decompose, checked unless ``checked`` already."""

@@ -132,8 +132,9 @@ _WITH_VECTORS = frozenset({"eigenvectors", "basis", "projection_weight", "projec
 # The attributes outside the buffers that are part of a layer's state: its mode, the
 # seed's epoch counter, a square held as its factors, the span of a spectrum computed
 # through the followed module's input, and whether the model was seen to call the
-# followed Linear with another bias (see LayerState's class attributes).
-HOST_STATE = ("_mode", "epoch", "_square_factors", "_spans", "_other_bias")
+# followed Linear with another bias, the samples themselves while there are few
+# (see LayerState's class attributes).
+HOST_STATE = ("_mode", "epoch", "_square_factors", "_spans", "_other_bias", "_rows")
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,12 @@ class LayerState(nn.Module):
     # formed the first time anything reads it (``statistics()``, the buffer, the
     # state dict, more data), so that calibration and its spectrum never need it
     _square_factors: tuple[Tensor, Tensor] | None = None
+    # the samples themselves, float64 ``(rows, width)`` blocks, while there are at most
+    # ``ROWS_FRACTION`` of the width of them (layers.statistics): the moments hold
+    # their count and sum around a zero shift, and the square is formed (around their
+    # mean) only if something reads it or more samples arrive; the spectrum comes
+    # from the rows (core.spectrum.pca_of_rows), a problem as wide as the samples
+    _rows: tuple[Tensor, ...] | None = None
     # ``((eigenvectors, weight, bias), their tokens)`` where the computed eigenvectors,
     # fewer than the width, span the range of the followed module's map as it was
     # when they were computed (layers.through); see ``discarded_directions``. Cleared
@@ -311,13 +318,28 @@ class LayerState(nn.Module):
         return _m.Moments(*(self._buffers[name] for name in MOMENTS))  # type: ignore[arg-type]
 
     def _form_square(self) -> None:
-        """Form the square from its factors, if it is held that way (see ``_square_factors``)."""
+        """Form the square from its factors or the rows, if it is held that way (see
+        ``_square_factors`` and ``_rows``)."""
+        if self._rows is not None:
+            with torch.inference_mode(False):
+                moments = _m.moments_of_rows(self._held_rows())
+                for name, value in zip(MOMENTS, moments, strict=True):
+                    self._buffers[name] = value
+            self._rows = None
+            self._subtract = True
         factors = self._square_factors
         if factors is not None:
             weight, inner = factors
             with torch.inference_mode(False):
                 self._buffers["shifted_sum_sq"] = _m.mapped_square(weight, inner)
             self._square_factors = None
+
+    def _held_rows(self) -> Tensor:
+        """The samples held as rows, in one ``(rows, width)`` matrix (kept so)."""
+        assert self._rows is not None
+        if len(self._rows) != 1:
+            self._rows = (torch.cat(self._rows),)
+        return self._rows[0]
 
     def __getattr__(self, name: str) -> Any:
         if name == "shifted_sum_sq":
@@ -389,6 +411,8 @@ class LayerState(nn.Module):
         if self._square_factors is not None:
             weight, inner = self._square_factors
             self._square_factors = (weight.to(device), inner.to(device))
+        if self._rows is not None:
+            self._rows = tuple(rows.to(device) for rows in self._rows)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .._errors import NonFiniteError
 from ..core import moments as _m
 from ..core import spectrum as _s
+from . import statistics as _statistics
 from .kinds import affine_kind, weight_matrix
 from .pca import PCALayer
 from .statistics import TOKEN_MASK
@@ -96,6 +97,9 @@ class InputStatistics:
     ):
         self.module, self.pca, self.kind, self.width = module, pca, kind, width
         self.state: _m.Moments | None = None  # allocated on the first batch, on its device
+        # the inputs themselves (float64 rows) while few (ROWS_FRACTION of the input
+        # width): the layer then gets its outputs as rows (PCALayer.load_rows)
+        self.rows: tuple[Tensor, ...] | None = None
         self._subtract = False
         self.examples = 0
         self.positions = 1
@@ -122,8 +126,6 @@ class InputStatistics:
         positions = x[0].numel() // self.width if x.dim() > 1 and len(x) else 1
         examples = x.shape[0] if x.dim() > 1 else 1
         samples = self.pca._samples_of(x.detach())
-        if self.state is None:
-            self.state = _m.empty_moments(self.width, device=x.device)
         # What identifies these samples: the very tensor (held, so that its id is not
         # reused), taken at the same positions, under the same token mask, and
         # unchanged: calibration runs in inference mode, where tensors have no version
@@ -144,6 +146,14 @@ class InputStatistics:
             and last[3] is seen[3]
             and torch.equal(last[4], seen[4])
         )
+        if self._take_rows(samples, channel_dim, same):
+            self._shared.update(seen=seen, moments=None)
+            self.examples += examples
+            self.positions = positions
+            return
+        self._shared["rows"] = None
+        if self.state is None:
+            self.state = _m.empty_moments(self.width, device=x.device)
         try:
             added, self._subtract, moments = _m._accumulate_known(
                 self.state,
@@ -163,6 +173,33 @@ class InputStatistics:
             self.examples += examples
             self.positions = positions
 
+    def _take_rows(self, samples: Tensor, channel_dim: int, same: bool) -> bool:
+        """Keep the samples as rows where they stay few (and no moments are held yet);
+        else False, the rows held so far turned into moments to add the batch to."""
+        held = 0 if self.rows is None else sum(len(rows) for rows in self.rows)
+        added = samples.numel() // self.width
+        if (
+            channel_dim != -1
+            or self.state is not None
+            or held + added > self.width * _statistics.ROWS_FRACTION
+        ):
+            if self.rows is not None:
+                self.state = _m.moments_of_rows(torch.cat(self.rows))
+                self._subtract, self.rows = True, None
+            return False
+        rows = self._shared.get("rows") if same else None
+        if rows is None:
+            rows = samples.reshape(-1, self.width)
+            rows = rows.clone() if rows.dtype == torch.float64 else rows.to(torch.float64)
+            if not bool(torch.isfinite(rows.sum(0)).all()):
+                raise NonFiniteError(
+                    f"PCA layer {self.pca.name!r} received NaN or infinite activations "
+                    "(the input of the module it follows)"
+                )
+        self._shared["rows"] = rows  # modules fed the same tensor share them
+        self.rows = (*(self.rows or ()), rows)
+        return True
+
     def release_shared(self) -> None:
         """Forget the last input seen (the stream has ended)."""
         self._shared.clear()
@@ -178,6 +215,12 @@ class InputStatistics:
         (the spectrum comes from :meth:`eigenspace`), which saves its product and
         its memory (``(out / in)^2`` times the input's square).
         """
+        if self.rows is not None:
+            weight, bias = self._affine()
+            inputs = torch.cat(self.rows).to(weight.device)
+            outputs = torch.addmm(bias, inputs, weight.T)
+            self.pca.load_rows(outputs, self.examples, positions=self.positions)
+            return
         if self.state is None or int(self.state.count) == 0:
             return
         own = self.module.weight
@@ -194,6 +237,8 @@ class InputStatistics:
     @property
     def count(self) -> int:
         """Samples collected."""
+        if self.rows is not None:
+            return sum(len(rows) for rows in self.rows)
         return 0 if self.state is None else int(self.state.count)
 
     def eigenspace(self, centering: bool) -> tuple[Tensor, Tensor]:
