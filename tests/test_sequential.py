@@ -134,3 +134,138 @@ def test_a_global_budget_from_the_eigenvalues_of_a_first_pass_equals_the_whole_m
         copy.deepcopy(model), data, blocks="model.layers.*", remove=0.3, budget="per-block"
     )
     assert list(per_block.compression_report["k"]) != list(plan["k"])
+
+
+def _on_meta(layers: int = 3):
+    from accelerate import init_empty_weights
+
+    config = transformers.LlamaConfig(**decoder_config(num_hidden_layers=layers))
+    with init_empty_weights():
+        return transformers.LlamaForCausalLM(config).eval()
+
+
+def _loaded_blocks(model) -> int:
+    return sum(
+        not next(block.parameters()).is_meta
+        for block in model.model.layers
+        if len(list(block.parameters()))
+    )
+
+
+def test_a_model_on_meta_is_calibrated_from_its_shards_one_block_at_a_time(tmp_path):
+    model, data = _llama(), token_batches(96)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="20KB")  # several shards
+    assert len(list((tmp_path / "dense").glob("*.safetensors"))) > 1
+    empty = _on_meta()
+    resident = []
+    for block in empty.model.layers:
+        block.register_forward_pre_hook(lambda *_: resident.append(_loaded_blocks(empty)))
+    spectra = ps.calibrate_sequential(
+        empty, data, blocks="model.layers.*", weights=tmp_path / "dense"
+    )
+    assert resident and max(resident) == 1  # one block's weights in memory at a time
+    assert _loaded_blocks(empty) == 0
+    reference = ps.calibrate_sequential(copy.deepcopy(model), data, blocks="model.layers.*")
+    ours, theirs = ps.report(spectra), ps.report(reference)
+    assert list(ours["layer"]) == [
+        f"model.{n}" for n in ps.pca_layers_of(ps.pca_wrap(model.model, include="layers.*"))
+    ]
+    assert ours.drop(columns="layer").equals(theirs.drop(columns="layer"))
+    # the spectra are the whole model's: the same eigenvalues as calibrating it at once
+    whole = ps.pca_wrap(model, include="model.layers.*")
+    ps.calibrate(whole, data, progress=False)
+    for name, layer in ps.pca_layers_of(whole).items():
+        torch.testing.assert_close(
+            ps.pca_layers_of(spectra)[name].eigenvalues, layer.eigenvalues, atol=1e-9, rtol=1e-6
+        )
+
+
+def test_a_model_on_meta_is_compressed_from_its_shards_into_a_checkpoint(tmp_path):
+    model, data = _llama(), token_batches(96)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    plan = ps.budget_plan(
+        ps.calibrate_sequential(copy.deepcopy(model), data, blocks="model.layers.*"), remove=0.3
+    )
+    in_memory = ps.compress_sequential(
+        copy.deepcopy(model), data, blocks="model.layers.*", plan=plan
+    )
+    empty = _on_meta()
+    resident = []
+    for block in empty.model.layers:
+        block.register_forward_pre_hook(lambda *_: resident.append(_loaded_blocks(empty)))
+    result = ps.compress_sequential(
+        empty, data, blocks="model.layers.*", plan=plan, weights=tmp_path / "dense",
+        out=tmp_path / "small",
+    )  # fmt: skip
+    assert max(resident) <= 1 and _loaded_blocks(result) == 0  # written, then released
+    files = sorted(p.name for p in (tmp_path / "small").iterdir())
+    assert [f for f in files if f.startswith("block-")] == [
+        f"block-0000{i}.safetensors" for i in range(3)
+    ]
+    assert {"config.json", "model.safetensors.index.json", "modeling_pcasurgery.py"} <= set(files)
+    again = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "small", trust_remote_code=True
+    )
+    assert type(again).__name__ == "CompressedLlamaForCausalLM"
+    assert ps.count_params(again) == ps.count_params(in_memory) < ps.count_params(model)
+    torch.testing.assert_close(_logits(again, PROMPT), _logits(in_memory, PROMPT))
+    assert result.compression_report.equals(in_memory.compression_report)
+
+
+def test_a_checkpoint_written_in_bfloat16_holds_bfloat16_tensors(tmp_path):
+    from safetensors import safe_open
+
+    model, data = _llama(2), token_batches(96)
+    reference = ps.compress_sequential(
+        copy.deepcopy(model), data, blocks="model.layers.*", remove=0.3, budget="per-block"
+    )
+    ps.compress_sequential(
+        model, data, blocks="model.layers.*", remove=0.3, budget="per-block",
+        out=tmp_path / "small", out_dtype=torch.bfloat16,
+    )  # fmt: skip
+    for file in (tmp_path / "small").glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}
+    again = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "small", trust_remote_code=True
+    )
+    torch.testing.assert_close(
+        _logits(again.float(), PROMPT), _logits(reference, PROMPT), atol=0.05, rtol=0.05
+    )
+
+
+def test_weights_and_out_are_checked_before_any_work(tmp_path):
+    data = token_batches(96)
+    with pytest.raises(ValueError, match="weights=.* is not a safetensors file nor a folder"):
+        ps.calibrate_sequential(
+            _on_meta(1), data, blocks="model.layers.*", weights=tmp_path / "none"
+        )
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("x")
+    with pytest.raises(ValueError, match="out=.* exists and is not empty"):
+        ps.compress_sequential(
+            _llama(1), data, blocks="model.layers.*", remove=0.2, out=tmp_path / "full"
+        )
+    with pytest.raises(TypeError, match="out_dtype must be a floating torch.dtype"):
+        ps.compress_sequential(
+            _llama(1),
+            data,
+            blocks="model.layers.*",
+            remove=0.2,
+            out=tmp_path / "o",
+            out_dtype="bf16",
+        )
+    model = _llama(1)
+    partial = {k: v for k, v in model.state_dict().items() if "mlp.down_proj" not in k}
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.contiguous() for k, v in partial.items()},
+        str(tmp_path / "p.safetensors"),
+    )
+    with pytest.raises(
+        ValueError, match="not in the checkpoint: model.layers.0.mlp.down_proj.weight"
+    ):
+        ps.calibrate_sequential(
+            _on_meta(1), data, blocks="model.layers.*", weights=tmp_path / "p.safetensors"
+        )

@@ -2,7 +2,7 @@
 
 from .budget import apply_plan, budget_plan
 from .report import plot_saturation, report
-from .sequential import compress_sequential
+from .sequential import calibrate_sequential, compress_sequential
 from .sweep import DEFAULT_LADDER, allocate, sweep
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "allocate",
     "apply_plan",
     "budget_plan",
+    "calibrate_sequential",
     "compress_sequential",
     "plot_saturation",
     "report",

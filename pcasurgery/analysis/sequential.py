@@ -26,7 +26,9 @@ import fnmatch
 import glob
 import itertools
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -38,13 +40,14 @@ from .._progress import check_progress, progress_bar
 from .._validation import check_device, check_module, kept_modes
 from ..compression.compress import compress, make_shippable
 from ..compression.plan import PLAN_COLUMNS
+from ..compression.shards import ShardReader, ShardWriter, to_meta
 from ..layers.kinds import kind_of, output_width
 from ..layers.network import pca_layers_of
 from ..layers.statistics import token_mask
 from ..surgery import calibrate, pca_wrap
 from .budget import apply_plan, budget_plan
 
-__all__ = ["compress_sequential"]
+__all__ = ["calibrate_sequential", "compress_sequential"]
 
 log = logging.getLogger("pcasurgery")
 
@@ -144,6 +147,9 @@ def compress_sequential(
     centering: bool = True,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     device: torch.device | str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    out_dtype: torch.dtype | None = None,
     progress: bool | None = None,
 ) -> nn.Module:
     """Calibrate and compress the blocks matched by ``blocks`` one at a time, in place.
@@ -172,11 +178,24 @@ def compress_sequential(
         device: where each block is calibrated and compressed (``"cuda"``, say): the
             block and the activations move there, and the compressed block comes back
             to where the block was; the rest of the model never moves.
+        weights: for a model larger than memory, built on the ``meta`` device
+            (``accelerate.init_empty_weights()``): its checkpoint, a safetensors file
+            or a folder of them (transformers' sharded layout). The tensors outside
+            the blocks are loaded first, and each block's when its turn comes, cast
+            to the dtype the model was built in; the dense block is released after.
+        out: a folder where each compressed block is written as it is done (one
+            safetensors file each) and then released (back to ``meta``), the other
+            tensors at the end, with an index and, for a transformers model, its
+            config and modeling file: a checkpoint that ``from_pretrained`` loads
+            (``trust_remote_code=True``), without pcasurgery.
+        out_dtype: the dtype floating tensors are written in (None: the model's);
+            ``torch.bfloat16`` halves a float32 model's checkpoint.
         progress: a bar over the blocks (``None``: in a terminal, after two seconds).
 
     Returns:
         ``model``, with its ``compression_report`` (``compress``'s columns, one
-        row per PCA layer, named as in the whole model).
+        row per PCA layer, named as in the whole model). With ``out``, its blocks'
+        tensors are on ``meta`` (their values are in ``out``).
 
     Raises:
         ValueError: neither or both of ``remove`` and ``plan``; ``propagate`` not one
@@ -199,6 +218,16 @@ def compress_sequential(
     target = check_device(device)
     run = forward or run_batch
     names = block_names(model, blocks)
+    writer = None
+    if out is not None:
+        if out_dtype is not None and not (
+            isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point
+        ):
+            raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+        if Path(out).exists() and any(Path(out).iterdir()):
+            raise ValueError(f"out={str(out)!r} exists and is not empty")
+        writer = ShardWriter(out, out_dtype)
+    reader = _reader(model, names, weights)
     first = model.get_submodule(names[0])
     log.info(
         "compress_sequential: %d blocks; the PCA statistics of one block take %.1f MiB",
@@ -207,21 +236,29 @@ def compress_sequential(
     )
     inputs = [to_device(call, target) for call in _capture(model, first, data, run)]
     if remove is not None and budget == "global":
-        spectra = _spectra(model, names, inputs, centering, target, progress)
+        spectra = _spectra(model, names, inputs, centering, target, progress, reader)
         plan = budget_plan(spectra, remove=float(remove), by=by, progress=False)
     rows = []
     with progress_bar(progress, desc="compressing blocks", unit="block", total=len(names)) as bar:
-        for name in names:
-            block = model.get_submodule(name)
+        for i, name in enumerate(names):
+            block = _loaded(model, name, reader)
             with _computed_on(block, target) as back:
                 small, report = _compress_block(block, name, inputs, remove, plan, by, centering)
                 inputs = _outputs(small if propagate == "compressed" else block, inputs)
                 back.append(small)
+            if reader is not None:
+                to_meta(block)
+            if writer is not None:
+                writer.write(small, name + ".", f"block-{i:05d}.safetensors")
+                to_meta(small)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, small)
             rows.append(report)
             bar.update()
     make_shippable(model)
+    if writer is not None:
+        writer.write(model, "", "others.safetensors")
+        writer.finish(model)
     report = (
         pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=list(PLAN_COLUMNS))
     )
@@ -245,6 +282,78 @@ def _computed_on(block: nn.Module, target: torch.device | None) -> Iterator[list
                 module.to(home.device)
 
 
+def _reader(model: nn.Module, names: list[str], weights: Any) -> ShardReader | None:
+    """The checkpoint ``weights`` names, with the model's tensors outside the blocks loaded
+    from it (None without ``weights``)."""
+    if weights is None:
+        return None
+    reader = ShardReader(weights)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):  # transformers ties on loading: a tied output layer is not in the files
+        tie()
+    reader.check(model)  # every block's tensors are there, before any work
+    reader.load(model, skip=tuple(names))
+    return reader
+
+
+def _loaded(model: nn.Module, name: str, reader: ShardReader | None) -> nn.Module:
+    """The block ``name``, its tensors loaded from the checkpoint (when there is one)."""
+    block = model.get_submodule(name)
+    if reader is not None:
+        reader.load(block, name + ".")
+    return block
+
+
+def calibrate_sequential(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    blocks: str,
+    centering: bool = True,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    device: torch.device | str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
+    """The spectra of the blocks' layers, calibrated one block at a time: a saturation report
+    (``report``) and a global budget (``budget_plan``) for the price of their eigenvalues.
+
+    The inputs of the first block are captured once; each block in turn is
+    wrapped (a copy), calibrated on them for its eigenvalues only, and its
+    outputs become the next block's inputs. Of each block, only its PCA
+    layers' eigenvalues and ranks are kept (``PCALayer.keep_eigenvalues_only``),
+    and the shapes of the modules they follow (their tensors on ``meta``): a
+    7B-shaped model's spectra take a few MiB. ``model`` is not changed (with
+    ``weights``, its blocks' tensors go back to ``meta`` after their turn).
+
+    Args:
+        model: the model (not wrapped).
+        data, blocks, centering, forward, device, weights, progress: as
+            :func:`compress_sequential` takes them.
+
+    Returns:
+        A module whose PCA layers are named as ``pca_wrap(model)`` names them
+        (``"model.layers.0.self_attn.q_proj"``): ``report``, ``saturation_table``
+        and ``budget_plan`` read it; a plan from it is what ``compress_sequential``
+        takes as ``plan``.
+    """
+    check_module(model)
+    progress = check_progress(progress)
+    target = check_device(device)
+    names = block_names(model, blocks)
+    reader = _reader(model, names, weights)
+    first = model.get_submodule(names[0])
+    log.info(
+        "calibrate_sequential: %d blocks; the PCA statistics of one block take %.1f MiB",
+        len(names),
+        statistics_bytes(first) / 2**20,
+    )
+    inputs = [
+        to_device(call, target) for call in _capture(model, first, data, forward or run_batch)
+    ]
+    return _spectra(model, names, inputs, centering, target, progress, reader)
+
+
 def _spectra(
     model: nn.Module,
     names: list[str],
@@ -252,20 +361,22 @@ def _spectra(
     centering: bool,
     target: torch.device | None,
     progress: bool | None,
+    reader: ShardReader | None = None,
 ) -> nn.Module:
-    """The first pass of a global budget: every block wrapped and calibrated in turn on the
-    dense activations, keeping of each only its PCA layers' eigenvalues and the shapes of
-    the modules they follow (weights on ``meta``), under a root that names them as the
-    model does, for ``budget_plan``."""
+    """Every block wrapped and calibrated in turn on the dense activations, keeping of each
+    only its PCA layers' eigenvalues and the shapes of the modules they follow (weights on
+    ``meta``), under a root that names them as the model does, for ``budget_plan``."""
     root = nn.Module()
     with progress_bar(progress, desc="spectra", unit="block", total=len(names)) as bar:
         for name in names:
-            block = model.get_submodule(name)
+            block = _loaded(model, name, reader)
             with _computed_on(block, target) as back:
                 wrapped = pca_wrap(block, centering=centering)
                 calibrate(wrapped, inputs, forward=_call, progress=False)  # eigenvalues only
                 inputs = _outputs(block, inputs)
                 back.append(block)
+            if reader is not None:
+                to_meta(block)
             for layer in pca_layers_of(wrapped).values():
                 layer.keep_eigenvalues_only()
             for module in wrapped.modules():

@@ -216,10 +216,7 @@ class InputStatistics:
         its memory (``(out / in)^2`` times the input's square).
         """
         if self.rows is not None:
-            weight, bias = self._affine()
-            inputs = torch.cat(self.rows).to(weight.device)
-            outputs = torch.addmm(bias, inputs, weight.T)
-            self.pca.load_rows(outputs, self.examples, positions=self.positions)
+            self.pca.load_rows(self._outputs(), self.examples, positions=self.positions)
             return
         if self.state is None or int(self.state.count) == 0:
             return
@@ -233,6 +230,21 @@ class InputStatistics:
             square_factors=(held, self.state.total_sq),
         )
         self.pca._put("sample_positions", self.positions)
+
+    def _outputs(self) -> Tensor:
+        """The module's float64 outputs on the inputs held as rows, ``W x + b``: a float64
+        copy of a few thousand of the weights' rows at a time, not of the whole matrix."""
+        assert self.rows is not None
+        own = self.module.weight
+        assert isinstance(own, Tensor)
+        weight, bias = weight_matrix(self.module, own.dtype)
+        inputs = torch.cat(self.rows).to(weight.device)
+        outputs = inputs.new_empty(len(inputs), weight.shape[0])
+        step = max(1, 2**25 // max(1, weight.shape[1]))  # 256 MiB of float64 weights
+        for start in range(0, weight.shape[0], step):
+            part = slice(start, start + step)
+            outputs[:, part] = torch.addmm(bias[part].to(inputs), inputs, weight[part].to(inputs).T)
+        return outputs
 
     @property
     def count(self) -> int:
