@@ -269,3 +269,20 @@ def test_weights_and_out_are_checked_before_any_work(tmp_path):
         ps.calibrate_sequential(
             _on_meta(1), data, blocks="model.layers.*", weights=tmp_path / "p.safetensors"
         )
+
+
+def test_the_statistics_memory_is_announced_before_it_is_used(caplog):
+    model, data = _llama(2), token_batches(96)
+    widths = [32, 16, 16, 32, 64, 64, 32]  # q, k, v, o, gate, up, down of the tiny config
+    block = sum(2 * 8 * w * w for w in widths) / 2**20
+    with caplog.at_level("INFO", logger="pcasurgery"):
+        ps.calibrate(ps.pca_wrap(model, include="model.layers.*"), data, progress=False)
+        ps.calibrate_sequential(model, data, blocks="model.layers.*")
+    assert (
+        f"calibrate: 14 PCA layers; their statistics and eigenvectors take up to {2 * block:.1f} MiB"
+        in caplog.text
+    )
+    assert (
+        f"calibrate_sequential: 2 blocks; the PCA statistics of one block take {block:.1f} MiB"
+        in caplog.text
+    )

@@ -43,7 +43,7 @@ from ..compression.plan import PLAN_COLUMNS
 from ..compression.shards import ShardReader, ShardWriter, to_meta
 from ..layers.kinds import kind_of, output_width
 from ..layers.network import pca_layers_of
-from ..layers.statistics import token_mask
+from ..layers.statistics import statistics_bytes, token_mask
 from ..surgery import calibrate, pca_wrap
 from .budget import apply_plan, budget_plan
 
@@ -123,12 +123,11 @@ def _outputs(block: nn.Module, inputs: list[Call]) -> list[Call]:
     return out
 
 
-def statistics_bytes(block: nn.Module) -> int:
-    """The bytes a block's PCA layers hold while it is calibrated: per layer of a known
-    kind (``layers.kinds``) of output width ``w``, a float64 ``(w, w)`` square and as many
-    eigenvectors."""
+def block_statistics_bytes(block: nn.Module) -> int:
+    """The bytes a block's PCA layers hold while it is calibrated: ``statistics_bytes`` of
+    the output width of each module of a known kind (``layers.kinds``)."""
     return sum(
-        2 * 8 * output_width(module) ** 2
+        statistics_bytes(output_width(module))
         for module in block.modules()
         if kind_of(module) is not None
     )
@@ -232,7 +231,7 @@ def compress_sequential(
     log.info(
         "compress_sequential: %d blocks; the PCA statistics of one block take %.1f MiB",
         len(names),
-        statistics_bytes(first) / 2**20,
+        block_statistics_bytes(first) / 2**20,
     )
     inputs = [to_device(call, target) for call in _capture(model, first, data, run)]
     if remove is not None and budget == "global":
@@ -346,7 +345,7 @@ def calibrate_sequential(
     log.info(
         "calibrate_sequential: %d blocks; the PCA statistics of one block take %.1f MiB",
         len(names),
-        statistics_bytes(first) / 2**20,
+        block_statistics_bytes(first) / 2**20,
     )
     inputs = [
         to_device(call, target) for call in _capture(model, first, data, forward or run_batch)

@@ -27,7 +27,7 @@ from ..core import moments as _m
 from ..core import spectrum as _s
 from .state import MOMENTS, STATE, SUMMED, LayerState
 
-__all__ = ["ROWS_FRACTION", "TOKEN_MASK", "LayerStatistics", "token_mask"]
+__all__ = ["ROWS_FRACTION", "TOKEN_MASK", "LayerStatistics", "statistics_bytes", "token_mask"]
 
 _F64 = torch.float64
 
@@ -41,6 +41,13 @@ ROWS_FRACTION = 0.5
 
 # Which token positions are real (True) in the batch being calibrated, (batch, tokens).
 TOKEN_MASK: ContextVar[Tensor | None] = ContextVar("pcasurgery_token_mask", default=None)
+
+
+def statistics_bytes(width: int) -> int:
+    """The most a PCA layer of ``width`` holds while it is calibrated and decomposed: a
+    float64 ``(width, width)`` square and as many eigenvectors (what calibration and
+    ``compress_sequential`` announce before they allocate it)."""
+    return 2 * 8 * width * width
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ statistics (``pcasurgery.layers.pca.token_mask``).
 from __future__ import annotations
 
 import itertools
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -54,10 +55,12 @@ from ..layers.offload import offloaded, resident
 from ..layers.pca import PCALayer
 from ..layers.sites import sites_of
 from ..layers.state import LayerSnapshot
-from ..layers.statistics import token_mask
+from ..layers.statistics import statistics_bytes, token_mask
 from ..layers.through import InputStatistics, input_statistics
 
 __all__ = ["all_reduce_statistics", "calibrate"]
+
+log = logging.getLogger("pcasurgery")
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -225,6 +228,11 @@ def calibrate(
     layers = pca_layers_of(model)
     require_layers(layers)
     _refuse_meta(model, layers)
+    log.info(
+        "calibrate: %d PCA layers; their statistics and eigenvectors take up to %.1f MiB",
+        len(layers),
+        sum(statistics_bytes(layer.width) for layer in layers.values()) / 2**20,
+    )
 
     # the statistics to add to (reset=False) are merged: a square held as factors is formed
     snapshot = _Snapshot(model, layers.values(), complete=not reset)
