@@ -22,11 +22,13 @@ else from a budget that removes ``remove`` of each block's planned parameters
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fnmatch
 import glob
 import itertools
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -253,6 +255,8 @@ def compress_sequential(
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, small)
             rows.append(report)
+            del block, small
+            _trim()
             bar.update()
     make_shippable(model)
     if writer is not None:
@@ -279,6 +283,19 @@ def _computed_on(block: nn.Module, target: torch.device | None) -> Iterator[list
         if target is not None and home is not None:
             for module in [block, *back]:
                 module.to(home.device)
+
+
+def _trim() -> None:
+    """Hand the memory a finished block freed back to the system. glibc keeps freed blocks
+    of up to 32 MiB in its heaps (one per thread that allocated), where a long run's
+    varying sizes fragment them: without this, a 7B-shaped model's compression grows by
+    about 0.2 GiB a block that no tensor holds."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # another C library
+        pass
 
 
 def _reader(model: nn.Module, names: list[str], weights: Any) -> ShardReader | None:
@@ -385,6 +402,8 @@ def _spectra(
                             param.to("meta"), param.requires_grad
                         )
             _attach(root, name, wrapped)
+            del block, wrapped
+            _trim()
             bar.update()
     return root
 
