@@ -161,7 +161,8 @@ def test_widening_layers_calibrated_on_few_inputs_hold_their_outputs_as_rows(mon
     model = _Twin()
     x = torch.from_numpy(_samples(8, 16, offset=1.0))  # 8 rows: at most half of 16 and 64
     wrapped = ps.pca_wrap(model, threshold=0.95)
-    ps.calibrate(wrapped, [x[:3], x[3:]], progress=False)
+    with pytest.warns(UserWarning, match="fewer samples .* than they are wide"):
+        ps.calibrate(wrapped, [x[:3], x[3:]], progress=False)
     layers = ps.pca_layers_of(wrapped)
     assert all(layer.rows_held for layer in layers.values())
     x64 = x.double().numpy()
@@ -183,7 +184,8 @@ def test_widening_layers_calibrated_on_few_inputs_hold_their_outputs_as_rows(mon
     # the same model calibrated on moments compresses to the same outputs
     monkeypatch.setattr(statistics, "ROWS_FRACTION", 0.0)
     reference = ps.pca_wrap(copy.deepcopy(model), threshold=0.95)
-    ps.calibrate(reference, [x[:3], x[3:]], progress=False)
+    with pytest.warns(UserWarning, match="fewer samples"):
+        ps.calibrate(reference, [x[:3], x[3:]], progress=False)
     assert not any(layer.rows_held for layer in ps.pca_layers_of(reference).values())
     probe = torch.from_numpy(_samples(5, 16, offset=1.0, seed=3))
     torch.testing.assert_close(

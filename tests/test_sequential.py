@@ -286,3 +286,18 @@ def test_the_statistics_memory_is_announced_before_it_is_used(caplog):
         f"calibrate_sequential: 2 blocks; the PCA statistics of one block take {block:.1f} MiB"
         in caplog.text
     )
+
+
+def test_blocks_offloaded_by_accelerate_are_refused_with_the_way_that_works(tmp_path):
+    from accelerate import dispatch_model
+
+    model, data = _llama(2), token_batches(96)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu"}
+    device_map.update({"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dispatched = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="'model.layers.0' is offloaded by accelerate.*weights="):
+        ps.calibrate_sequential(dispatched, data, blocks="model.layers.*")
+    with pytest.raises(ValueError, match="'model.layers.0' is offloaded by accelerate"):
+        ps.compress_sequential(dispatched, data, blocks="model.layers.*", remove=0.2)

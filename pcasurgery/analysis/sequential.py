@@ -45,6 +45,7 @@ from ..compression.plan import PLAN_COLUMNS
 from ..compression.shards import ShardReader, ShardWriter, to_meta
 from ..layers.kinds import kind_of, output_width
 from ..layers.network import pca_layers_of
+from ..layers.offload import offloaded
 from ..layers.statistics import statistics_bytes, token_mask
 from ..surgery import calibrate, pca_wrap
 from .budget import apply_plan, budget_plan
@@ -179,6 +180,8 @@ def compress_sequential(
         device: where each block is calibrated and compressed (``"cuda"``, say): the
             block and the activations move there, and the compressed block comes back
             to where the block was; the rest of the model never moves.
+            Blocks offloaded by accelerate (a ``device_map`` with CPU or disk
+            offload) are refused: pass their checkpoint as ``weights`` instead.
         weights: for a model larger than memory, built on the ``meta`` device
             (``accelerate.init_empty_weights()``): its checkpoint, a safetensors file
             or a folder of them (transformers' sharded layout). The tensors outside
@@ -200,8 +203,10 @@ def compress_sequential(
 
     Raises:
         ValueError: neither or both of ``remove`` and ``plan``; ``propagate`` not one
-            of ``"compressed"``, ``"original"``; ``blocks`` matches nothing; no data.
-            These are raised before any block changes. The model is changed in
+            of ``"compressed"``, ``"original"``; ``blocks`` matches nothing; no data;
+            ``out`` not empty; ``weights`` not a checkpoint, or lacking a tensor the
+            model has on ``meta`` (or in another shape); a block offloaded by
+            accelerate. These are raised before any block changes. The model is changed in
             place, block after block (keeping the dense blocks would double the
             memory): where a later block fails, the blocks before it stay compressed,
             and the failed block stays as it was.
@@ -300,7 +305,18 @@ def _trim() -> None:
 
 def _reader(model: nn.Module, names: list[str], weights: Any) -> ShardReader | None:
     """The checkpoint ``weights`` names, with the model's tensors outside the blocks loaded
-    from it (None without ``weights``)."""
+    from it (None without ``weights``).
+
+    Raises:
+        ValueError: a block is offloaded by accelerate (its copies cannot carry the hooks).
+    """
+    for name in names:
+        if any(offloaded(module) for module in model.get_submodule(name).modules()):
+            raise ValueError(
+                f"block {name!r} is offloaded by accelerate (a device_map with cpu or disk "
+                "offload): build the model on meta (accelerate.init_empty_weights) and pass "
+                "its checkpoint as weights= instead"
+            )
     if weights is None:
         return None
     reader = ShardReader(weights)
