@@ -242,7 +242,7 @@ def test_weights_and_out_are_checked_before_any_work(tmp_path):
         )
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("x")
-    with pytest.raises(ValueError, match="out=.* exists and is not empty"):
+    with pytest.raises(ValueError, match="out=.* exists and is not an empty folder"):
         ps.compress_sequential(
             _llama(1), data, blocks="model.layers.*", remove=0.2, out=tmp_path / "full"
         )

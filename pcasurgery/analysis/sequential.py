@@ -230,10 +230,12 @@ def compress_sequential(
             isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point
         ):
             raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
-        if Path(out).exists() and any(Path(out).iterdir()):
-            raise ValueError(f"out={str(out)!r} exists and is not empty")
-        writer = ShardWriter(out, out_dtype)
+        folder = Path(out)
+        if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
+            raise ValueError(f"out={str(out)!r} exists and is not an empty folder")
     reader = _reader(model, names, weights)
+    if out is not None:
+        writer = ShardWriter(out, out_dtype)
     first = model.get_submodule(names[0])
     log.info(
         "compress_sequential: %d blocks; the PCA statistics of one block take %.1f MiB",
