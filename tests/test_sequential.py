@@ -9,7 +9,9 @@ calibrating and compressing the whole model's blocks one after another.
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -301,3 +303,25 @@ def test_blocks_offloaded_by_accelerate_are_refused_with_the_way_that_works(tmp_
         ps.calibrate_sequential(dispatched, data, blocks="model.layers.*")
     with pytest.raises(ValueError, match="'model.layers.0' is offloaded by accelerate"):
         ps.compress_sequential(dispatched, data, blocks="model.layers.*", remove=0.2)
+
+
+def test_a_finished_block_is_freed_at_once_not_by_the_cycle_collector():
+    """Reference counting alone frees a wrapped block once compressed: nothing it holds
+    (the fx trace of the wrap and of the fold) keeps it in a reference cycle, which would
+    hold a block's statistics until Python's collector ran."""
+    model, data = _llama(1), token_batches(96)
+    gc.collect()
+    gc.disable()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = ps.pca_wrap(model, include="model.layers.*")
+        ps.calibrate(wrapped, data, progress=False)
+        ps.apply_plan(wrapped, ps.budget_plan(wrapped, remove=0.2))
+        small = ps.compress(wrapped)
+        freed = [weakref.ref(wrapped), *map(weakref.ref, ps.pca_layers_of(wrapped).values())]
+        del wrapped, model
+        assert [ref() for ref in freed] == [None] * len(freed)
+        assert small is not None
+    finally:
+        gc.enable()

@@ -20,7 +20,7 @@ from ..layers.folding import factorising_pays, own_forward
 from ..layers.kinds import LayerKind, foldable_kind, kind_of
 from ..layers.network import calibrated_layers
 from ..layers.pca import PCALayer
-from ..layers.sites import Site, SiteTracer, sites_of
+from ..layers.sites import Site, sites_of, trace_sites
 from .counting import count_params
 
 __all__ = [
@@ -181,7 +181,7 @@ def fusable_batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
         graph = model.graph
     else:
         try:
-            graph = SiteTracer().trace(model)
+            graph = trace_sites(model)
         except Exception:  # noqa: BLE001 - untraceable: nothing is fused
             return {}
     modules = dict(model.named_modules())

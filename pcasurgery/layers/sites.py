@@ -54,6 +54,7 @@ __all__ = [
     "follow_calls",
     "replace_module",
     "sites_of",
+    "trace_sites",
     "unfollow",
 ]
 
@@ -337,6 +338,21 @@ class SiteTracer(fx.Tracer):
         if any(isinstance(c, (Projected, _Followed)) or id(c) in self._leaves for c in m.modules()):
             return False
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_sites(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> fx.Graph:
+    """The ``torch.fx`` graph of ``model`` traced by a :class:`SiteTracer` with ``leaves``.
+
+    The tracer is emptied after: its patched functions and graph form reference
+    cycles that, holding ``model``, would keep a wrapped model's statistics alive
+    until Python's cycle collector runs (a block's worth of memory per call in a
+    block-by-block compression).
+    """
+    tracer = SiteTracer(leaves)
+    try:
+        return tracer.trace(model)
+    finally:
+        tracer.__dict__.clear()
 
 
 # GraphModule.__deepcopy__ rebuilds the module and keeps only the attributes

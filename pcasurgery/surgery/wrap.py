@@ -45,7 +45,7 @@ from .._validation import check_bool, check_module, check_patterns, check_thresh
 from ..layers.kinds import KINDS, affine_kind, is_conv1d, kind_of, output_width
 from ..layers.offload import execution_device
 from ..layers.pca import PCALayer, pca_layer_for
-from ..layers.sites import Site, SiteTracer, follow, follow_calls, record_sites, replace_module
+from ..layers.sites import Site, follow, follow_calls, record_sites, replace_module, trace_sites
 from .attention import split_attention
 
 __all__ = ["pca_wrap"]
@@ -384,7 +384,7 @@ def _forward_order(
     order and the reason is returned.
     """
     try:
-        graph = SiteTracer(m for _, m in chosen).trace(model)
+        graph = trace_sites(model, (m for _, m in chosen))
     except Exception as err:  # noqa: BLE001 - any tracing failure: keep registration order
         return [name for name, _ in chosen], set(), f"{type(err).__name__}: {err}"
     names = {name for name, _ in chosen}
