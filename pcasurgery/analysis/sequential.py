@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fnmatch
+import gc
 import glob
 import itertools
 import logging
@@ -112,18 +113,35 @@ def _capture(
 
 def _outputs(block: nn.Module, inputs: list[Call]) -> list[Call]:
     """The next block's inputs: ``block``'s output in place of the first argument."""
-    out = []
     with torch.inference_mode():
-        for args, kwargs, mask in inputs:
-            y = block(*args, **kwargs)
-            hidden = y[0] if isinstance(y, (tuple, list)) else y
-            if not isinstance(hidden, Tensor):
-                raise TypeError(
-                    f"a block returned {type(y).__name__}; compress_sequential needs a tensor "
-                    "(or a tuple whose first item is one): the next block's input"
-                )
-            out.append(((hidden, *args[1:]), kwargs, mask))
-    return out
+        return [_next(call, block(*call[0], **call[1])) for call in inputs]
+
+
+def _next(call: Call, y: Any) -> Call:
+    """The next block's call: ``call`` with the output ``y`` as its first argument."""
+    args, kwargs, mask = call
+    hidden = y[0] if isinstance(y, (tuple, list)) else y
+    if not isinstance(hidden, Tensor):
+        raise TypeError(
+            f"a block returned {type(y).__name__}; compress_sequential needs a tensor "
+            "(or a tuple whose first item is one): the next block's input"
+        )
+    return ((hidden, *args[1:]), kwargs, mask)
+
+
+def _calibrated(wrapped: nn.Module, inputs: list[Call]) -> list[Call]:
+    """Calibrate the wrapped block on ``inputs``; its outputs there, the next block's inputs
+    (a calibrating PCA layer passes its input on as it is: the dense block's outputs,
+    without a forward of their own)."""
+    outputs: list[Call] = []
+
+    def forward(block: nn.Module, call: Call) -> Any:
+        y = _call(block, call)
+        outputs.append(_next(call, y))
+        return y
+
+    calibrate(wrapped, inputs, forward=forward, progress=False)
+    return outputs
 
 
 def block_statistics_bytes(block: nn.Module) -> int:
@@ -251,8 +269,13 @@ def compress_sequential(
         for i, name in enumerate(names):
             block = _loaded(model, name, reader)
             with _computed_on(block, target) as back:
-                small, report = _compress_block(block, name, inputs, remove, plan, by, centering)
-                inputs = _outputs(small if propagate == "compressed" else block, inputs)
+                small, report, dense = _compress_block(
+                    block, name, inputs, remove, plan, by, centering
+                )
+                if propagate == "compressed":
+                    inputs = _outputs(small, inputs)
+                else:
+                    inputs = dense if dense is not None else _outputs(block, inputs)
                 back.append(small)
             if reader is not None:
                 to_meta(block)
@@ -293,10 +316,11 @@ def _computed_on(block: nn.Module, target: torch.device | None) -> Iterator[list
 
 
 def _trim() -> None:
-    """Hand the memory a finished block freed back to the system. glibc keeps freed blocks
+    """Hand the memory a finished block freed back to the system: what reference cycles
+    (of the user's model, say) still hold, then what glibc keeps. glibc keeps freed blocks
     of up to 32 MiB in its heaps (one per thread that allocated), where a long run's
-    varying sizes fragment them: without this, a 7B-shaped model's compression grows by
-    about 0.2 GiB a block that no tensor holds."""
+    varying sizes fragment them."""
+    gc.collect()
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -406,8 +430,7 @@ def _spectra(
             block = _loaded(model, name, reader)
             with _computed_on(block, target) as back:
                 wrapped = pca_wrap(block, centering=centering)
-                calibrate(wrapped, inputs, forward=_call, progress=False)  # eigenvalues only
-                inputs = _outputs(block, inputs)
+                inputs = _calibrated(wrapped, inputs)  # eigenvalues only
                 back.append(block)
             if reader is not None:
                 to_meta(block)
@@ -446,12 +469,13 @@ def _compress_block(
     plan: pd.DataFrame | None,
     by: str,
     centering: bool,
-) -> tuple[nn.Module, pd.DataFrame]:
-    """The compressed copy of one block, calibrated on ``inputs``, and its report rows.
+) -> tuple[nn.Module, pd.DataFrame, list[Call] | None]:
+    """The compressed copy of one block, calibrated on ``inputs``, its report rows and the
+    dense block's outputs on ``inputs`` (read off the calibration).
 
     With a global ``plan``, only the block's layers it names are wrapped (the
     others stay as they are), each at its planned rank; a block it does not
-    name is returned as it is.
+    name is returned as it is (and no outputs: None).
     """
     local = None
     if plan is not None:
@@ -459,16 +483,16 @@ def _compress_block(
         named = plan[plan["layer"].astype(str).str.startswith(prefix)]
         local = named.assign(layer=named["layer"].astype(str).str[len(prefix) :])
         if not len(local):
-            return block, pd.DataFrame(columns=list(PLAN_COLUMNS))
+            return block, pd.DataFrame(columns=list(PLAN_COLUMNS)), None
     include = None if local is None else [glob.escape(n) for n in local["layer"]]
     wrapped = pca_wrap(block, centering=centering, include=include)
-    calibrate(wrapped, inputs, forward=_call, progress=False)
+    dense = _calibrated(wrapped, inputs)
     if local is None:
         local = budget_plan(wrapped, remove=float(remove), by=by, progress=False)  # type: ignore[arg-type]
     apply_plan(wrapped, local)
     small = compress(wrapped, progress=False)
     report: pd.DataFrame = small.__dict__["compression_report"]
-    return small, report.assign(layer=name + "." + report["layer"].astype(str))
+    return small, report.assign(layer=name + "." + report["layer"].astype(str)), dense
 
 
 def _call(block: nn.Module, call: Call) -> Any:
