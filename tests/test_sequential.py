@@ -212,6 +212,12 @@ def test_a_model_on_meta_is_compressed_from_its_shards_into_a_checkpoint(tmp_pat
     assert ps.count_params(again) == ps.count_params(in_memory) < ps.count_params(model)
     torch.testing.assert_close(_logits(again, PROMPT), _logits(in_memory, PROMPT))
     assert result.compression_report.equals(in_memory.compression_report)
+    # the compressed model, its blocks on meta, evaluated from what was written
+    logits = ps.forward_sequential(
+        result, data, blocks="model.layers.*", weights=tmp_path / "small", forward=_batch_logits
+    )
+    for got, batch in zip(logits, data, strict=True):
+        torch.testing.assert_close(got, _batch_logits(in_memory, batch))
 
 
 def test_a_checkpoint_written_in_bfloat16_holds_bfloat16_tensors(tmp_path):
@@ -325,3 +331,72 @@ def test_a_finished_block_is_freed_at_once_not_by_the_cycle_collector():
         assert small is not None
     finally:
         gc.enable()
+
+
+def _batch_logits(model, batch):
+    return model(**batch, use_cache=False).logits
+
+
+def test_a_model_on_meta_is_evaluated_from_its_shards_one_block_at_a_time(tmp_path):
+    model, data = _llama(), token_batches(96)  # padded batches: the mask reaches every block
+    model.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    empty = _on_meta()
+    blocks = list(empty.model.layers)
+    resident = []
+    for block in blocks:
+        block.register_forward_pre_hook(lambda *_: resident.append(_loaded_blocks(empty)))
+    logits = ps.forward_sequential(
+        empty, data, blocks="model.layers.*", weights=tmp_path / "dense", forward=_batch_logits
+    )
+    assert max(resident) == 1 and resident.count(1) == 3 * len(data)  # each block, each batch
+    assert list(empty.model.layers) == blocks and _loaded_blocks(empty) == 0  # as it was
+    for got, batch in zip(logits, data, strict=True):
+        torch.testing.assert_close(got, _batch_logits(model, batch))
+
+
+class _TupleBlock(torch.nn.Module):
+    """A block that returns ``(hidden, attention)``, as older transformers blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x, scale=1.0):
+        return torch.tanh(self.linear(x)) * scale + x, None
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 8)
+        self.blocks = torch.nn.ModuleList(_TupleBlock() for _ in range(3))
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, scale=0.5)[0]
+        return self.head(h)
+
+
+def test_blocks_returning_tuples_and_their_keyword_arguments_are_replayed():
+    torch.manual_seed(0)
+    model, data = _Stack().eval(), [torch.randn(5, 4) for _ in range(3)]
+    got = ps.forward_sequential(model, data, blocks="blocks.*")
+    with torch.no_grad():
+        for y, x in zip(got, data, strict=True):
+            torch.testing.assert_close(y, model(x))
+    with pytest.raises(ValueError, match="more batches than the first"):
+        ps.forward_sequential(model, _Growing(data), blocks="blocks.*")
+    assert all(isinstance(b, _TupleBlock) for b in model.blocks)  # put back after a failure
+
+
+class _Growing:
+    """Batches that are one more the second time they are iterated."""
+
+    def __init__(self, data):
+        self.data, self.rounds = data, 0
+
+    def __iter__(self):
+        self.rounds += 1
+        return iter(self.data + self.data[:1] * (self.rounds > 1))

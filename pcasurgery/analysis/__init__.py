@@ -2,7 +2,7 @@
 
 from .budget import apply_plan, budget_plan
 from .report import plot_saturation, report
-from .sequential import calibrate_sequential, compress_sequential
+from .sequential import calibrate_sequential, compress_sequential, forward_sequential
 from .sweep import DEFAULT_LADDER, allocate, sweep
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "budget_plan",
     "calibrate_sequential",
     "compress_sequential",
+    "forward_sequential",
     "plot_saturation",
     "report",
     "sweep",

@@ -51,7 +51,7 @@ from ..layers.statistics import statistics_bytes, token_mask
 from ..surgery import calibrate, pca_wrap
 from .budget import apply_plan, budget_plan
 
-__all__ = ["calibrate_sequential", "compress_sequential"]
+__all__ = ["calibrate_sequential", "compress_sequential", "forward_sequential"]
 
 log = logging.getLogger("pcasurgery")
 
@@ -410,6 +410,128 @@ def calibrate_sequential(
         to_device(call, target) for call in _capture(model, first, data, forward or run_batch)
     ]
     return _spectra(model, names, inputs, centering, target, progress, reader)
+
+
+def forward_sequential(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    blocks: str,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    device: torch.device | str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+) -> list[Any]:
+    """What ``forward(model, batch)`` returns on each batch, the blocks run one at a time:
+    a model larger than memory evaluated from its checkpoint (a perplexity, say).
+
+    The model runs up to its first block on every batch (its inputs kept), each
+    block in turn runs on all of them (with ``weights``: loaded, then released),
+    then the model runs once more on each batch with its blocks replaced by the
+    last block's outputs, for what follows them (a final norm and output layer).
+    The blocks must feed one another (each block's first argument is the
+    previous block's output), as ``compress_sequential`` requires.
+
+    Args:
+        model: the model (not wrapped), compressed or not; built on ``meta`` with
+            ``weights``.
+        data: the batches, as ``calibrate`` takes them; iterated twice (a list).
+        blocks, device, weights, progress: as :func:`compress_sequential` takes
+            them; ``device`` is where the blocks run.
+        forward: ``forward(model, batch)`` runs a batch and returns what is kept
+            (default: the model's output); a loss summed over the batch keeps
+            little of each.
+
+    Returns:
+        One result per batch, in order.
+
+    Raises:
+        ValueError: as :func:`calibrate_sequential`; a block not called exactly
+            once per batch in the last run.
+    """
+    check_module(model)
+    progress = check_progress(progress)
+    target = check_device(device)
+    run = forward or run_batch
+    names = block_names(model, blocks)
+    reader = _reader(model, names, weights)
+    first = model.get_submodule(names[0])
+    captured = _capture(model, first, data, run)
+    homes = [
+        call[0][0].device if call[0] and isinstance(call[0][0], Tensor) else None
+        for call in captured
+    ]
+    inputs = [to_device(call, target) for call in captured]
+    del captured
+    shapes: list[bool] = []  # whether the last block returned a tuple, per batch
+    with progress_bar(progress, desc="blocks", unit="block", total=len(names)) as bar:
+        for i, name in enumerate(names):
+            block = _loaded(model, name, reader)
+            with _computed_on(block, target):
+                if i == len(names) - 1:
+                    with torch.inference_mode():
+                        calls = [(call, block(*call[0], **call[1])) for call in inputs]
+                    shapes = [isinstance(y, (tuple, list)) for _, y in calls]
+                    inputs = [_next(call, y) for call, y in calls]
+                    del calls
+                else:
+                    inputs = _outputs(block, inputs)
+            if reader is not None:
+                to_meta(block)
+            del block
+            _trim()
+            bar.update()
+    hidden = [
+        call[0][0] if home is None else call[0][0].to(home)
+        for call, home in zip(inputs, homes, strict=True)
+    ]
+    del inputs
+    replay = _Replay(hidden, shapes)
+    originals = {name: model.get_submodule(name) for name in names}
+    results = []
+    try:
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, replay)
+        with torch.inference_mode(), kept_modes(model):
+            model.eval()
+            for batch in data:
+                with token_mask(attention_mask(batch)):
+                    results.append(run(model, batch))
+                replay.next_batch()
+    finally:
+        for name, block in originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, block)
+    return results
+
+
+class _Replay(nn.Module):
+    """Stands for every block in ``forward_sequential``'s last run: its first call on a
+    batch returns the last block's output on that batch, the later ones pass it on."""
+
+    def __init__(self, hidden: list[Tensor], tuples: list[bool]):
+        super().__init__()
+        self.hidden, self.tuples = hidden, tuples
+        self.batch, self.calls = 0, 0
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.batch >= len(self.hidden):
+            raise ValueError(
+                f"forward_sequential: the last run has more batches than the first "
+                f"({len(self.hidden)}); data must give the same batches twice (a list)"
+            )
+        if self.calls == 0:
+            x = self.hidden[self.batch]
+        self.calls += 1
+        return (x,) if self.tuples[self.batch] else x
+
+    def next_batch(self) -> None:
+        if self.calls == 0:
+            raise ValueError(
+                f"forward_sequential: the model never called its blocks on batch {self.batch}"
+            )
+        self.batch, self.calls = self.batch + 1, 0
 
 
 def _spectra(
