@@ -25,6 +25,17 @@ The job:
    writes ``report.csv``, ``plan.csv``, ``saturation.png`` and ``summary.json``
    (perplexities, parameters, the seconds of each step, the continuations side
    by side).
+
+With ``--from-disk`` (a model larger than memory, in a transformers folder of
+safetensors), the model is built on ``meta`` and its blocks are read from the
+folder one at a time in every step: the perplexities are measured block by
+block (``forward_sequential``), the saturation report and the plan come from
+the eigenvalues of a first pass (``calibrate_sequential``; the plan is the
+spectral one, the loss-weighed one needing the whole model's gradients), each
+compressed block is written to ``DIR/model`` as it is done (in the checkpoint's
+dtype), and the check evaluates the written checkpoint with its own class
+(transformers, ``trust_remote_code``) block by block. There are no
+continuations (generation needs the whole model in memory).
 """
 
 from __future__ import annotations
@@ -46,7 +57,14 @@ import torch
 from torch import nn
 
 from ._validation import check_writable
-from .analysis import budget_plan, compress_sequential, plot_saturation, report
+from .analysis import (
+    budget_plan,
+    calibrate_sequential,
+    compress_sequential,
+    forward_sequential,
+    plot_saturation,
+    report,
+)
 from .compression import count_params
 from .surgery import calibrate, pca_wrap
 
@@ -89,6 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-check", action="store_true", help="skip reloading the written checkpoint"
+    )
+    parser.add_argument(
+        "--from-disk",
+        action="store_true",
+        help="for a model larger than memory: read its blocks from the folder one at a "
+        "time in every step (a spectral plan, no continuations)",
     )
     parser.add_argument(
         "--progress",
@@ -156,18 +180,32 @@ def _batches(
 
 
 @torch.inference_mode()
-def perplexity(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """``exp`` of the mean next-token loss over every position of the windows but their first."""
+def perplexity(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], blocks: str | None = None,
+    weights: Path | None = None, progress: bool | None = None,
+) -> float:  # fmt: skip
+    """``exp`` of the mean next-token loss over every position of the windows but their first.
+
+    With ``blocks`` (and ``weights``: a model on ``meta`` and its checkpoint), the blocks
+    run one at a time (``forward_sequential``)."""
     model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        logits = model(**batch, use_cache=False).logits[:, :-1]
-        target = batch["input_ids"][:, 1:]
-        loss = nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), target.flatten(), reduction="sum"
+    if blocks is None:
+        sums = [_loss_sum(model, batch) for batch in batches]
+    else:
+        sums = forward_sequential(
+            model, batches, blocks=blocks, forward=_loss_sum, weights=weights, progress=progress
         )
-        total, count = total + float(loss), count + target.numel()
-    return math.exp(total / count)
+    return math.exp(sum(total for total, _ in sums) / sum(count for _, count in sums))
+
+
+def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """The summed next-token loss of a batch, and the tokens it counts."""
+    logits = model(**batch, use_cache=False).logits[:, :-1]
+    target = batch["input_ids"][:, 1:]
+    loss = nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), target.flatten(), reduction="sum"
+    )
+    return float(loss), target.numel()
 
 
 def _lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -243,6 +281,42 @@ def _load(model: str, what: str) -> Any:
     return lm
 
 
+def _on_meta(model: str) -> Any:
+    """The model of a transformers folder built on ``meta`` (float32, eval; nothing
+    allocated), and the dtype its checkpoint holds."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.from_pretrained(model)
+        with init_empty_weights():
+            lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return lm, stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def _check_from_disk(model: str, out: Path) -> None:
+    """``--from-disk`` needs a folder of safetensors and a new ``DIR/model``."""
+    path = Path(model)
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        raise ValueError(
+            f"--from-disk reads the blocks from a transformers folder of safetensors files; "
+            f"MODEL {model!r} is not one (a .gguf file or another format: leave --from-disk out)"
+        )
+    try:
+        import accelerate  # noqa: F401
+    except ImportError as err:
+        raise ImportError("--from-disk needs accelerate: pip install 'pcasurgery[llm]'") from err
+    if (out / "model").exists() and any((out / "model").iterdir()):
+        raise ValueError(
+            f"--out {str(out)!r} already holds a model folder, which --from-disk writes block "
+            "by block: give a new --out, or remove its model folder"
+        )
+
+
 def _check_model_path(model: str) -> None:
     path = Path(model)
     if not path.exists():
@@ -312,15 +386,24 @@ def run_compress_lm(
     if not text_path.is_file():
         raise FileNotFoundError(f"--text {args.text!r}: no such file")
     out = check_writable(args.out, "--out", folder=True)
+    disk = bool(getattr(args, "from_disk", False))
+    if disk:
+        _check_from_disk(args.model, out)
     steps = _Steps(7)
+    weights = Path(args.model) if disk else None
 
-    with steps("load", f"loading {args.model}"):
+    with steps(
+        "load", f"loading {args.model}" + (" on meta (weights stay on disk)" if disk else "")
+    ):
         tokenizer = _load(args.model, "tokenizer")
         ids = tokenizer(text_path.read_text(encoding="utf-8")).input_ids
         windows = split_windows(
             len(ids), args.window, args.calibration, args.planning, args.held_out
         )
-        model = _load(args.model, "model")
+        if disk:
+            model, stored = _on_meta(args.model)
+        else:
+            model = _load(args.model, "model")
         glob = args.blocks or find_blocks(model)
         blocks = _check_blocks(model, glob)
     calib = _batches(ids, windows.calibration, args.batch)
@@ -332,39 +415,55 @@ def run_compress_lm(
         f"tokens 0-{int(len(ids) * (1 - HELD_OUT)):,}, {len(windows.held_out)} held-out windows after; "
         f"blocks {glob} ({len(blocks)})"
     )
-    prompts = [ids[a : a + min(32, args.window)] for a, _ in windows.held_out[: args.prompts]]
+    prompts = [] if disk else [
+        ids[a : a + min(32, args.window)] for a, _ in windows.held_out[: args.prompts]
+    ]  # fmt: skip
     block_params = lambda m: sum(count_params(m.get_submodule(b)) for b in blocks)  # noqa: E731
     dense: dict[str, float] = {"params": count_params(model), "block_params": block_params(model)}
+    sequential = {"blocks": glob, "progress": args.progress} if disk else {}
 
-    with steps("dense", "the dense model: held-out perplexity and continuations"):
-        dense["perplexity"] = perplexity(model, held)
+    with steps(
+        "dense", "the dense model: held-out perplexity" + ("" if disk else " and continuations")
+    ):
+        dense["perplexity"] = perplexity(model, held, weights=weights, **sequential)
         dense_text = _continue(model, tokenizer, prompts, args.new_tokens)
     log(f"      perplexity {dense['perplexity']:.3f}")
 
-    with steps("calibrate", f"wrapping the projections of {glob} and calibrating"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a tied output layer is left alone, with a warning
-            wrapped = pca_wrap(model, include=glob)
-        calibrate(wrapped, calib, progress=args.progress)
-        table = report(wrapped)
-
-    with steps("plan", f"planning {args.remove:.0%} fewer parameters, weighed by the loss"):
-        plan = budget_plan(
-            wrapped, remove=args.remove, loss=_lm_loss, data=planning, progress=args.progress
-        )
+    if disk:
+        with steps("calibrate", f"calibrating {glob} block by block, for the eigenvalues"):
+            spectra = calibrate_sequential(
+                model, calib, blocks=glob, weights=weights, progress=args.progress
+            )
+            table = report(spectra)
+        with steps("plan", f"planning {args.remove:.0%} fewer parameters, from the spectra"):
+            plan = budget_plan(spectra, remove=args.remove, progress=args.progress)
+            del spectra
+    else:
+        with steps("calibrate", f"wrapping the projections of {glob} and calibrating"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a tied output layer is left alone, with a warning
+                wrapped = pca_wrap(model, include=glob)
+            calibrate(wrapped, calib, progress=args.progress)
+            table = report(wrapped)
+        with steps("plan", f"planning {args.remove:.0%} fewer parameters, weighed by the loss"):
+            plan = budget_plan(
+                wrapped, remove=args.remove, loss=_lm_loss, data=planning, progress=args.progress
+            )
+        del wrapped  # the plan holds the ranks; the dense model is compressed in place
     log(
         f"      {int((plan['action'] == 'factorised').sum())} of {len(plan)} projections factorised"
     )
 
+    written = out / "model" if disk else None
     with steps("compress", "compressing block by block and measuring the compressed model"):
-        del wrapped  # the plan holds the ranks; the dense model is compressed in place
         small: Any = compress_sequential(
-            model, calib, blocks=glob, plan=plan, propagate="compressed", progress=args.progress
-        )
+            model, calib, blocks=glob, plan=plan, propagate="compressed", progress=args.progress,
+            weights=weights, out=written, out_dtype=stored if disk else None,
+        )  # fmt: skip
         compressed: dict[str, float] = {
             "params": count_params(small),
             "block_params": block_params(small),
-            "perplexity": perplexity(small, held),
+            "perplexity": perplexity(small, held, weights=written, **sequential),
         }
         small_text = _continue(small, tokenizer, prompts, args.new_tokens)
     log(
@@ -373,7 +472,8 @@ def run_compress_lm(
     )
 
     with steps("save", f"writing the checkpoint and reports into {out}"):
-        small.save_pretrained(out / "model")
+        if not disk:  # --from-disk wrote it block by block
+            small.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
         table.to_csv(out / "report.csv", index=False)
         plan.to_csv(out / "plan.csv", index=False)
@@ -381,7 +481,9 @@ def run_compress_lm(
 
     with steps("check", "reloading the checkpoint with transformers (trust_remote_code)"):
         if not args.no_check:
-            compressed["reloaded_perplexity"] = _reloaded_perplexity(out / "model", held)
+            compressed["reloaded_perplexity"] = _reloaded_perplexity(
+                out / "model", held, glob if disk else None, args.progress
+            )
 
     removed = 1 - compressed["block_params"] / dense["block_params"]
     summary = {
@@ -401,22 +503,35 @@ def run_compress_lm(
             for p, d, c in zip(prompts, dense_text, small_text, strict=True)
         ],
         "checkpoint": str(out / "model"),
+        "from_disk": disk,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     _print_summary(summary, log)
     return summary
 
 
-def _reloaded_perplexity(folder: Path, held: list[dict[str, torch.Tensor]]) -> float:
-    """The held-out perplexity of the written checkpoint, loaded with transformers alone."""
-    from transformers import AutoModelForCausalLM
+def _reloaded_perplexity(
+    folder: Path, held: list[dict[str, torch.Tensor]], blocks: str | None, progress: bool | None
+) -> float:
+    """The held-out perplexity of the written checkpoint, loaded with transformers alone
+    (with ``blocks``: its own class built on ``meta``, its blocks read one at a time)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        again = AutoModelForCausalLM.from_pretrained(
-            folder, trust_remote_code=True, dtype=torch.float32
-        )
-    return perplexity(again, held)
+        if blocks is None:
+            again = AutoModelForCausalLM.from_pretrained(
+                folder, trust_remote_code=True, dtype=torch.float32
+            )
+            return perplexity(again, held)
+        from accelerate import init_empty_weights
+
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        with init_empty_weights():
+            again = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=True, dtype=torch.float32
+            )
+    return perplexity(again, held, blocks, folder, progress)
 
 
 def _print_summary(summary: dict[str, Any], log: Callable[[str], None]) -> None:

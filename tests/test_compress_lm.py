@@ -139,11 +139,68 @@ def test_the_command_writes_a_checkpoint_and_its_reports(model_dir, text, tmp_pa
     assert type(loaded).__name__ == "CompressedLlamaForCausalLM"
 
 
+def test_from_disk_the_blocks_are_read_one_at_a_time_and_the_checkpoint_written_by_them(
+    model_dir, text, tmp_path, capsys, monkeypatch
+):
+    import pcasurgery.analysis.sequential as sequential
+
+    resident = []  # the blocks whose weights are in memory, at each block's call
+    original = sequential._loaded
+
+    def loaded(model, name, reader):
+        block = original(model, name, reader)
+        layers = model.get_submodule(name.rpartition(".")[0])
+        resident.append(sum(not next(b.parameters()).is_meta for b in layers))
+        return block
+
+    monkeypatch.setattr(sequential, "_loaded", loaded)
+    out = tmp_path / "out"
+    argv = ["compress-lm", str(model_dir), "--text", str(text), "--remove", "0.3"]
+    assert main([*argv, "--out", str(out), "--from-disk", *SMALL]) == 0
+    assert "[7/7]" in capsys.readouterr().out
+    assert resident and max(resident) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["from_disk"] and summary["continuations"] == []
+    for name in ("report.csv", "plan.csv", "saturation.png", "model/tokenizer.json"):
+        assert (out / name).is_file(), name
+    # the perplexities, against the whole models in memory
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(text.read_text()).input_ids
+    held = torch.tensor([ids[a:b] for a, b in summary["windows"]["held_out"]])
+
+    def plain_perplexity(model):
+        with torch.no_grad():
+            loss = model(input_ids=held, labels=held, use_cache=False).loss
+        return math.exp(float(loss))
+
+    dense = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    small = transformers.AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
+    assert summary["dense"]["perplexity"] == pytest.approx(plain_perplexity(dense), rel=1e-5)
+    compressed = summary["compressed"]
+    assert compressed["perplexity"] == pytest.approx(plain_perplexity(small), rel=1e-5)
+    assert compressed["reloaded_perplexity"] == pytest.approx(compressed["perplexity"], rel=1e-5)
+    plan = pd.read_csv(out / "plan.csv")
+    removed = summary["dense"]["block_params"] - compressed["block_params"]
+    assert removed == (plan["params_before"] - plan["params_after"]).sum()  # the plan delivered
+    assert removed >= 0.3 * plan["params_before"].sum()
+    assert ps_count(small) == compressed["params"]
+
+
+def ps_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def _bad_inputs(model_dir: Path, text: Path, tmp_path: Path):
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be.")
     a_file = tmp_path / "a-file"
     a_file.write_text("")
+    no_safetensors = tmp_path / "no-safetensors"
+    no_safetensors.mkdir()
+    (no_safetensors / "config.json").write_text((model_dir / "config.json").read_text())
+    taken = tmp_path / "taken"
+    (taken / "model").mkdir(parents=True)
+    (taken / "model" / "config.json").write_text("{}")
     ok = {
         "model": str(model_dir),
         "--text": str(text),
@@ -165,6 +222,14 @@ def _bad_inputs(model_dir: Path, text: Path, tmp_path: Path):
         "budget 0": ({"--remove": "0"}, "--remove must be a fraction in \\(0, 1\\), got 0.0"),
         "budget 1": ({"--remove": "1.0"}, "--remove must be a fraction in \\(0, 1\\)"),
         "budget 2": ({"--remove": "2"}, "--remove must be a fraction"),
+        "from disk, no safetensors": (
+            {"model": str(no_safetensors), "--from-disk": None},
+            "--from-disk reads the blocks from a transformers folder of safetensors",
+        ),
+        "from disk, model folder taken": (
+            {"--out": str(taken), "--from-disk": None},
+            "--out .*already holds a model folder",
+        ),
     }, ok
 
 
@@ -182,6 +247,8 @@ def _bad_inputs(model_dir: Path, text: Path, tmp_path: Path):
         "budget 0",
         "budget 1",
         "budget 2",
+        "from disk, no safetensors",
+        "from disk, model folder taken",
     ],
 )
 def test_bad_input_is_a_clear_error_before_any_long_work(
@@ -192,10 +259,13 @@ def test_bad_input_is_a_clear_error_before_any_long_work(
 
     monkeypatch.setattr("pcasurgery._compress_lm.perplexity", never)
     monkeypatch.setattr("pcasurgery._compress_lm.calibrate", never)
+    monkeypatch.setattr("pcasurgery._compress_lm.calibrate_sequential", never)
     cases, ok = _bad_inputs(model_dir, text, tmp_path)
     change, message = cases[case]
     args = {**ok, **change}
-    argv = ["compress-lm", args.pop("model")] + [x for kv in args.items() for x in kv] + SMALL
+    model = args.pop("model")
+    flags = [x for kv in args.items() for x in kv if x is not None]
+    argv = ["compress-lm", model, *flags, *SMALL]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bars
     assert err.startswith("pcasurgery compress-lm: error: ")
