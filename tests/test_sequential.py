@@ -13,6 +13,7 @@ import gc
 import warnings
 import weakref
 
+import pandas as pd
 import pytest
 import torch
 from models import decoder_config, token_batches
@@ -400,3 +401,42 @@ class _Growing:
     def __iter__(self):
         self.rounds += 1
         return iter(self.data + self.data[:1] * (self.rounds > 1))
+
+
+def _lm_loss(model, batch):
+    return model(**batch, labels=batch["input_ids"], use_cache=False).loss
+
+
+def test_a_loss_weighed_global_budget_measured_block_by_block_equals_the_whole_models(tmp_path):
+    model, data = _llama(), token_batches(96)
+    planning = token_batches(96, count=2, batch=3, length=20)
+    whole = ps.pca_wrap(copy.deepcopy(model), include="model.layers.*")
+    ps.calibrate(whole, data, progress=False)
+    reference = ps.budget_plan(whole, remove=0.3, loss=_lm_loss, data=planning)
+    spectral = ps.budget_plan(whole, remove=0.3)
+    assert not reference["k"].equals(spectral["k"])  # the loss moves the allocation
+    model.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    for source, weights in ((copy.deepcopy(model), None), (_on_meta(), tmp_path / "dense")):
+        spectra = ps.calibrate_sequential(
+            source, data, blocks="model.layers.*", weights=weights,
+            loss=_lm_loss, loss_data=planning,
+        )  # fmt: skip
+        plan = ps.budget_plan(spectra, remove=0.3)
+        assert plan.attrs["objective"] == "gradient"
+        columns = ["layer", "k", "action", "explained", "params_before", "params_after"]
+        pd.testing.assert_frame_equal(plan[columns], reference[columns], rtol=1e-9)
+    # in one call: compress_sequential's global budget, weighed
+    ours = ps.compress_sequential(
+        copy.deepcopy(model), data, blocks="model.layers.*", remove=0.3,
+        loss=_lm_loss, loss_data=planning, propagate="original",
+    )  # fmt: skip
+    assert list(ours.compression_report["k"]) == list(reference["k"])
+    with pytest.raises(ValueError, match="budget_plan takes no loss for them"):
+        ps.budget_plan(spectra, remove=0.3, loss=_lm_loss, data=planning)
+    with pytest.raises(ValueError, match="loss and loss_data go together"):
+        ps.calibrate_sequential(model, data, blocks="model.layers.*", loss=_lm_loss)
+    with pytest.raises(ValueError, match="weigh the global budget"):
+        ps.compress_sequential(
+            model, data, blocks="model.layers.*", plan=reference, loss=_lm_loss,
+            loss_data=planning,
+        )  # fmt: skip

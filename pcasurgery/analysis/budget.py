@@ -201,7 +201,9 @@ def budget_plan(
             second-order estimate of the loss it adds (a Fisher-weighted
             objective), instead of its squared energy lost. For a model with no
             loss of its own (an embedding), ``(output * torch.randn_like(output)).sum()``
-            gives its Gauss-Newton curvature.
+            gives its Gauss-Newton curvature. Spectra from
+            ``calibrate_sequential(loss=..., loss_data=...)`` carry the ``s_j``
+            measured block by block, and are weighed by them without ``loss``.
         data: the batches ``loss`` is called on (an iterable, read once).
             Under ``torch.distributed`` every process calls ``budget_plan``
             with its own shard; the measures are summed over all of them, so
@@ -215,7 +217,7 @@ def budget_plan(
         explained, params_before, params_after, macs_before, macs_after``. Its
         ``attrs`` hold the totals: ``removed`` (the fraction the plan removes),
         ``remove``, ``by`` and ``objective`` (``"spectral"``, or ``"gradient"``
-        with ``loss``); with ``evaluate``, also ``metric`` (the plan's
+        with ``loss`` or a measure carried by the spectra); with ``evaluate``, also ``metric`` (the plan's
         score), ``metric_spectral`` and ``metric_refined`` (both candidates')
         and ``refined`` (whether the reweighted plan won).
 
@@ -265,10 +267,19 @@ def budget_plan(
             "loss and data go together: pass both to weigh directions by the loss's gradient, "
             f"or neither; got loss={loss!r} and data={data!r}"
         )
+    measured = getattr(model, GRADIENT_MEASURE, None)
+    if measured is not None and loss is not None:
+        raise ValueError(
+            "these spectra carry the loss's measure (calibrate_sequential(loss=...)), which "
+            "weighs the plan: budget_plan takes no loss for them"
+        )
     if loss is not None and data is not None:
         weighted = _gradient_penalties(model, layers_by_name, items, loss, data, progress)
         for item, penalty in zip(items, weighted, strict=True):
             item.penalty = penalty
+    elif measured is not None:
+        for item in items:
+            item.penalty = _tail_penalties(item, measured.get(item.site.name))
     costs = [item.params if by == "params" else item.macs for item in items]
     before = sum(item.params_before if by == "params" else item.macs_before for item in items)
     target = (1.0 - float(remove)) * before
@@ -287,7 +298,7 @@ def budget_plan(
         remove=float(remove),
         by=by,
         removed=1.0 - _total(costs, choice) / before,
-        objective="spectral" if loss is None else "gradient",
+        objective="spectral" if loss is None and measured is None else "gradient",
     )
     plan.attrs.update(attrs)
     return plan
@@ -318,6 +329,10 @@ def _gradient_penalties(
             layer.restore(snapshot)
         raise
     return [_tail_penalties(item, measure.sums.get(item.site.name)) for item in items]
+
+
+# the attribute of calibrate_sequential's spectra holding each layer's s_j (loss= given)
+GRADIENT_MEASURE = "gradient_measure"
 
 
 class _GradientMeasure:
@@ -453,7 +468,7 @@ def _backward_passes(
 def _tail_penalties(item: _Layer, weights: Tensor | None) -> np.ndarray:
     """``sum_{j > k} lambda_j s_j`` at each of the item's candidate ranks ``k``."""
     values = item.layer.eigenvalues.detach().double().cpu().numpy()
-    r = item.layer.eigenvectors.shape[1]
+    r = item.layer.eigenvectors.shape[1] if weights is None else len(weights)
     s = np.zeros(r) if weights is None else weights.cpu().numpy()
     contributions = values[:r] * s
     tail = np.concatenate([np.cumsum(contributions[::-1])[::-1], [0.0]])

@@ -38,18 +38,19 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .._batches import attention_mask, run_batch, to_device
+from .._batches import attention_mask, map_tensors, run_batch, to_device
 from .._progress import check_progress, progress_bar
 from .._validation import check_device, check_module, kept_modes
 from ..compression.compress import compress, make_shippable
 from ..compression.plan import PLAN_COLUMNS
 from ..compression.shards import ShardReader, ShardWriter, to_meta
+from ..layers.decompose import compute_eigenvectors
 from ..layers.kinds import kind_of, output_width
 from ..layers.network import pca_layers_of
 from ..layers.offload import offloaded
 from ..layers.statistics import statistics_bytes, token_mask
 from ..surgery import calibrate, pca_wrap
-from .budget import apply_plan, budget_plan
+from .budget import GRADIENT_MEASURE, _GradientMeasure, apply_plan, budget_plan
 
 __all__ = ["calibrate_sequential", "compress_sequential", "forward_sequential"]
 
@@ -170,6 +171,8 @@ def compress_sequential(
     weights: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     out_dtype: torch.dtype | None = None,
+    loss: Callable[[nn.Module, Any], Tensor] | None = None,
+    loss_data: Iterable[Any] | None = None,
     progress: bool | None = None,
 ) -> nn.Module:
     """Calibrate and compress the blocks matched by ``blocks`` one at a time, in place.
@@ -212,6 +215,9 @@ def compress_sequential(
             (``trust_remote_code=True``), without pcasurgery.
         out_dtype: the dtype floating tensors are written in (None: the model's);
             ``torch.bfloat16`` halves a float32 model's checkpoint.
+        loss, loss_data: with ``remove`` and the global budget, the allocation is
+            weighed by the loss's gradient, measured block by block in the first
+            pass (see :func:`calibrate_sequential`).
         progress: a bar over the blocks (``None``: in a terminal, after two seconds).
 
     Returns:
@@ -236,6 +242,12 @@ def compress_sequential(
         raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if (loss is not None or loss_data is not None) and (remove is None or budget != "global"):
+        raise ValueError(
+            "loss and loss_data weigh the global budget that remove= plans "
+            f"(budget='global'); got plan={'a table' if plan is not None else None} and "
+            f"budget={budget!r}: weigh a plan with calibrate_sequential(loss=...) instead"
+        )
     if plan is not None and not {"layer", "k"} <= set(getattr(plan, "columns", ())):
         raise ValueError("plan must be a DataFrame from budget_plan (columns layer and k)")
     progress = check_progress(progress)
@@ -262,7 +274,8 @@ def compress_sequential(
     )
     inputs = [to_device(call, target) for call in _capture(model, first, data, run)]
     if remove is not None and budget == "global":
-        spectra = _spectra(model, names, inputs, centering, target, progress, reader)
+        weighing = _weighing(model, names, loss, loss_data, run, target, reader, progress)
+        spectra = _spectra(model, names, inputs, centering, target, progress, reader, weighing)
         plan = budget_plan(spectra, remove=float(remove), by=by, progress=False)
     rows = []
     with progress_bar(progress, desc="compressing blocks", unit="block", total=len(names)) as bar:
@@ -371,6 +384,8 @@ def calibrate_sequential(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     device: torch.device | str | None = None,
     weights: str | os.PathLike[str] | None = None,
+    loss: Callable[[nn.Module, Any], Tensor] | None = None,
+    loss_data: Iterable[Any] | None = None,
     progress: bool | None = None,
 ) -> nn.Module:
     """The spectra of the blocks' layers, calibrated one block at a time: a saturation report
@@ -388,6 +403,18 @@ def calibrate_sequential(
         model: the model (not wrapped).
         data, blocks, centering, forward, device, weights, progress: as
             :func:`compress_sequential` takes them.
+        loss: ``loss(model, batch) -> scalar tensor``, with ``loss_data``: the
+            spectra also carry, for each layer, the ``s_j`` that
+            ``budget_plan(loss=..., data=...)`` measures on the whole model (the
+            sum over samples of the squared gradient of the loss along each
+            eigenvector, the model dense, no parameter gradient), measured block by
+            block: ``budget_plan`` on them is then weighed by the loss. It takes a
+            forward sweep over the blocks on ``loss_data`` (each block's inputs
+            kept), the loss on the last block's outputs, a backward sweep (each
+            block's output gradient kept), and in the calibration pass one
+            forward and backward per batch and the eigenvectors of each block:
+            two activations per block and batch of ``loss_data`` are held.
+        loss_data: the batches ``loss`` is called on (read twice).
 
     Returns:
         A module whose PCA layers are named as ``pca_wrap(model)`` names them
@@ -409,7 +436,10 @@ def calibrate_sequential(
     inputs = [
         to_device(call, target) for call in _capture(model, first, data, forward or run_batch)
     ]
-    return _spectra(model, names, inputs, centering, target, progress, reader)
+    weighing = _weighing(
+        model, names, loss, loss_data, forward or run_batch, target, reader, progress
+    )
+    return _spectra(model, names, inputs, centering, target, progress, reader, weighing)
 
 
 def forward_sequential(
@@ -487,22 +517,13 @@ def forward_sequential(
     ]
     del inputs
     replay = _Replay(hidden, shapes)
-    originals = {name: model.get_submodule(name) for name in names}
     results = []
-    try:
-        for name in names:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, replay)
-        with torch.inference_mode(), kept_modes(model):
-            model.eval()
-            for batch in data:
-                with token_mask(attention_mask(batch)):
-                    results.append(run(model, batch))
-                replay.next_batch()
-    finally:
-        for name, block in originals.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, block)
+    with _replayed(model, names, replay), torch.inference_mode(), kept_modes(model):
+        model.eval()
+        for batch in data:
+            with token_mask(attention_mask(batch)):
+                results.append(run(model, batch))
+            replay.next_batch()
     return results
 
 
@@ -542,17 +563,23 @@ def _spectra(
     target: torch.device | None,
     progress: bool | None,
     reader: ShardReader | None = None,
+    weighing: _Weighing | None = None,
 ) -> nn.Module:
     """Every block wrapped and calibrated in turn on the dense activations, keeping of each
     only its PCA layers' eigenvalues and the shapes of the modules they follow (weights on
-    ``meta``), under a root that names them as the model does, for ``budget_plan``."""
+    ``meta``), under a root that names them as the model does, for ``budget_plan``. With
+    ``weighing``, each layer's ``s_j`` along its eigenvectors too (``GRADIENT_MEASURE``)."""
     root = nn.Module()
+    measures: dict[str, Tensor] = {}
     with progress_bar(progress, desc="spectra", unit="block", total=len(names)) as bar:
-        for name in names:
+        for i, name in enumerate(names):
             block = _loaded(model, name, reader)
             with _computed_on(block, target) as back:
                 wrapped = pca_wrap(block, centering=centering)
                 inputs = _calibrated(wrapped, inputs)  # eigenvalues only
+                if weighing is not None:
+                    for key, value in weighing.measure(wrapped, i).items():
+                        measures[f"{name}.{key}"] = value
                 back.append(block)
             if reader is not None:
                 to_meta(block)
@@ -568,7 +595,199 @@ def _spectra(
             del block, wrapped
             _trim()
             bar.update()
+    if weighing is not None:
+        weighing.check(measures, list(pca_layers_of(root)))
+        setattr(root, GRADIENT_MEASURE, measures)
     return root
+
+
+def _weighing(
+    model: nn.Module,
+    names: list[str],
+    loss: Callable[[nn.Module, Any], Tensor] | None,
+    data: Iterable[Any] | None,
+    run: Callable[[nn.Module, Any], Any],
+    target: torch.device | None,
+    reader: ShardReader | None,
+    progress: bool | None,
+) -> _Weighing | None:
+    """The loss's gradients at the blocks' outputs (None without ``loss``)."""
+    if (loss is None) != (data is None):
+        raise ValueError(
+            "loss and loss_data go together: pass both to weigh directions by the loss's "
+            f"gradient, or neither; got loss={loss!r} and loss_data={data!r}"
+        )
+    if loss is None or data is None:
+        return None
+    batches = list(data)
+    if not batches:
+        raise ValueError("loss_data must hold at least one batch, got none")
+    return _Weighing(model, names, loss, batches, run, target, reader, progress)
+
+
+class _Weighing:
+    """The loss's gradient at every block's output, on the dense model, for weighing each
+    layer's directions as ``budget_plan(loss=...)`` weighs them, block by block.
+
+    A forward sweep over the blocks keeps each block's inputs on the loss's batches; the
+    loss runs once per batch on the last block's outputs (the blocks replayed), and a
+    backward sweep takes its gradient back through each block in turn (recomputing the
+    block's forward), keeping the gradient at each block's output. ``measure`` then gives
+    a calibrated wrapped block's ``s_j``: one forward and backward per batch, from those.
+    Memory: two activations (an input and a gradient) per block and batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        loss: Callable[[nn.Module, Any], Tensor],
+        data: list[Any],
+        run: Callable[[nn.Module, Any], Any],
+        target: torch.device | None,
+        reader: ShardReader | None,
+        progress: bool | None,
+    ):
+        if not callable(loss):
+            raise TypeError(f"loss must be callable as loss(model, batch), got {loss!r}")
+        inputs = [
+            to_device(call, target)
+            for call in _capture(model, model.get_submodule(names[0]), data, run)
+        ]
+        self.inputs: list[list[Call]] = []
+        tuples: list[bool] = []
+        with progress_bar(progress, desc="loss: forward", unit="block", total=len(names)) as bar:
+            for name in names:
+                self.inputs.append(inputs)
+                block = _loaded(model, name, reader)
+                with _computed_on(block, target), torch.inference_mode():
+                    outputs = [block(*call[0], **call[1]) for call in inputs]
+                tuples = [isinstance(y, (tuple, list)) for y in outputs]
+                inputs = [_next(call, y) for call, y in zip(inputs, outputs, strict=True)]
+                del outputs
+                if reader is not None:
+                    to_meta(block)
+                del block
+                _trim()
+                bar.update()
+        self.grads: list[list[Tensor]] = [[] for _ in names]
+        self.grads[-1] = self._loss_gradients(model, names, inputs, tuples, loss, data)
+        del inputs
+        with progress_bar(progress, desc="loss: backward", unit="block", total=len(names)) as bar:
+            for i in range(len(names) - 1, 0, -1):
+                block = _loaded(model, names[i], reader)
+                with _computed_on(block, target), _no_parameter_grads(block):
+                    self.grads[i - 1] = [
+                        _backward(block, call, grad)
+                        for call, grad in zip(self.inputs[i], self.grads[i], strict=True)
+                    ]
+                if reader is not None:
+                    to_meta(block)
+                del block
+                _trim()
+                bar.update()
+            bar.update()
+
+    @staticmethod
+    def _loss_gradients(
+        model: nn.Module,
+        names: list[str],
+        outputs: list[Call],
+        tuples: list[bool],
+        loss: Callable[[nn.Module, Any], Tensor],
+        data: list[Any],
+    ) -> list[Tensor]:
+        """The loss's gradient at the last block's output, per batch."""
+        with torch.inference_mode(False):
+            hidden = [call[0][0].clone().requires_grad_() for call in outputs]
+        replay = _Replay(hidden, tuples)
+        with _replayed(model, names, replay), kept_modes(model), _no_parameter_grads(model):
+            model.eval()
+            with torch.inference_mode(False), torch.enable_grad():
+                for index, batch in enumerate(data):
+                    value = loss(model, batch)
+                    if not isinstance(value, Tensor) or value.numel() != 1:
+                        raise TypeError(
+                            "loss(model, batch) must return a scalar tensor, got "
+                            f"{value!r} for batch {index}"
+                        )
+                    if not torch.isfinite(value.detach()).all():
+                        raise ValueError(
+                            f"loss(model, batch) returned {float(value.detach())} for batch {index}"
+                        )
+                    if not value.requires_grad:
+                        raise ValueError(
+                            "loss(model, batch) does not depend on the blocks' outputs "
+                            f"(batch {index}); compute it from model(batch)"
+                        )
+                    value.reshape(()).backward()
+                    replay.next_batch()
+        return [h.grad if h.grad is not None else torch.zeros_like(h) for h in hidden]
+
+    def measure(self, wrapped: nn.Module, i: int) -> dict[str, Tensor]:
+        """``s_j`` of each PCA layer of the calibrated wrapped block ``i``, by name."""
+        layers = pca_layers_of(wrapped)
+        compute_eigenvectors(layers.values())
+        gauge = _GradientMeasure(set(layers))
+        with gauge.hooked(wrapped, layers):
+            for call, grad in zip(self.inputs[i], self.grads[i], strict=True):
+                _backward(wrapped, call, grad)
+        return {name: gauge.sums[name] for name in gauge.seen}
+
+    def check(self, measures: dict[str, Tensor], names: list[str]) -> None:
+        missing = [name for name in names if name not in measures]
+        if missing:
+            raise ValueError(
+                f"the blocks' forward never ran these PCA layers on the loss's batches: "
+                f"{', '.join(missing)}"
+            )
+        if not any(bool(s.any()) for s in measures.values()):
+            raise ValueError(
+                "the loss's gradient is zero at every planned layer, so it cannot weigh their "
+                "directions: a loss at its minimum (the distance to the model's own outputs, "
+                "say) has none; use the task's loss, or (output * torch.randn_like(output)).sum()"
+            )
+
+
+def _backward(block: nn.Module, call: Call, grad: Tensor) -> Tensor:
+    """Run ``block`` on ``call`` with gradients, take ``grad`` back from its output, and
+    return the gradient at its input."""
+    with torch.inference_mode(False), torch.enable_grad():
+        args, kwargs, mask = map_tensors(call, lambda t: t.clone())  # not inference tensors
+        x = args[0].requires_grad_()
+        with token_mask(mask):
+            y = block(x, *args[1:], **kwargs)
+        hidden = y[0] if isinstance(y, (tuple, list)) else y
+        hidden.backward(grad)
+    return x.grad if x.grad is not None else torch.zeros_like(x)
+
+
+@contextlib.contextmanager
+def _no_parameter_grads(module: nn.Module) -> Iterator[None]:
+    """No parameter of ``module`` takes a gradient, within."""
+    params = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in params:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _replayed(model: nn.Module, names: list[str], replay: _Replay) -> Iterator[None]:
+    """Every block of ``names`` is ``replay``, within."""
+    originals = {name: model.get_submodule(name) for name in names}
+    try:
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, replay)
+        yield
+    finally:
+        for name, block in originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, block)
 
 
 def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
