@@ -149,6 +149,10 @@ class ShardReader:
             ValueError: a tensor on ``meta`` that the checkpoint lacks, or whose shape
                 differs; nothing in ``root`` changes then.
         """
+        with torch.inference_mode(False):  # tensors that autograd may use later
+            return self._load(root, prefix, skip)
+
+    def _load(self, root: nn.Module, prefix: str, skip: tuple[str, ...]) -> list[str]:
         matched = self._matched(root, prefix, skip)
         values = self._read(list(matched))
         loaded = []
@@ -173,6 +177,11 @@ class ShardReader:
 def to_meta(root: nn.Module) -> None:
     """Release the tensors of ``root`` (parameters and persistent buffers), keeping their
     shapes and dtypes on the ``meta`` device."""
+    with torch.inference_mode(False):
+        _to_meta(root)
+
+
+def _to_meta(root: nn.Module) -> None:
     for module, name, _, is_param in _slots(root):
         if is_param:
             param = module._parameters[name]

@@ -293,8 +293,11 @@ class PCALayer(LayerStatistics):
     def keep_eigenvalues_only(self) -> None:
         """Free the statistics, the eigenvectors and the projection, keeping the eigenvalues
         and the rank: what a spectral plan reads (``compress_sequential``'s first pass).
-        The layer can no longer project, nor compute its eigenvectors, until calibrated again."""
+        The layer can no longer project, nor compute its eigenvectors, until calibrated again.
+        The positions per example stay: the multiply-accumulates a plan counts."""
+        positions = int(self.sample_positions)
         self._fresh_statistics()
+        self._put("sample_positions", positions)
         self._spans = None
         with torch.inference_mode(False):
             empty = self.eigenvalues.new_zeros(self.width, 0)
