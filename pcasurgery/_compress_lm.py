@@ -30,11 +30,11 @@ With ``--from-disk`` (a model larger than memory, in a transformers folder of
 safetensors), the model is built on ``meta`` and its blocks are read from the
 folder one at a time in every step: the perplexities are measured block by
 block (``forward_sequential``), the saturation report and the plan come from
-the eigenvalues of a first pass (``calibrate_sequential``; the plan is the
-spectral one, the loss-weighed one needing the whole model's gradients), each
-compressed block is written to ``DIR/model`` as it is done (in the checkpoint's
-dtype), and the check evaluates the written checkpoint with its own class
-(transformers, ``trust_remote_code``) block by block. There are no
+a first pass that keeps the eigenvalues and the loss's gradient along each
+eigenvector (``calibrate_sequential(loss=...)``: the same loss-weighed plan),
+each compressed block is written to ``DIR/model`` as it is done (in the
+checkpoint's dtype), and the check evaluates the written checkpoint with its
+own class (transformers, ``trust_remote_code``) block by block. There are no
 continuations (generation needs the whole model in memory).
 """
 
@@ -112,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--from-disk",
         action="store_true",
         help="for a model larger than memory: read its blocks from the folder one at a "
-        "time in every step (a spectral plan, no continuations)",
+        "time in every step (no continuations)",
     )
     parser.add_argument(
         "--progress",
@@ -430,12 +430,16 @@ def run_compress_lm(
     log(f"      perplexity {dense['perplexity']:.3f}")
 
     if disk:
-        with steps("calibrate", f"calibrating {glob} block by block, for the eigenvalues"):
+        with steps(
+            "calibrate",
+            f"calibrating {glob} block by block for the eigenvalues, and the loss's gradients",
+        ):
             spectra = calibrate_sequential(
-                model, calib, blocks=glob, weights=weights, progress=args.progress
-            )
+                model, calib, blocks=glob, weights=weights, loss=_lm_loss, loss_data=planning,
+                progress=args.progress,
+            )  # fmt: skip
             table = report(spectra)
-        with steps("plan", f"planning {args.remove:.0%} fewer parameters, from the spectra"):
+        with steps("plan", f"planning {args.remove:.0%} fewer parameters, weighed by the loss"):
             plan = budget_plan(spectra, remove=args.remove, progress=args.progress)
             del spectra
     else:

@@ -184,6 +184,12 @@ def test_from_disk_the_blocks_are_read_one_at_a_time_and_the_checkpoint_written_
     assert removed == (plan["params_before"] - plan["params_after"]).sum()  # the plan delivered
     assert removed >= 0.3 * plan["params_before"].sum()
     assert ps_count(small) == compressed["params"]
+    # the job in memory plans and compresses the same
+    memory = tmp_path / "in-memory"
+    assert main([*argv, "--out", str(memory), "--no-check", *SMALL]) == 0
+    assert pd.read_csv(memory / "plan.csv").equals(plan)
+    again = json.loads((memory / "summary.json").read_text())
+    assert again["compressed"]["perplexity"] == pytest.approx(compressed["perplexity"], rel=1e-5)
 
 
 def ps_count(model) -> int:
