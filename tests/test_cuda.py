@@ -132,3 +132,25 @@ def test_sequential_compression_computes_each_block_on_the_gpu_and_brings_it_bac
         torch.testing.assert_close(
             on_gpu(input_ids=prompt).logits, on_cpu(input_ids=prompt).logits, atol=1e-4, rtol=1e-4
         )
+
+
+def _lm_loss(model, batch):
+    return model(**batch, labels=batch["input_ids"], use_cache=False).loss
+
+
+def test_blocks_evaluated_and_weighed_on_the_gpu_give_the_cpus_results():
+    model, data = tiny_llama(), token_batches(96)
+    logits = lambda m, b: m(**b, use_cache=False).logits  # noqa: E731
+    on_cpu = ps.forward_sequential(model, data, blocks="model.layers.*", forward=logits)
+    on_gpu = ps.forward_sequential(
+        model, data, blocks="model.layers.*", forward=logits, device="cuda"
+    )
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert b.device.type == "cpu"
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    weighed = dict(blocks="model.layers.*", loss=_lm_loss, loss_data=token_batches(96, count=2))
+    plan_cpu = ps.budget_plan(ps.calibrate_sequential(model, data, **weighed), remove=0.3)
+    plan_gpu = ps.budget_plan(
+        ps.calibrate_sequential(model, data, device="cuda", **weighed), remove=0.3
+    )
+    assert list(plan_gpu["k"]) == list(plan_cpu["k"])

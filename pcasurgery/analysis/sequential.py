@@ -118,6 +118,11 @@ def _outputs(block: nn.Module, inputs: list[Call]) -> list[Call]:
         return [_next(call, block(*call[0], **call[1])) for call in inputs]
 
 
+def _homes(calls: list[Call]) -> list[torch.device]:
+    """Where each call's first argument (a block's input) is, before it moves to compute."""
+    return [call[0][0].device for call in calls]
+
+
 def _next(call: Call, y: Any) -> Call:
     """The next block's call: ``call`` with the output ``y`` as its first argument."""
     args, kwargs, mask = call
@@ -487,10 +492,7 @@ def forward_sequential(
     reader = _reader(model, names, weights)
     first = model.get_submodule(names[0])
     captured = _capture(model, first, data, run)
-    homes = [
-        call[0][0].device if call[0] and isinstance(call[0][0], Tensor) else None
-        for call in captured
-    ]
+    homes = _homes(captured)
     inputs = [to_device(call, target) for call in captured]
     del captured
     shapes: list[bool] = []  # whether the last block returned a tuple, per batch
@@ -511,10 +513,7 @@ def forward_sequential(
             del block
             _trim()
             bar.update()
-    hidden = [
-        call[0][0] if home is None else call[0][0].to(home)
-        for call, home in zip(inputs, homes, strict=True)
-    ]
+    hidden = [call[0][0].to(home) for call, home in zip(inputs, homes, strict=True)]
     del inputs
     replay = _Replay(hidden, shapes)
     results = []
@@ -650,10 +649,10 @@ class _Weighing:
     ):
         if not callable(loss):
             raise TypeError(f"loss must be callable as loss(model, batch), got {loss!r}")
-        inputs = [
-            to_device(call, target)
-            for call in _capture(model, model.get_submodule(names[0]), data, run)
-        ]
+        captured = _capture(model, model.get_submodule(names[0]), data, run)
+        homes = _homes(captured)
+        inputs = [to_device(call, target) for call in captured]
+        del captured
         self.inputs: list[list[Call]] = []
         tuples: list[bool] = []
         with progress_bar(progress, desc="loss: forward", unit="block", total=len(names)) as bar:
@@ -671,7 +670,11 @@ class _Weighing:
                 _trim()
                 bar.update()
         self.grads: list[list[Tensor]] = [[] for _ in names]
-        self.grads[-1] = self._loss_gradients(model, names, inputs, tuples, loss, data)
+        last = [call[0][0].to(home) for call, home in zip(inputs, homes, strict=True)]
+        self.grads[-1] = [
+            to_device(g, target)
+            for g in self._loss_gradients(model, names, last, tuples, loss, data)
+        ]
         del inputs
         with progress_bar(progress, desc="loss: backward", unit="block", total=len(names)) as bar:
             for i in range(len(names) - 1, 0, -1):
@@ -692,14 +695,14 @@ class _Weighing:
     def _loss_gradients(
         model: nn.Module,
         names: list[str],
-        outputs: list[Call],
+        outputs: list[Tensor],
         tuples: list[bool],
         loss: Callable[[nn.Module, Any], Tensor],
         data: list[Any],
     ) -> list[Tensor]:
-        """The loss's gradient at the last block's output, per batch."""
+        """The loss's gradient at the last block's outputs, per batch."""
         with torch.inference_mode(False):
-            hidden = [call[0][0].clone().requires_grad_() for call in outputs]
+            hidden = [t.clone().requires_grad_() for t in outputs]
         replay = _Replay(hidden, tuples)
         with _replayed(model, names, replay), kept_modes(model), _no_parameter_grads(model):
             model.eval()
