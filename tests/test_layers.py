@@ -448,3 +448,19 @@ def test_reading_a_layer_never_decomposes():
         assert len(calls) == 1 and layer.in_dim > 1
     finally:
         type(layer).compute_eigenspace = original  # type: ignore[method-assign]
+
+
+def test_released_statistics_keep_the_eigenspace_the_projection_and_the_positions():
+    x = decaying_data(600, 12, offset=2.0, decay=0.6)
+    layer = LinearPCALayer(12, threshold=0.9).train()
+    layer(torch.from_numpy(x).reshape(50, 12, 12))  # 12 positions per example
+    layer.eval()
+    t = torch.from_numpy(x[:40])
+    before, values = layer(t), layer.eigenvalues.clone()
+    layer.release_statistics()
+    assert layer.shifted_sum_sq.numel() == 0 and layer.sample_count == 0
+    assert int(layer.sample_positions) == 12 and layer.is_calibrated
+    torch.testing.assert_close(layer(t), before, rtol=0, atol=0)
+    torch.testing.assert_close(layer.eigenvalues, values, rtol=0, atol=0)
+    layer.train()(torch.from_numpy(x[:30]))  # calibrating again starts from no statistics
+    assert layer.sample_count == 30

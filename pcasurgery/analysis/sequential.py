@@ -834,6 +834,10 @@ def _compress_block(
     if local is None:
         local = budget_plan(wrapped, remove=float(remove), by=by, progress=False)  # type: ignore[arg-type]
     apply_plan(wrapped, local)
+    layers = pca_layers_of(wrapped).values()
+    compute_eigenvectors(layers)  # side by side, then the statistics go before compressing
+    for layer in layers:
+        layer.release_statistics()
     small = compress(wrapped, progress=False)
     report: pd.DataFrame = small.__dict__["compression_report"]
     return small, report.assign(layer=name + "." + report["layer"].astype(str)), dense

@@ -290,6 +290,21 @@ class PCALayer(LayerStatistics):
         self.compute_eigenvectors()
 
     @torch.no_grad()
+    def release_statistics(self) -> None:
+        """Free the statistics once the eigenspace is computed from them, keeping the
+        eigenspace, the projection and the positions per example: a layer calibrated for
+        the last time (``compress_sequential`` frees them before compressing a block).
+        Calibrating again starts from no statistics.
+
+        Raises:
+            NotCalibratedError: the layer has no statistics and no eigenspace.
+        """
+        positions = int(self.sample_positions)
+        self.ensure_eigenspace()
+        self._fresh_statistics()
+        self._put("sample_positions", positions)
+        self._statistics_replaced()
+
     def keep_eigenvalues_only(self) -> None:
         """Free the statistics, the eigenvectors and the projection, keeping the eigenvalues
         and the rank: what a spectral plan reads (``compress_sequential``'s first pass).
