@@ -333,6 +333,11 @@ def _gradient_penalties(
 
 # the attribute of calibrate_sequential's spectra holding each layer's s_j (loss= given)
 GRADIENT_MEASURE = "gradient_measure"
+ZERO_GRADIENT = (
+    "the loss's gradient is zero at every planned layer, so it cannot weigh their "
+    "directions: a loss at its minimum (the distance to the model's own outputs, "
+    "say) has none; use the task's loss, or (output * torch.randn_like(output)).sum()"
+)
 
 
 class _GradientMeasure:
@@ -424,11 +429,7 @@ class _GradientMeasure:
                 "restrict the plan with include="
             )
         if not any(bool(s.any()) for s in self.sums.values()):
-            raise ValueError(
-                "the loss's gradient is zero at every planned layer, so it cannot weigh their "
-                "directions: a loss at its minimum (the distance to the model's own outputs, "
-                "say) has none; use the task's loss, or (output * torch.randn_like(output)).sum()"
-            )
+            raise ValueError(ZERO_GRADIENT)
 
 
 def _backward_passes(
@@ -445,24 +446,30 @@ def _backward_passes(
     with kept_modes(model), torch.inference_mode(False), torch.enable_grad(), bar:
         model.eval()
         for index, batch in enumerate(data):
-            value = loss(model, batch)
-            if not isinstance(value, Tensor) or value.numel() != 1:
-                raise TypeError(
-                    f"loss(model, batch) must return a scalar tensor, got {value!r} for batch {index}"
-                )
-            if not torch.isfinite(value.detach()).all():
-                raise ValueError(
-                    f"loss(model, batch) returned {float(value.detach())} for batch {index}"
-                )
-            if not value.requires_grad:
-                raise ValueError(
-                    "loss(model, batch) does not depend on any PCA layer's output "
-                    f"(batch {index}); compute it from model(batch)"
-                )
-            value.reshape(()).backward()
+            checked_loss(loss, model, batch, index, "any PCA layer's output").backward()
             batches += 1
             bar.update()
     return batches
+
+
+def checked_loss(
+    loss: Callable[[nn.Module, Any], Tensor], model: nn.Module, batch: Any, index: int, on: str
+) -> Tensor:
+    """``loss(model, batch)`` as a 0-d tensor, refused (naming batch ``index``) unless it is a
+    finite scalar with a gradient; ``on``: what it must depend on, for the message."""
+    value = loss(model, batch)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise TypeError(
+            f"loss(model, batch) must return a scalar tensor, got {value!r} for batch {index}"
+        )
+    if not torch.isfinite(value.detach()).all():
+        raise ValueError(f"loss(model, batch) returned {float(value.detach())} for batch {index}")
+    if not value.requires_grad:
+        raise ValueError(
+            f"loss(model, batch) does not depend on {on} (batch {index}); compute it from "
+            "model(batch)"
+        )
+    return value.reshape(())
 
 
 def _tail_penalties(item: _Layer, weights: Tensor | None) -> np.ndarray:

@@ -50,7 +50,14 @@ from ..layers.network import pca_layers_of
 from ..layers.offload import offloaded
 from ..layers.statistics import statistics_bytes, token_mask
 from ..surgery import calibrate, pca_wrap
-from .budget import GRADIENT_MEASURE, _GradientMeasure, apply_plan, budget_plan
+from .budget import (
+    GRADIENT_MEASURE,
+    ZERO_GRADIENT,
+    _GradientMeasure,
+    apply_plan,
+    budget_plan,
+    checked_loss,
+)
 
 __all__ = ["calibrate_sequential", "compress_sequential", "forward_sequential"]
 
@@ -708,22 +715,7 @@ class _Weighing:
             model.eval()
             with torch.inference_mode(False), torch.enable_grad():
                 for index, batch in enumerate(data):
-                    value = loss(model, batch)
-                    if not isinstance(value, Tensor) or value.numel() != 1:
-                        raise TypeError(
-                            "loss(model, batch) must return a scalar tensor, got "
-                            f"{value!r} for batch {index}"
-                        )
-                    if not torch.isfinite(value.detach()).all():
-                        raise ValueError(
-                            f"loss(model, batch) returned {float(value.detach())} for batch {index}"
-                        )
-                    if not value.requires_grad:
-                        raise ValueError(
-                            "loss(model, batch) does not depend on the blocks' outputs "
-                            f"(batch {index}); compute it from model(batch)"
-                        )
-                    value.reshape(()).backward()
+                    checked_loss(loss, model, batch, index, "the blocks' outputs").backward()
                     replay.next_batch()
         return [h.grad if h.grad is not None else torch.zeros_like(h) for h in hidden]
 
@@ -745,11 +737,7 @@ class _Weighing:
                 f"{', '.join(missing)}"
             )
         if not any(bool(s.any()) for s in measures.values()):
-            raise ValueError(
-                "the loss's gradient is zero at every planned layer, so it cannot weigh their "
-                "directions: a loss at its minimum (the distance to the model's own outputs, "
-                "say) has none; use the task's loss, or (output * torch.randn_like(output)).sum()"
-            )
+            raise ValueError(ZERO_GRADIENT)
 
 
 def _backward(block: nn.Module, call: Call, grad: Tensor) -> Tensor:
