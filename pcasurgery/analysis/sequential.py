@@ -497,31 +497,7 @@ def forward_sequential(
     run = forward or run_batch
     names = block_names(model, blocks)
     reader = _reader(model, names, weights)
-    first = model.get_submodule(names[0])
-    captured = _capture(model, first, data, run)
-    homes = _homes(captured)
-    inputs = [to_device(call, target) for call in captured]
-    del captured
-    shapes: list[bool] = []  # whether the last block returned a tuple, per batch
-    with progress_bar(progress, desc="blocks", unit="block", total=len(names)) as bar:
-        for i, name in enumerate(names):
-            block = _loaded(model, name, reader)
-            with _computed_on(block, target):
-                if i == len(names) - 1:
-                    with torch.inference_mode():
-                        calls = [(call, block(*call[0], **call[1])) for call in inputs]
-                    shapes = [isinstance(y, (tuple, list)) for _, y in calls]
-                    inputs = [_next(call, y) for call, y in calls]
-                    del calls
-                else:
-                    inputs = _outputs(block, inputs)
-            if reader is not None:
-                to_meta(block)
-            del block
-            _trim()
-            bar.update()
-    hidden = [call[0][0].to(home) for call, home in zip(inputs, homes, strict=True)]
-    del inputs
+    hidden, shapes = _through_blocks(model, names, data, run, target, reader, progress, "blocks")
     replay = _Replay(hidden, shapes)
     results = []
     with _replayed(model, names, replay), torch.inference_mode(), kept_modes(model):
@@ -531,6 +507,43 @@ def forward_sequential(
                 results.append(run(model, batch))
             replay.next_batch()
     return results
+
+
+def _through_blocks(
+    model: nn.Module,
+    names: list[str],
+    data: Iterable[Any],
+    run: Callable[[nn.Module, Any], Any],
+    target: torch.device | None,
+    reader: ShardReader | None,
+    progress: bool | None,
+    desc: str,
+    kept: list[list[Call]] | None = None,
+) -> tuple[list[Tensor], list[bool]]:
+    """The first block's inputs captured, then every block run on them in turn (loaded, then
+    released); returns the last block's outputs, back where its inputs were captured, and
+    whether it returned a tuple, per batch. ``kept`` gets each block's inputs."""
+    captured = _capture(model, model.get_submodule(names[0]), data, run)
+    homes = _homes(captured)
+    inputs = [to_device(call, target) for call in captured]
+    del captured
+    tuples: list[bool] = []
+    with progress_bar(progress, desc=desc, unit="block", total=len(names)) as bar:
+        for name in names:
+            if kept is not None:
+                kept.append(inputs)
+            block = _loaded(model, name, reader)
+            with _computed_on(block, target), torch.inference_mode():
+                outputs = [block(*call[0], **call[1]) for call in inputs]
+            tuples = [isinstance(y, (tuple, list)) for y in outputs]
+            inputs = [_next(call, y) for call, y in zip(inputs, outputs, strict=True)]
+            del outputs
+            if reader is not None:
+                to_meta(block)
+            del block
+            _trim()
+            bar.update()
+    return [call[0][0].to(home) for call, home in zip(inputs, homes, strict=True)], tuples
 
 
 class _Replay(nn.Module):
@@ -656,33 +669,15 @@ class _Weighing:
     ):
         if not callable(loss):
             raise TypeError(f"loss must be callable as loss(model, batch), got {loss!r}")
-        captured = _capture(model, model.get_submodule(names[0]), data, run)
-        homes = _homes(captured)
-        inputs = [to_device(call, target) for call in captured]
-        del captured
         self.inputs: list[list[Call]] = []
-        tuples: list[bool] = []
-        with progress_bar(progress, desc="loss: forward", unit="block", total=len(names)) as bar:
-            for name in names:
-                self.inputs.append(inputs)
-                block = _loaded(model, name, reader)
-                with _computed_on(block, target), torch.inference_mode():
-                    outputs = [block(*call[0], **call[1]) for call in inputs]
-                tuples = [isinstance(y, (tuple, list)) for y in outputs]
-                inputs = [_next(call, y) for call, y in zip(inputs, outputs, strict=True)]
-                del outputs
-                if reader is not None:
-                    to_meta(block)
-                del block
-                _trim()
-                bar.update()
+        last, tuples = _through_blocks(
+            model, names, data, run, target, reader, progress, "loss: forward", self.inputs
+        )
         self.grads: list[list[Tensor]] = [[] for _ in names]
-        last = [call[0][0].to(home) for call, home in zip(inputs, homes, strict=True)]
         self.grads[-1] = [
             to_device(g, target)
             for g in self._loss_gradients(model, names, last, tuples, loss, data)
         ]
-        del inputs
         with progress_bar(progress, desc="loss: backward", unit="block", total=len(names)) as bar:
             for i in range(len(names) - 1, 0, -1):
                 block = _loaded(model, names[i], reader)
