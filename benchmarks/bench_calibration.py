@@ -301,7 +301,12 @@ def real_cases(
     if "resnet50" in cases:
         out.update(
             real_case(
-                "ResNet-50", resnet50().to(device), images, calibrations=calibrations, load=load
+                "ResNet-50",
+                resnet50().to(device),
+                images,
+                goal=1.3,
+                calibrations=calibrations,
+                load=load,
             )
         )
     if "convnext" in cases:
@@ -332,7 +337,7 @@ def real_cases(
                 name,
                 model,
                 data,
-                goal=2.0,
+                goal=1.8,
                 include="model.layers.*",
                 calibrations=calibrations,
                 load=load,

@@ -82,13 +82,15 @@ def test_eigh_through_takes_householder_qr_where_the_cholesky_route_would_lose_o
     inner = f @ f.T
     qr_calls = []
     original = torch.linalg.qr
-    monkeypatch.setattr(torch.linalg, "qr", lambda *x: qr_calls.append(1) or original(*x))
+    monkeypatch.setattr(torch.linalg, "qr", lambda *x, **k: qr_calls.append(1) or original(*x, **k))
     values, vectors = _s.eigh_through(torch.from_numpy(a), torch.from_numpy(inner))
-    assert len(qr_calls) == (case != "conditioned")
+    alone, none = _s.eigh_through(torch.from_numpy(a), torch.from_numpy(inner), vectors=False)
+    assert none is None and len(qr_calls) == 2 * (case != "conditioned")
     ref_values, ref_vectors = np.linalg.eigh(a @ inner @ a.T)
     ref_values, ref_vectors = ref_values[::-1], ref_vectors[:, ::-1]
-    np.testing.assert_allclose(values.numpy(), np.clip(ref_values, 0, None),
-                               atol=1e-12 * ref_values[0])  # fmt: skip
+    for got in (values, alone):
+        np.testing.assert_allclose(got.numpy(), np.clip(ref_values, 0, None),
+                                   atol=1e-12 * ref_values[0])  # fmt: skip
     np.testing.assert_allclose(vectors.T.numpy() @ vectors.numpy(), np.eye(9), atol=1e-12)
     k = 5  # a gap in every case's spectrum
     np.testing.assert_allclose(_projector(vectors.numpy(), k), _projector(ref_vectors, k),
@@ -237,8 +239,11 @@ def test_threshold_one_and_later_changes_complete_the_basis():
     with torch.no_grad():
         torch.testing.assert_close(wrapped[0](x), model[0](x))
     layer.threshold = 0.9
-    layer.centering = False  # recomputed from the stored (output) statistics
-    assert layer.eigenvectors.shape == (20, 20) and layer.in_dim <= 7
+    layer.centering = False  # recomputed from the factors still held: [W b], 7 wide
+    assert layer.eigenvectors.shape == (20, 7) and layer.in_dim <= 7
+    formed = _m.second_moment(layer.statistics())  # the (20, 20) square, formed
+    torch.testing.assert_close(layer.eigenvalues, torch.linalg.eigvalsh(formed).flip(0).clamp_min(0),
+                               rtol=0, atol=1e-12 * float(formed.diagonal().sum()))  # fmt: skip
     state = wrapped.state_dict()
     again = ps.pca_wrap(model, 0.5)
     again.load_state_dict(state)
@@ -287,6 +292,42 @@ def test_a_wide_layer_holds_its_covariance_only_once_it_is_read():
     assert layer.shifted_sum_sq.shape == (2048, 2048)  # reading the buffer forms it
     held = sum(b.numel() * b.element_size() for b in layer.buffers())
     assert covariance <= held < 1.01 * covariance and layer._square_factors is None
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_a_widening_layers_eigenvectors_wait_for_their_first_use_and_come_from_its_input(
+    changed, monkeypatch
+):
+    """Calibrate + report computes the eigenvalues of the 6-wide problem only; the first
+    use computes the eigenvectors from the same factors (never a 20-wide decomposition),
+    and they span the module's range while its weights are the ones calibrated."""
+    model = _widening_linear(True)
+    x = torch.randn(300, 6, dtype=torch.float64) * 2 + 3
+    wrapped = ps.calibrate(ps.pca_wrap(model, 0.9), x.split(50), progress=False)
+    layer = wrapped.get_submodule("0.pca")
+    assert layer.eigenvectors_pending and layer._square_factors is not None
+    ps.report(wrapped)
+    assert layer.eigenvectors_pending
+    with torch.no_grad():
+        outputs = model[0](x).numpy()
+    values, vectors, _ = _reference(outputs, True)
+    np.testing.assert_allclose(layer.eigenvalues.numpy(), values, atol=1e-11 * values[0])
+    wide = []
+    eigh = _s.eigh_descending
+    monkeypatch.setattr(_s, "eigh_descending", lambda m: wide.append(m.shape[0]) or eigh(m))
+    if changed:
+        with torch.no_grad():
+            wrapped[0].weight.mul_(2)  # the statistics are of the outputs seen
+    torch.testing.assert_close(layer.eigenvectors.T @ layer.eigenvectors,
+                               torch.eye(6, dtype=torch.float64))  # fmt: skip
+    assert wide == [6] and not layer.eigenvectors_pending
+    k = layer.in_dim
+    np.testing.assert_allclose(layer.transformation_matrix.numpy(), _projector(vectors, k),
+                               atol=1e-9)  # fmt: skip
+    rest = layer.discarded_directions(wrapped[0])
+    assert (rest is None) == changed
+    if rest is not None:
+        np.testing.assert_allclose(rest.numpy(), layer.eigenvectors[:, k:].numpy())
 
 
 def test_the_square_of_a_widening_layer_is_formed_only_when_read(monkeypatch):

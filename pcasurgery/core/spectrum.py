@@ -151,7 +151,7 @@ def _pivot_signs(vectors: Tensor) -> Tensor:
 _THROUGH_ORTHOGONALITY = 1e-8
 
 
-def eigh_through(a: Tensor, inner: Tensor) -> tuple[Tensor, Tensor]:
+def eigh_through(a: Tensor, inner: Tensor, vectors: bool = True) -> tuple[Tensor, Tensor | None]:
     """Eigendecomposition of ``a @ inner @ a.T`` without forming or decomposing it.
 
     ``a`` is ``(d, r)`` with ``r < d`` and ``inner`` a symmetric PSD ``(r, r)``
@@ -168,10 +168,13 @@ def eigh_through(a: Tensor, inner: Tensor) -> tuple[Tensor, Tensor]:
     ``a`` is rank-deficient, the Householder QR of ``a`` is used instead
     (orthonormal to rounding; 1.3x to 1.6x the time at 1536 x 576 on one CPU thread).
 
+    With ``vectors=False`` only the eigenvalues are computed: the ``r``-wide
+    problem's eigenvalues, by the same route (``R`` alone), none of the maps.
+
     Returns:
         ``(eigenvalues, eigenvectors)``: float64 ``(d,)`` descending (the last
         ``d - r`` are zero) and ``(d, r)``, the eigenvectors of the non-zero
-        part as columns, signs fixed as in :func:`eigh_descending`.
+        part as columns, signs fixed as in :func:`eigh_descending`; or None.
     """
     d, r = a.shape
     if inner.shape != (r, r) or r >= d:
@@ -182,13 +185,16 @@ def eigh_through(a: Tensor, inner: Tensor) -> tuple[Tensor, Tensor]:
     a, inner = a.to(torch.float64), inner.to(torch.float64)
     factor = _gram_factor(a)
     if factor is None:
-        q, upper = torch.linalg.qr(a)
-        values, vectors = eigh_descending(_symmetric(upper @ inner @ upper.T))
-        basis = q @ vectors
+        q, upper = torch.linalg.qr(a, mode="reduced" if vectors else "r")
+        small = _symmetric(upper @ inner @ upper.T)
     else:
         lower, inverse = factor  # a^T a = lower lower^T; q = a inverse^T
-        values, vectors = eigh_descending(_symmetric(lower.T @ inner @ lower))
-        basis = a @ (inverse.T @ vectors)
+        small = _symmetric(lower.T @ inner @ lower)
+    if not vectors:
+        values = eigvalsh_descending(small)
+        return torch.cat([values, values.new_zeros(d - r)]), None
+    values, eigenvectors = eigh_descending(small)
+    basis = q @ eigenvectors if factor is None else a @ (inverse.T @ eigenvectors)
     return torch.cat([values, values.new_zeros(d - r)]), _fix_signs(basis)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import partial
 from typing import Any
@@ -11,17 +11,12 @@ import torch
 
 from .._progress import progress_bar, step
 from .pca import PCALayer
-from .state import version_tokens
 
 __all__ = ["compute_eigenspaces", "compute_eigenvectors", "side_by_side"]
 
 
 def compute_eigenspaces(
-    layers: Iterable[PCALayer],
-    through: Mapping[PCALayer, Any] | None = None,
-    progress: bool | None = False,
-    *,
-    vectors: bool = True,
+    layers: Iterable[PCALayer], progress: bool | None = False, *, vectors: bool = True
 ) -> None:
     """``compute_eigenspace`` for each layer, the CPU layers side by side.
 
@@ -31,46 +26,44 @@ def compute_eigenspaces(
     multi-threaded ``eigh`` stalls whenever one of its threads is descheduled;
     independent one-thread decompositions do not, and on an idle one they keep
     every core busy too. Layers on a GPU run where their statistics live, one
-    after another.
+    after another. A layer whose statistics are a module's input moments mapped
+    through its weights (its square held as factors, ``layers.through``)
+    decomposes the narrower input-wide problem.
 
     Args:
         layers: the layers.
-        through: for layers whose statistics are exactly a module's input
-            moments mapped through its weights, that module's
-            ``layers.through.InputStatistics``: their spectra come from the
-            narrower input (``eigenspace``) instead of the layer's width.
         progress: a bar over the layers (``pcasurgery._progress``), advancing by
             each decomposition's cost (the cube of the width it decomposes).
         vectors: False: the eigenvalues only (a third of the work), the
             eigenvectors and projections waiting for their first use
-            (``PCALayer.compute_eigenvectors``; :func:`compute_eigenvectors` for many);
-            layers decomposed ``through`` their input get theirs now (cheaply).
+            (``PCALayer.compute_eigenvectors``; :func:`compute_eigenvectors` for many).
     """
-    through = through or {}
-    jobs = [(layer, through.get(layer)) for layer in layers]
-    for layer, _ in jobs:  # fail before any layer changes
+    layers = list(layers)
+    for layer in layers:  # fail before any layer changes
         with torch.inference_mode(False):
             layer._check_statistics()
-
-    def width(job: tuple[PCALayer, Any]) -> int:
-        return job[0].width if job[1] is None else job[1].width
-
     on_cpu = sorted(
-        (job for job in jobs if job[0].shift.device.type == "cpu"), key=lambda j: -width(j)
+        (layer for layer in layers if layer.shift.device.type == "cpu"),
+        key=lambda layer: -_width(layer),
     )
-    done = {id(layer) for layer, _ in on_cpu}
-    elsewhere = [job for job in jobs if id(job[0]) not in done]
-    costs = [float(width(job)) ** 3 for job in on_cpu + elsewhere]
+    elsewhere = [layer for layer in layers if layer.shift.device.type != "cpu"]
+    costs = [float(_width(layer)) ** 3 for layer in on_cpu + elsewhere]
     with progress_bar(
         progress, desc="decompositions", unit="layer", total=sum(costs), steps=len(costs)
     ) as bar:
         side_by_side(
-            [partial(_install, layer, source, vectors) for layer, source in on_cpu],
+            [partial(_install, layer, vectors) for layer in on_cpu],
             on_done=lambda i: step(bar, costs[i]),
         )
-        for i, (layer, source) in enumerate(elsewhere, start=len(on_cpu)):
-            _install(layer, source, vectors)
+        for i, layer in enumerate(elsewhere, start=len(on_cpu)):
+            _install(layer, vectors)
             step(bar, costs[i])
+
+
+def _width(layer: PCALayer) -> int:
+    """The width of the problem the layer's spectrum comes from."""
+    factors = layer._square_factors
+    return layer.width if factors is None else int(factors.weight.shape[1])
 
 
 def side_by_side(
@@ -104,18 +97,13 @@ def side_by_side(
         torch.set_num_threads(threads)
 
 
-def _install(layer: PCALayer, source: Any, vectors: bool = True) -> None:
-    """Decompose the layer's checked statistics (through ``source`` where given), install the result."""
-    if source is None:
-        values, eigenvectors = layer._decomposition(vectors, checked=True)
-        if eigenvectors is None:
-            layer._install_eigenvalues(values)
-        else:
-            layer._install_spectrum(values, eigenvectors)
+def _install(layer: PCALayer, vectors: bool = True) -> None:
+    """Decompose the layer's checked statistics, install the result."""
+    values, eigenvectors = layer._decomposition(vectors, checked=True)
+    if eigenvectors is None:
+        layer._install_eigenvalues(values)
     else:
-        layer._install_spectrum(*source.eigenspace(layer.centering))
-        tensors = (layer.eigenvectors, source.module.weight, source.module.bias)
-        layer._spans = (tensors, version_tokens(tensors))
+        layer._install_spectrum(values, eigenvectors)
 
 
 def _one_thread(job: Callable[[], Any]) -> None:
@@ -127,11 +115,11 @@ def compute_eigenvectors(layers: Iterable[PCALayer], progress: bool | None = Fal
     """``PCALayer.compute_eigenvectors`` for the layers whose eigenvectors are pending, the
     CPU ones side by side (as :func:`compute_eigenspaces`), largest first."""
     pending = sorted(
-        (layer for layer in layers if layer.eigenvectors_pending), key=lambda layer: -layer.width
+        (layer for layer in layers if layer.eigenvectors_pending), key=lambda layer: -_width(layer)
     )
     on_cpu = [layer for layer in pending if layer.shift.device.type == "cpu"]
     elsewhere = [layer for layer in pending if layer.shift.device.type != "cpu"]
-    costs = [float(layer.width) ** 3 for layer in on_cpu + elsewhere]
+    costs = [float(_width(layer)) ** 3 for layer in on_cpu + elsewhere]
     with progress_bar(
         progress, desc="eigenvectors", unit="layer", total=sum(costs), steps=len(costs)
     ) as bar:

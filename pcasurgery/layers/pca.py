@@ -46,6 +46,7 @@ from .._errors import NotCalibratedError
 from .._validation import check_bool, check_choice, check_positive_int, check_threshold
 from ..core import moments as _m
 from ..core import spectrum as _s
+from . import statistics as _statistics
 from .state import version_tokens
 from .statistics import TOKEN_MASK, LayerStatistics
 
@@ -361,11 +362,15 @@ class PCALayer(LayerStatistics):
 
     def _decomposition(self, vectors: bool, checked: bool = False) -> tuple[Tensor, Tensor | None]:
         """The statistics' eigenvalues (descending) and, if ``vectors``, eigenvectors:
-        from the samples where the layer holds them as rows, else from the covariance
-        (or second moment); checked unless ``checked`` already."""
-        if self._rows is not None:
+        from the samples where the layer holds them as rows, from the input-wide problem
+        where it holds its square as factors, else from the covariance (or second
+        moment); checked unless ``checked`` already."""
+        factors = self._square_factors
+        if self._rows is not None or factors is not None:
             if not checked:
                 self._check_statistics()
+            if factors is not None:
+                return _statistics.spectrum_through(factors, self.centering, vectors)
             return _s.pca_of_rows(self._held_rows(), self.centering, vectors)
         matrix = self._matrix_to_decompose(checked)
         if vectors:
@@ -392,6 +397,7 @@ class PCALayer(LayerStatistics):
             self._put("vectors_pending", False)
             self._pending = False
             self._update_projection()
+            self._note_spans()
         if self.verbose:
             log.info(
                 "%s: k=%d of %d (saturation %.4f%%)",
@@ -400,6 +406,18 @@ class PCALayer(LayerStatistics):
                 self.width,
                 self.sat,
             )
+
+    def _note_spans(self) -> None:
+        """Where the eigenvectors came from square factors (fewer than the width), record
+        that they span the range of the followed module's map while its tensors are the
+        ones the factors were taken from, unchanged (``discarded_directions``)."""
+        factors, vectors = self._square_factors, self.eigenvectors
+        if factors is None or vectors.shape[1] >= self.width:
+            return
+        module, tokens = factors.module
+        if version_tokens(module) == tokens:
+            tensors = (vectors, *module)
+            self._spans = (tensors, version_tokens(tensors))
 
     def _center(self) -> Tensor:
         return self.mean if self.centering else torch.zeros_like(self.mean)

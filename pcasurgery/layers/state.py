@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ __all__ = [
     "SUMMED",
     "LayerSnapshot",
     "LayerState",
+    "SquareFactors",
     "version_tokens",
 ]
 
@@ -137,6 +138,31 @@ _WITH_VECTORS = frozenset({"eigenvectors", "basis", "projection_weight", "projec
 HOST_STATE = ("_mode", "epoch", "_square_factors", "_spans", "_other_bias", "_rows")
 
 
+class SquareFactors(NamedTuple):
+    """A layer's statistics' square held as its factors ``W S W^T``: a widening module's
+    output statistics collected on its input (``layers.through``).
+
+    Attributes:
+        weight: ``W``, ``(out, in)``, a copy of the module's map as it held it.
+        bias: the module's bias ``(out,)``, or None where it has none.
+        inputs: the moments of the module's input; ``inputs.total_sq`` is ``S``.
+        module: the module's own ``(weight, bias)`` tensors and their
+            :func:`version_tokens` when the factors were taken: eigenvectors computed
+            from the factors span the range of that map while the tokens stay the same.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    inputs: _m.Moments
+    module: tuple[tuple[Tensor | None, ...], tuple]
+
+    def to(self, device: torch.device) -> SquareFactors:
+        """The factors on ``device`` (the module's own tensors stay referenced as they are)."""
+        bias = None if self.bias is None else self.bias.to(device)
+        inputs = _m.Moments(*(t.to(device) for t in self.inputs))
+        return self._replace(weight=self.weight.to(device), bias=bias, inputs=inputs)
+
+
 @dataclass(frozen=True)
 class LayerSnapshot:
     """A layer's whole state, by reference: its buffers and :data:`HOST_STATE`.
@@ -184,11 +210,12 @@ class LayerState(nn.Module):
     """
 
     name: str
-    # ``(W, C)`` while the statistics' square is held as its factors ``W C W^T``
-    # (a widening layer calibrated on its input, layers.through): the square is
-    # formed the first time anything reads it (``statistics()``, the buffer, the
-    # state dict, more data), so that calibration and its spectrum never need it
-    _square_factors: tuple[Tensor, Tensor] | None = None
+    # the statistics' square held as its factors ``W S W^T`` (a widening layer
+    # calibrated on its input, layers.through): the square is formed the first time
+    # anything reads it (``statistics()``, the buffer, the state dict, more data), so
+    # that calibration and the spectrum (eigenvalues, then eigenvectors at their first
+    # use, both from the ``in``-wide problem) never need it
+    _square_factors: SquareFactors | None = None
     # the samples themselves, float64 ``(rows, width)`` blocks, while there are at most
     # ``ROWS_FRACTION`` of the width of them (layers.statistics): the moments hold
     # their count and sum around a zero shift, and the square is formed (around their
@@ -329,9 +356,10 @@ class LayerState(nn.Module):
             self._subtract = True
         factors = self._square_factors
         if factors is not None:
-            weight, inner = factors
             with torch.inference_mode(False):
-                self._buffers["shifted_sum_sq"] = _m.mapped_square(weight, inner)
+                self._buffers["shifted_sum_sq"] = _m.mapped_square(
+                    factors.weight, factors.inputs.total_sq
+                )
             self._square_factors = None
 
     def _held_rows(self) -> Tensor:
@@ -409,8 +437,7 @@ class LayerState(nn.Module):
             if k is not None and base is not None:
                 self._buffers[name] = base[:, :k]
         if self._square_factors is not None:
-            weight, inner = self._square_factors
-            self._square_factors = (weight.to(device), inner.to(device))
+            self._square_factors = self._square_factors.to(device)
         if self._rows is not None:
             self._rows = tuple(rows.to(device) for rows in self._rows)
         return self

@@ -25,9 +25,16 @@ from torch import Tensor
 from .._errors import NonFiniteError, NotCalibratedError
 from ..core import moments as _m
 from ..core import spectrum as _s
-from .state import MOMENTS, STATE, SUMMED, LayerState
+from .state import MOMENTS, STATE, SUMMED, LayerState, SquareFactors
 
-__all__ = ["ROWS_FRACTION", "TOKEN_MASK", "LayerStatistics", "statistics_bytes", "token_mask"]
+__all__ = [
+    "ROWS_FRACTION",
+    "TOKEN_MASK",
+    "LayerStatistics",
+    "spectrum_through",
+    "statistics_bytes",
+    "token_mask",
+]
 
 _F64 = torch.float64
 
@@ -48,6 +55,33 @@ def statistics_bytes(width: int) -> int:
     float64 ``(width, width)`` square and as many eigenvectors (what calibration and
     ``compress_sequential`` announce before they allocate it)."""
     return 2 * 8 * width * width
+
+
+def spectrum_through(
+    factors: SquareFactors, centering: bool, vectors: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """The spectrum of statistics held as their factors, from the ``in``-wide problem.
+
+    Centred: ``W cov(x) W^T``. Uncentred, the second moment of ``y = W x + b``:
+    ``[W b] E[x~ x~^T] [W b]^T`` with ``x~ = (x, 1)`` (``W E[x x^T] W^T``
+    without a bias). See ``core.spectrum.eigh_through``.
+
+    Returns:
+        ``(values (out,), vectors (out, in) or (out, in + 1), or None)``.
+    """
+    weight, inputs = factors.weight.to(_F64), factors.inputs
+    if centering:
+        return _s.eigh_through(weight, _m.covariance(inputs), vectors)
+    if factors.bias is None:
+        return _s.eigh_through(weight, _m.second_moment(inputs), vectors)
+    mu = _m.mean(inputs)
+    inner = torch.cat(
+        [
+            torch.cat([_m.second_moment(inputs), mu[:, None]], 1),
+            torch.cat([mu, mu.new_ones(1)])[None, :],
+        ]
+    )
+    return _s.eigh_through(torch.cat([weight, factors.bias.to(_F64)[:, None]], 1), inner, vectors)
 
 
 @contextlib.contextmanager
@@ -156,7 +190,7 @@ class LayerStatistics(LayerState):
         summed: Mapping[str, int] | None = None,
         positions: int | None = None,
         shared: bool | None = None,
-        square_factors: tuple[Tensor, Tensor] | None = None,
+        square_factors: SquareFactors | None = None,
     ) -> None:
         """Replace the statistics by ``state`` (e.g. the all-reduced moments of all ranks).
 
@@ -166,8 +200,9 @@ class LayerStatistics(LayerState):
             summed: the buffers processes add up (:meth:`summed_statistics`), reduced.
             positions: the samples per input example (``positions``).
             shared: whether ``state`` is already the union over a process group.
-            square_factors: ``(W, C)``: the square is ``W C W^T``, formed when first
-                read (``state.total_sq`` is ignored); ``W`` must not change after.
+            square_factors: the square is ``W S W^T`` (``state`` being the moments of
+                the factors' inputs mapped through ``W``; its ``total_sq`` is ignored),
+                formed when first read; the spectrum comes from the factors.
         """
         if state.shift.shape != (self.width,):
             raise ValueError(
@@ -262,7 +297,12 @@ class LayerStatistics(LayerState):
         if self._rows is not None:  # their sum is finite iff they are (collect checks it)
             squares: tuple[Tensor, ...] = ()
         else:
-            squares = self._square_factors or (self.statistics().total_sq,)
+            factors = self._square_factors
+            squares = (
+                (self.statistics().total_sq,)
+                if factors is None
+                else (factors.weight, factors.inputs.total_sq)
+            )
         if not _s.all_finite(state.total, *squares):
             raise NonFiniteError(
                 f"PCA layer {self.name!r} received NaN or infinite activations; "

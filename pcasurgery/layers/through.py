@@ -14,7 +14,9 @@ The statistics the layer ends with are the same as if its outputs had been
 collected (to float64 rounding of the exact outputs ``W x + b``; the float32
 outputs the model computes differ from those by their own rounding), their
 ``(out, out)`` square held as its factors until something reads it
-(``PCALayer._square_factors``). Only
+(``layers.state.SquareFactors``): the layer's eigenvalues, and its eigenvectors
+at their first use, come from the ``in``-wide problem
+(``layers.statistics.spectrum_through``). Only
 ``calibrate`` collects this way, while the weights cannot change; a layer
 collecting in training mode (tracking during training) sees its outputs as
 always.
@@ -30,10 +32,10 @@ from torch import Tensor, nn
 
 from .._errors import NonFiniteError
 from ..core import moments as _m
-from ..core import spectrum as _s
 from . import statistics as _statistics
 from .kinds import affine_kind, weight_matrix
 from .pca import PCALayer
+from .state import SquareFactors, version_tokens
 from .statistics import TOKEN_MASK
 
 __all__ = ["InputStatistics", "input_statistics"]
@@ -84,7 +86,7 @@ class InputStatistics:
     While ``pca._through`` is this object and the layer collects, the followed
     module hands its inputs here instead of its outputs to the layer
     (``layers.sites``); :meth:`install` then gives the layer the output moments,
-    and :meth:`eigenspace` its spectrum.
+    their square as its factors.
     """
 
     def __init__(
@@ -204,15 +206,12 @@ class InputStatistics:
         """Forget the last input seen (the stream has ended)."""
         self._shared.clear()
 
-    def _affine(self) -> tuple[Tensor, Tensor]:
-        return weight_matrix(self.module, torch.float64)
-
     def install(self) -> None:
         """Give the PCA layer the moments of the module's outputs (a layer that saw nothing keeps none).
 
         The ``(out, out)`` square ``W S W^T`` is left to the layer as its factors,
         ``W`` copied as the module holds it: it is formed only if something reads it
-        (the spectrum comes from :meth:`eigenspace`), which saves its product and
+        (the spectrum comes from the factors), which saves its product and
         its memory (``(out / in)^2`` times the input's square).
         """
         if self.rows is not None:
@@ -220,14 +219,21 @@ class InputStatistics:
             return
         if self.state is None or int(self.state.count) == 0:
             return
-        own = self.module.weight
+        own, own_bias = self.module.weight, self.module.bias
         assert isinstance(own, Tensor)
         held, bias = weight_matrix(self.module, own.dtype)
         held = held.clone() if held.data_ptr() == own.data_ptr() else held  # not a view of it
+        module = (own, own_bias if isinstance(own_bias, Tensor) else None)
+        factors = SquareFactors(
+            held,
+            None if module[1] is None else bias,
+            self.state,
+            (module, version_tokens(module)),
+        )
         self.pca.load_statistics(
             _m.map_moments(self.state, held, bias, square=False),
             self.examples,
-            square_factors=(held, self.state.total_sq),
+            square_factors=factors,
         )
         self.pca._put("sample_positions", self.positions)
 
@@ -252,28 +258,6 @@ class InputStatistics:
         if self.rows is not None:
             return sum(len(rows) for rows in self.rows)
         return 0 if self.state is None else int(self.state.count)
-
-    def eigenspace(self, centering: bool) -> tuple[Tensor, Tensor]:
-        """The PCA layer's spectrum from the input moments: ``(values (out,), vectors (out, r))``.
-
-        Centred: ``W cov(x) W^T``. Uncentred, the second moment of ``y``:
-        ``[W b] E[x~ x~^T] [W b]^T`` with ``x~ = (x, 1)`` (``W E[x x^T] W^T``
-        without a bias).
-        """
-        assert self.state is not None
-        weight, bias = self._affine()
-        if centering:
-            return _s.eigh_through(weight, _m.covariance(self.state))
-        if self.module.bias is None:
-            return _s.eigh_through(weight, _m.second_moment(self.state))
-        mu = _m.mean(self.state)
-        inner = torch.cat(
-            [
-                torch.cat([_m.second_moment(self.state), mu[:, None]], 1),
-                torch.cat([mu, mu.new_ones(1)])[None, :],
-            ]
-        )
-        return _s.eigh_through(torch.cat([weight, bias[:, None]], 1), inner)
 
 
 def _fingerprint(samples: Tensor, channel_dim: int, cache: dict[str, Any]) -> Tensor:

@@ -254,17 +254,10 @@ def calibrate(
             with resident(model):  # offloaded weights, read through their inputs' moments
                 _install_inputs(inputs.values())
                 _combine(layers, snapshot, reset, batches)
-                # a spectrum comes from the input where the statistics are that input's
-                # alone (and are not the few samples themselves, decomposed as rows)
-                alone = {
-                    layer: source
-                    for layer, source in inputs.items()
-                    if not distributed_run()
-                    and source.count == layer.sample_rows
-                    and source.rows is None
-                }
-                # the spectra (what a report reads); eigenvectors come at their first use
-                compute_eigenspaces(layers.values(), alone, progress, vectors=False)
+                # the spectra (what a report reads; from the input-wide problem where a
+                # layer's statistics are still one input's, held as factors); the
+                # eigenvectors come at their first use
+                compute_eigenspaces(layers.values(), progress, vectors=False)
         except BaseException:
             snapshot.restore()
             raise
