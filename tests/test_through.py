@@ -303,6 +303,9 @@ def test_a_widening_layers_eigenvectors_wait_for_their_first_use_and_come_from_i
     and they span the module's range while its weights are the ones calibrated."""
     model = _widening_linear(True)
     x = torch.randn(300, 6, dtype=torch.float64) * 2 + 3
+    grams = []
+    gram_factor = _s._gram_factor
+    monkeypatch.setattr(_s, "_gram_factor", lambda a: grams.append(a.shape) or gram_factor(a))
     wrapped = ps.calibrate(ps.pca_wrap(model, 0.9), x.split(50), progress=False)
     layer = wrapped.get_submodule("0.pca")
     assert layer.eigenvectors_pending and layer._square_factors is not None
@@ -321,6 +324,8 @@ def test_a_widening_layers_eigenvectors_wait_for_their_first_use_and_come_from_i
     torch.testing.assert_close(layer.eigenvectors.T @ layer.eigenvectors,
                                torch.eye(6, dtype=torch.float64))  # fmt: skip
     assert wide == [6] and not layer.eigenvectors_pending
+    assert grams == [(20, 6)]  # W^T W formed once, for the eigenvalues and the eigenvectors
+    assert layer._square_factors.cache == {}  # and let go once they are computed
     k = layer.in_dim
     np.testing.assert_allclose(layer.transformation_matrix.numpy(), _projector(vectors, k),
                                atol=1e-9)  # fmt: skip

@@ -412,7 +412,10 @@ class PCALayer(LayerStatistics):
         that they span the range of the followed module's map while its tensors are the
         ones the factors were taken from, unchanged (``discarded_directions``)."""
         factors, vectors = self._square_factors, self.eigenvectors
-        if factors is None or vectors.shape[1] >= self.width:
+        if factors is None:
+            return
+        factors.cache.clear()  # what the eigenvalues left to the eigenvectors is used
+        if vectors.shape[1] >= self.width:
             return
         module, tokens = factors.module
         if version_tokens(module) == tokens:

@@ -149,18 +149,21 @@ class SquareFactors(NamedTuple):
         module: the module's own ``(weight, bias)`` tensors and their
             :func:`version_tokens` when the factors were taken: eigenvectors computed
             from the factors span the range of that map while the tokens stay the same.
+        cache: what the eigenvalues leave to the eigenvectors' first use (the
+            ``cache`` of ``core.spectrum.eigh_through``); emptied once they are computed.
     """
 
     weight: Tensor
     bias: Tensor | None
     inputs: _m.Moments
     module: tuple[tuple[Tensor | None, ...], tuple]
+    cache: dict[str, Any]
 
     def to(self, device: torch.device) -> SquareFactors:
         """The factors on ``device`` (the module's own tensors stay referenced as they are)."""
         bias = None if self.bias is None else self.bias.to(device)
         inputs = _m.Moments(*(t.to(device) for t in self.inputs))
-        return self._replace(weight=self.weight.to(device), bias=bias, inputs=inputs)
+        return self._replace(weight=self.weight.to(device), bias=bias, inputs=inputs, cache={})
 
 
 @dataclass(frozen=True)

@@ -70,10 +70,9 @@ def spectrum_through(
         ``(values (out,), vectors (out, in) or (out, in + 1), or None)``.
     """
     weight, inputs = factors.weight.to(_F64), factors.inputs
-    if centering:
-        return _s.eigh_through(weight, _m.covariance(inputs), vectors)
-    if factors.bias is None:
-        return _s.eigh_through(weight, _m.second_moment(inputs), vectors)
+    if centering or factors.bias is None:
+        inner = _m.covariance(inputs) if centering else _m.second_moment(inputs)
+        return _s.eigh_through(weight, inner, vectors, factors.cache.setdefault("weight", {}))
     mu = _m.mean(inputs)
     inner = torch.cat(
         [
@@ -81,7 +80,8 @@ def spectrum_through(
             torch.cat([mu, mu.new_ones(1)])[None, :],
         ]
     )
-    return _s.eigh_through(torch.cat([weight, factors.bias.to(_F64)[:, None]], 1), inner, vectors)
+    augmented = torch.cat([weight, factors.bias.to(_F64)[:, None]], 1)
+    return _s.eigh_through(augmented, inner, vectors, factors.cache.setdefault("with bias", {}))
 
 
 @contextlib.contextmanager

@@ -229,6 +229,7 @@ class InputStatistics:
             None if module[1] is None else bias,
             self.state,
             (module, version_tokens(module)),
+            {},
         )
         self.pca.load_statistics(
             _m.map_moments(self.state, held, bias, square=False),
