@@ -65,6 +65,31 @@ def test_eigh_through_equals_the_eigendecomposition_of_the_product(r):
         _s.eigh_through(torch.ones(3, 3), torch.eye(3))
 
 
+def test_eigh_through_converts_a_float32_weight_a_block_of_rows_at_a_time(monkeypatch):
+    """A float32 ``a`` gives the float64 ``a``'s spectrum, its rows taken in float64 a block
+    at a time (never a float64 copy of the whole), also where the blocks do not divide it."""
+    rng = np.random.default_rng(5)
+    a = torch.from_numpy(rng.standard_normal((50, 7))).float()
+    f = rng.standard_normal((7, 7))
+    inner = torch.from_numpy(f @ f.T)
+    converted = []
+    monkeypatch.setattr(_s, "_ROWS_BYTES", 8 * 7 * 16)  # 16 rows a block: 16, 16, 16, 2
+    real = _s._row_blocks
+
+    def blocks(x):
+        for rows, block in real(x):
+            converted.append(block.shape[0])
+            yield rows, block
+
+    monkeypatch.setattr(_s, "_row_blocks", blocks)
+    values, vectors = _s.eigh_through(a, inner)
+    assert converted == [16, 16, 16, 2] * 2  # a^T a, then the eigenvectors' map
+    ref_values, ref_vectors = _s.eigh_through(a.double(), inner)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-12 * float(ref_values[0]))
+    torch.testing.assert_close(vectors, ref_vectors, rtol=0, atol=1e-10)
+    assert vectors.dtype == torch.float64
+
+
 @pytest.mark.parametrize("case", ["conditioned", "ill-conditioned", "rank-deficient"])
 def test_eigh_through_takes_householder_qr_where_the_cholesky_route_would_lose_orthogonality(
     case, monkeypatch

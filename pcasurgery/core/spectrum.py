@@ -10,6 +10,7 @@ matrices for control experiments, and the seed library's stats
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -159,7 +160,8 @@ def eigh_through(
 
     ``a`` is ``(d, r)`` with ``r < d`` and ``inner`` a symmetric PSD ``(r, r)``
     matrix: the covariance of a layer's input, say, with ``a`` its weight, so
-    that the product is the covariance of the layer's output. With a thin
+    that the product is the covariance of the layer's output. A narrower ``a``
+    (a float32 weight) is converted to float64 a block of rows at a time, never whole. With a thin
     factorisation ``a = Q R`` (``Q`` orthonormal), ``a inner a^T = Q (R inner
     R^T) Q^T``: one ``r``-wide ``eigh`` and orthogonal maps instead of a
     ``d``-wide decomposition, with eigenvectors ``Q V``.
@@ -189,13 +191,13 @@ def eigh_through(
             f"eigh_through needs a (d, r) with r < d and inner (r, r), got "
             f"{tuple(a.shape)} and {tuple(inner.shape)}"
         )
-    a, inner = a.to(torch.float64), inner.to(torch.float64)
+    inner = inner.to(torch.float64)
     cache = {} if cache is None else cache
     if "lower" not in cache:
         cache["lower"] = _gram_factor(a)
     lower = cache["lower"]  # a^T a = lower lower^T, q = a lower^{-T}; None: Householder QR
     if lower is None:
-        q, upper = torch.linalg.qr(a, mode="reduced" if vectors else "r")
+        q, upper = torch.linalg.qr(a.to(torch.float64), mode="reduced" if vectors else "r")
         small = _symmetric(upper @ inner @ upper.T)
     else:
         small = _symmetric(lower.T @ inner @ lower)
@@ -206,21 +208,45 @@ def eigh_through(
     if lower is None:
         basis = q @ eigenvectors
     else:
-        basis = a @ torch.linalg.solve_triangular(lower.T, eigenvectors, upper=True)
+        basis = _times(a, torch.linalg.solve_triangular(lower.T, eigenvectors, upper=True))
     return torch.cat([values, values.new_zeros(d - r)]), _fix_signs(basis)
 
 
+# eigh_through converts a narrower ``a`` to float64 this many bytes of rows at a time:
+# a 5632 x 2048 float32 weight is never copied whole (88 MiB) to form a^T a or a's map.
+_ROWS_BYTES = 16 * 2**20
+
+
+def _row_blocks(a: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """``a``'s rows in float64, a block of ``_ROWS_BYTES`` at a time (all at once if float64)."""
+    step = a.shape[0] if a.dtype == torch.float64 else max(1, _ROWS_BYTES // (8 * a.shape[1]))
+    for start in range(0, a.shape[0], step):
+        rows = slice(start, start + step)
+        yield rows, a[rows].to(torch.float64)
+
+
+def _times(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in float64 for a float64 ``b``, ``a`` converted a block of rows at a time."""
+    out = b.new_empty(a.shape[0], b.shape[1])
+    for rows, block in _row_blocks(a):
+        torch.matmul(block, b, out=out[rows])
+    return out
+
+
 def _gram_factor(a: Tensor) -> Tensor | None:
-    """``L`` with ``a^T a = L L^T``, or None where ``a L^{-T}`` could lose orthogonality
-    beyond ``_THROUGH_ORTHOGONALITY`` (or ``a`` is rank-deficient)."""
-    gram = a.T @ a
+    """``L`` with ``a^T a = L L^T`` (in float64), or None where ``a L^{-T}`` could lose
+    orthogonality beyond ``_THROUGH_ORTHOGONALITY`` (or ``a`` is rank-deficient)."""
+    gram = a.new_zeros(a.shape[1], a.shape[1], dtype=torch.float64)
+    for _, block in _row_blocks(a):
+        gram.addmm_(block.T, block)
+    size = torch.linalg.matrix_norm(gram)
     lower, info = torch.linalg.cholesky_ex(gram)
     if int(info) != 0:
         return None
-    eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
-    inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
-    bound = torch.linalg.matrix_norm(gram) * inverse.square().sum()  # >= cond(a^T a)
-    if not float(bound) * torch.finfo(a.dtype).eps <= _THROUGH_ORTHOGONALITY:
+    del gram
+    # ||L^{-1}||_F^2 = trace((a^T a)^{-1}); with ||a^T a||_F, an upper bound on cond(a^T a)
+    bound = size * torch.cholesky_inverse(lower).diagonal().sum()
+    if not float(bound) * torch.finfo(torch.float64).eps <= _THROUGH_ORTHOGONALITY:
         return None
     return lower
 

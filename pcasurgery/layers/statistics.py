@@ -69,7 +69,7 @@ def spectrum_through(
     Returns:
         ``(values (out,), vectors (out, in) or (out, in + 1), or None)``.
     """
-    weight, inputs = factors.weight.to(_F64), factors.inputs
+    weight, inputs = factors.weight, factors.inputs  # as held: float64 a block at a time
     if centering or factors.bias is None:
         inner = _m.covariance(inputs) if centering else _m.second_moment(inputs)
         return _s.eigh_through(weight, inner, vectors, factors.cache.setdefault("weight", {}))
@@ -80,7 +80,7 @@ def spectrum_through(
             torch.cat([mu, mu.new_ones(1)])[None, :],
         ]
     )
-    augmented = torch.cat([weight, factors.bias.to(_F64)[:, None]], 1)
+    augmented = torch.cat([weight, factors.bias.to(weight.dtype)[:, None]], 1)
     return _s.eigh_through(augmented, inner, vectors, factors.cache.setdefault("with bias", {}))
 
 
