@@ -280,13 +280,37 @@ def test_weights_and_out_are_checked_before_any_work(tmp_path):
         )
 
 
+def _held_bytes(layer) -> int:
+    """The bytes of a PCA layer's statistics, eigenvectors and square factors (with what
+    their eigenvalues left for the eigenvectors)."""
+    tensors = [layer._buffers[name] for name in ("shifted_sum_sq", "eigenvectors")]
+    factors = layer._square_factors
+    if factors is not None:
+        tensors += [factors.weight, factors.inputs.total_sq]
+        tensors += [t for cache in factors.cache.values() for t in cache.values() if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def test_the_statistics_memory_is_announced_before_it_is_used(caplog):
     model, data = _llama(2), token_batches(96)
-    widths = [32, 16, 16, 32, 64, 64, 32]  # q, k, v, o, gate, up, down of the tiny config
-    block = sum(2 * 8 * w * w for w in widths) / 2**20
+    # q, k, v, o and down hold their square and eigenvectors; the widening gate and up
+    # (32 -> 64) their input's square, the Cholesky factor of W^T W, a float32 copy of W
+    # and 33 eigenvectors
+    block = (
+        sum(2 * 8 * w * w for w in [32, 16, 16, 32, 32]) + 2 * (2 * 8 * 32**2 + 4 * 64 * 32 + 8 * 64 * 33)
+    ) / 2**20  # fmt: skip
+    wrapped = ps.pca_wrap(model, include="model.layers.*")
     with caplog.at_level("INFO", logger="pcasurgery"):
-        ps.calibrate(ps.pca_wrap(model, include="model.layers.*"), data, progress=False)
+        ps.calibrate(wrapped, data, progress=False)
         ps.calibrate_sequential(model, data, blocks="model.layers.*")
+    # what the layers hold, with their eigenvalues and then their eigenvectors, fits in it
+    layers = list(ps.pca_layers_of(wrapped).values())
+    held = [_held_bytes(layer) for layer in layers]
+    ps.layers.decompose.compute_eigenvectors(layers)
+    held = [max(a, _held_bytes(layer)) for a, layer in zip(held, layers, strict=True)]
+    assert 0.5 * 2 * block * 2**20 < sum(held) <= 2 * block * 2**20
+    gate = ps.pca_layers_of(wrapped)["model.layers.0.mlp.gate_proj"]
+    assert held[layers.index(gate)] <= 2 * 8 * 32**2 + 4 * 64 * 32 + 8 * 64 * 33 < 2 * 8 * 64**2
     assert (
         f"calibrate: 14 PCA layers; their statistics and eigenvectors take up to {2 * block:.1f} MiB"
         in caplog.text

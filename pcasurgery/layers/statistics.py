@@ -50,11 +50,16 @@ ROWS_FRACTION = 0.5
 TOKEN_MASK: ContextVar[Tensor | None] = ContextVar("pcasurgery_token_mask", default=None)
 
 
-def statistics_bytes(width: int) -> int:
-    """The most a PCA layer of ``width`` holds while it is calibrated and decomposed: a
-    float64 ``(width, width)`` square and as many eigenvectors (what calibration and
-    ``compress_sequential`` announce before they allocate it)."""
-    return 2 * 8 * width * width
+def statistics_bytes(width: int, inputs: int | None = None, weight_itemsize: int = 4) -> int:
+    """The most a PCA layer of ``width`` holds while it is calibrated and decomposed (what
+    calibration and the block-by-block functions announce before they allocate it): a
+    float64 ``(width, width)`` square and as many eigenvectors; or, for a layer whose
+    statistics are collected on its module's ``inputs``-wide input (``layers.through``),
+    that input's float64 square and the Cholesky factor of ``W^T W``, a copy of the
+    weight (``weight_itemsize`` bytes a number) and ``inputs + 1`` eigenvectors."""
+    if inputs is None:
+        return 2 * 8 * width * width
+    return 2 * 8 * inputs * inputs + weight_itemsize * width * inputs + 8 * width * (inputs + 1)
 
 
 def spectrum_through(

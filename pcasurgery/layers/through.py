@@ -38,7 +38,7 @@ from .pca import PCALayer
 from .state import SquareFactors, version_tokens
 from .statistics import TOKEN_MASK
 
-__all__ = ["InputStatistics", "input_statistics"]
+__all__ = ["InputStatistics", "input_statistics", "input_width"]
 
 
 def _widths(module: nn.Module, kind: str) -> tuple[int, int]:
@@ -50,32 +50,45 @@ def _widths(module: nn.Module, kind: str) -> tuple[int, int]:
     return weight[0].numel(), weight.shape[0]
 
 
-def input_statistics(
-    module: nn.Module, pca: PCALayer, shared: dict[str, Any] | None = None
-) -> InputStatistics | None:
-    """An :class:`InputStatistics` for ``pca`` after ``module``, or None where it does not pay.
+def input_width(module: nn.Module) -> int | None:
+    """The input width on which calibration collects the statistics of a PCA layer after
+    ``module`` (of its output's kind, as ``pca_wrap`` makes it), or None where the layer
+    collects the module's outputs.
 
     It applies to a module that computes its own affine map (``layers.kinds.affine_kind``)
     with more outputs than inputs plus one (the uncentred second moment of a
     layer with a bias has rank ``in + 1``): a Linear, a ``Conv1D``, or a 1x1
-    ``Conv2d`` without padding, followed by a PCA layer of its output's kind
-    (a ``Conv2DPCALayer`` without ``downsampling``). Sources given one
-    ``shared`` dict compute the moments of an input they all receive once.
+    ``Conv2d`` without padding.
     """
     kind = affine_kind(module)
     if kind not in ("linear", "transformers_conv1d", "conv2d"):  # other convolutions: at outputs
         return None
     inputs, outputs = _widths(module, kind)
-    if inputs + 1 >= outputs or pca.width != outputs:
+    if inputs + 1 >= outputs:
         return None
     if kind == "conv2d":
         assert isinstance(module, nn.Conv2d)
-        unpadded = module.padding in ((0, 0), "valid")
-        if pca.channel_dim != 1 or module.kernel_size != (1, 1) or not unpadded:
+        if module.kernel_size != (1, 1) or module.padding not in ((0, 0), "valid"):
             return None
-        if getattr(pca, "downsampling", None) is not None:
-            return None
-    elif pca.channel_dim != -1:
+    return inputs
+
+
+def input_statistics(
+    module: nn.Module, pca: PCALayer, shared: dict[str, Any] | None = None
+) -> InputStatistics | None:
+    """An :class:`InputStatistics` for ``pca`` after ``module``, or None where it does not pay.
+
+    It applies where :func:`input_width` does, to a PCA layer of the module's output's
+    kind and width (a ``Conv2DPCALayer`` without ``downsampling``). Sources given one
+    ``shared`` dict compute the moments of an input they all receive once.
+    """
+    inputs = input_width(module)
+    kind = affine_kind(module)
+    if inputs is None or kind is None or pca.width != _widths(module, kind)[1]:
+        return None
+    if pca.channel_dim != (1 if kind == "conv2d" else -1):
+        return None
+    if getattr(pca, "downsampling", None) is not None:
         return None
     return InputStatistics(module, pca, kind, inputs, shared)
 

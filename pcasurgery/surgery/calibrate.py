@@ -228,11 +228,6 @@ def calibrate(
     layers = pca_layers_of(model)
     require_layers(layers)
     _refuse_meta(model, layers)
-    log.info(
-        "calibrate: %d PCA layers; their statistics and eigenvectors take up to %.1f MiB",
-        len(layers),
-        sum(statistics_bytes(layer.width) for layer in layers.values()) / 2**20,
-    )
 
     # the statistics to add to (reset=False) are merged: a square held as factors is formed
     snapshot = _Snapshot(model, layers.values(), complete=not reset)
@@ -247,6 +242,11 @@ def calibrate(
             for layer in layers.values():
                 layer.mode = "collect"
             inputs = _input_side(model)
+            log.info(
+                "calibrate: %d PCA layers; their statistics and eigenvectors take up to %.1f MiB",
+                len(layers),
+                sum(_held_bytes(layer, inputs.get(layer)) for layer in layers.values()) / 2**20,
+            )
             model.eval()
             batches = _stream(
                 model, data, forward or run_batch, target, max_batches, max_samples, progress
@@ -284,6 +284,15 @@ def _refuse_meta(model: nn.Module, layers: dict[str, PCALayer]) -> None:
                 "with no accelerate hook that loads them (never loaded, or the PCA layer's own "
                 "buffers offloaded): calibrate needs them; dispatch with offload_buffers=False"
             )
+
+
+def _held_bytes(layer: PCALayer, source: InputStatistics | None) -> int:
+    """``statistics_bytes`` of the layer, collected on ``source``'s input where given."""
+    if source is None:
+        return statistics_bytes(layer.width)
+    weight = source.module.weight
+    assert isinstance(weight, torch.Tensor)
+    return statistics_bytes(layer.width, source.width, weight.element_size())
 
 
 def _install_inputs(sources: Iterable[InputStatistics]) -> None:
