@@ -127,6 +127,8 @@ def test_calibration_errors_are_clear():
         ps.calibrate(wrapped, [images(4)], max_samples=0, progress=False)
     with pytest.raises(TypeError, match="a calibration batch must be a tensor"):
         ps.calibrate(wrapped, ["not a batch"], progress=False)
+    with pytest.raises(TypeError, match="eigenvectors"):
+        ps.calibrate(wrapped, [images(4)], progress=False, eigenvectors="yes")
     # flags and modes are restored even after an error
     assert all(layer.mode == "auto" for layer in ps.pca_layers_of(wrapped).values())
     assert not wrapped.training
@@ -371,3 +373,12 @@ def test_calibration_decomposes_for_the_spectrum_and_eigenvectors_come_at_first_
         layer.reset_statistics()
     with torch.no_grad():
         torch.testing.assert_close(again(x), eager(x), atol=1e-6, rtol=1e-6)
+    # asked for now, the eigenvectors come with the eigenvalues: one eigh a layer, no eigvalsh
+    before = dict(calls)
+    now = ps.calibrate(ps.pca_wrap(net, 0.9), data, progress=False, eigenvectors=True)
+    assert calls == {"eigh": before["eigh"] + 2, "eigvalsh": before["eigvalsh"]}
+    assert not any(layer.eigenvectors_pending for layer in ps.pca_layers_of(now).values())
+    pd.testing.assert_frame_equal(ps.report(now), ps.report(eager))
+    with torch.no_grad():
+        torch.testing.assert_close(now(x), eager(x), atol=1e-6, rtol=1e-6)
+    assert calls["eigh"] == before["eigh"] + 2

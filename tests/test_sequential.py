@@ -465,3 +465,24 @@ def test_a_loss_weighed_global_budget_measured_block_by_block_equals_the_whole_m
             model, data, blocks="model.layers.*", plan=reference, loss=_lm_loss,
             loss_data=planning,
         )  # fmt: skip
+
+
+def test_the_compression_pass_decomposes_each_layer_once(monkeypatch):
+    """With the plan known, each block's layers get their eigenvalues and eigenvectors
+    from one decomposition (no separate eigenvalue pass before the eigenvectors)."""
+    from pcasurgery.core import spectrum
+
+    model, data = _llama(2), token_batches(96)
+    spectra = ps.calibrate_sequential(model, data, blocks="model.layers.*")
+    plan = ps.budget_plan(spectra, remove=0.2)
+    calls = []
+    eigh, eigvalsh = spectrum.eigh_descending, spectrum.eigvalsh_descending
+    monkeypatch.setattr(spectrum, "eigh_descending", lambda m: calls.append("eigh") or eigh(m))
+    monkeypatch.setattr(
+        spectrum, "eigvalsh_descending", lambda m: calls.append("eigvalsh") or eigvalsh(m)
+    )
+    small = ps.compress_sequential(copy.deepcopy(model), data, blocks="model.layers.*", plan=plan)
+    assert calls == ["eigh"] * len(plan)
+    planned = dict(zip(plan["layer"], plan["k"], strict=True))
+    report = small.compression_report
+    assert dict(zip(report["layer"], report["k"], strict=True)) == planned

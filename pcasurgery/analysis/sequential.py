@@ -143,10 +143,10 @@ def _next(call: Call, y: Any) -> Call:
     return ((hidden, *args[1:]), kwargs, mask)
 
 
-def _calibrated(wrapped: nn.Module, inputs: list[Call]) -> list[Call]:
-    """Calibrate the wrapped block on ``inputs``; its outputs there, the next block's inputs
-    (a calibrating PCA layer passes its input on as it is: the dense block's outputs,
-    without a forward of their own)."""
+def _calibrated(wrapped: nn.Module, inputs: list[Call], eigenvectors: bool = False) -> list[Call]:
+    """Calibrate the wrapped block on ``inputs`` (``eigenvectors``: computed now, with the
+    eigenvalues); its outputs there, the next block's inputs (a calibrating PCA layer passes
+    its input on as it is: the dense block's outputs, without a forward of their own)."""
     outputs: list[Call] = []
 
     def forward(block: nn.Module, call: Call) -> Any:
@@ -154,7 +154,7 @@ def _calibrated(wrapped: nn.Module, inputs: list[Call]) -> list[Call]:
         outputs.append(_next(call, y))
         return y
 
-    calibrate(wrapped, inputs, forward=forward, progress=False)
+    calibrate(wrapped, inputs, forward=forward, progress=False, eigenvectors=eigenvectors)
     return outputs
 
 
@@ -819,7 +819,7 @@ def _compress_block(
             return block, pd.DataFrame(columns=list(PLAN_COLUMNS)), None
     include = None if local is None else [glob.escape(n) for n in local["layer"]]
     wrapped = pca_wrap(block, centering=centering, include=include)
-    dense = _calibrated(wrapped, inputs)
+    dense = _calibrated(wrapped, inputs, eigenvectors=True)  # every layer is compressed next
     if local is None:
         local = budget_plan(wrapped, remove=float(remove), by=by, progress=False)  # type: ignore[arg-type]
     apply_plan(wrapped, local)

@@ -168,6 +168,7 @@ def calibrate(
     progress: bool | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     reset: bool = True,
+    eigenvectors: bool = False,
 ) -> nn.Module:
     """Stream ``data`` through ``model``, fill the PCA layers' statistics, compute their eigenspaces.
 
@@ -191,6 +192,11 @@ def calibrate(
             (batches of any type are then accepted; ``max_samples`` still needs
             batches holding a tensor).
         reset: start from fresh statistics (True) or add to those collected before.
+        eigenvectors: compute the eigenvectors now, in one decomposition with the
+            eigenvalues, instead of at their first use (a projection, a fold,
+            ``compress``): for a model about to project or be compressed, where the
+            eigenvalues alone (what ``report`` and a spectral plan read) would be
+            computed twice.
 
     Returns:
         ``model``, with every PCA layer's eigenspace computed and its train/eval
@@ -222,6 +228,7 @@ def calibrate(
     max_samples = check_positive_int(max_samples, "max_samples", allow_none=True)
     progress = check_progress(progress)
     check_bool(reset, "reset")
+    check_bool(eigenvectors, "eigenvectors")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable as forward(model, batch), got {forward!r}")
     target = check_device(device)
@@ -256,8 +263,8 @@ def calibrate(
                 _combine(layers, snapshot, reset, batches)
                 # the spectra (what a report reads; from the input-wide problem where a
                 # layer's statistics are still one input's, held as factors); the
-                # eigenvectors come at their first use
-                compute_eigenspaces(layers.values(), progress, vectors=False)
+                # eigenvectors come at their first use unless asked for now
+                compute_eigenspaces(layers.values(), progress, vectors=eigenvectors)
         except BaseException:
             snapshot.restore()
             raise
