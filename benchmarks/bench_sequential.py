@@ -5,7 +5,8 @@ heads, vocabulary 32000, ``--blocks`` decoder blocks, default 22; random float32
 weights, seeded) and ``--windows`` windows of 512 random tokens. Each mode runs
 in a fresh process, which reports its peak resident memory:
 
-* whole: ``pca_wrap`` the blocks, ``calibrate``, ``budget_plan(remove=0.2)``,
+* whole: ``pca_wrap`` the blocks, ``calibrate(eigenvectors=True)`` (one decomposition
+  a layer, as the model is compressed next), ``budget_plan(remove=0.2)``,
   ``apply_plan``, ``compress``;
 * sequential: ``compress_sequential(..., remove=0.2, budget=--budget)`` (one
   block's statistics at a time; the compressed activations passed on; the
@@ -51,7 +52,7 @@ _RUN = textwrap.dedent(
         if mode == "whole":
             wrapped = ps.pca_wrap(model, include="model.layers.*")
             del model
-            ps.calibrate(wrapped, data, progress=False)
+            ps.calibrate(wrapped, data, progress=False, eigenvectors=True)  # compressed next
             ps.apply_plan(wrapped, ps.budget_plan(wrapped, remove=0.2))
             small = ps.compress(wrapped)
         else:

@@ -447,7 +447,8 @@ def run_compress_lm(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a tied output layer is left alone, with a warning
                 wrapped = pca_wrap(model, include=glob)
-            calibrate(wrapped, calib, progress=args.progress)
+            # the loss-weighed plan reads every layer's eigenvectors: computed with the eigenvalues
+            calibrate(wrapped, calib, progress=args.progress, eigenvectors=True)
             table = report(wrapped)
         with steps("plan", f"planning {args.remove:.0%} fewer parameters, weighed by the loss"):
             plan = budget_plan(
