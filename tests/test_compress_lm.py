@@ -11,6 +11,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -187,7 +188,12 @@ def test_from_disk_the_blocks_are_read_one_at_a_time_and_the_checkpoint_written_
     # the job in memory plans and compresses the same
     memory = tmp_path / "in-memory"
     assert main([*argv, "--out", str(memory), "--no-check", *SMALL]) == 0
-    assert pd.read_csv(memory / "plan.csv").equals(plan)
+    # (its eigenvalues come with its eigenvectors, from another LAPACK routine: equal to rounding)
+    in_memory = pd.read_csv(memory / "plan.csv")
+    pd.testing.assert_frame_equal(
+        in_memory.drop(columns="explained"), plan.drop(columns="explained")
+    )
+    np.testing.assert_allclose(in_memory["explained"], plan["explained"], rtol=1e-12)
     again = json.loads((memory / "summary.json").read_text())
     assert again["compressed"]["perplexity"] == pytest.approx(compressed["perplexity"], rel=1e-5)
 
