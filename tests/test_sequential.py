@@ -486,3 +486,23 @@ def test_the_compression_pass_decomposes_each_layer_once(monkeypatch):
     planned = dict(zip(plan["layer"], plan["k"], strict=True))
     report = small.compression_report
     assert dict(zip(report["layer"], report["k"], strict=True)) == planned
+
+
+def test_the_compression_pass_builds_each_projection_at_its_planned_rank_only(monkeypatch):
+    """No projection is built at a default threshold before the plan's ranks are set (a
+    wide layer's would be a width x width square while the eigenvectors are computed)."""
+    from pcasurgery.core import spectrum
+
+    model, data = _llama(2), token_batches(96)
+    plan = ps.budget_plan(ps.calibrate_sequential(model, data, blocks="model.layers.*"), remove=0.3)
+    built = []
+    affine = spectrum.projection_affine
+
+    def recording(basis, *args, **kwargs):
+        built.append(basis.shape[1])
+        return affine(basis, *args, **kwargs)
+
+    monkeypatch.setattr(spectrum, "projection_affine", recording)
+    ps.compress_sequential(copy.deepcopy(model), data, blocks="model.layers.*", plan=plan)
+    planned = sorted(int(k) for k in plan["k"])
+    assert sorted(k for k in built if k > 1) == [k for k in planned if k > 1]

@@ -794,6 +794,9 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
     root.add_module(last, module)
 
 
+_UNPLANNED = 1e-12  # a threshold that keeps one direction
+
+
 def _compress_block(
     block: nn.Module,
     name: str,
@@ -818,7 +821,10 @@ def _compress_block(
         if not len(local):
             return block, pd.DataFrame(columns=list(PLAN_COLUMNS)), None
     include = None if local is None else [glob.escape(n) for n in local["layer"]]
-    wrapped = pca_wrap(block, centering=centering, include=include)
+    # every layer's threshold comes from the plan: until then each projects onto its first
+    # direction, so that no projection is built at a default threshold (a 5632-wide layer's
+    # would be a 121 MiB square while its eigenvectors are computed)
+    wrapped = pca_wrap(block, _UNPLANNED, centering=centering, include=include)
     dense = _calibrated(wrapped, inputs, eigenvectors=True)  # every layer is compressed next
     if local is None:
         local = budget_plan(wrapped, remove=float(remove), by=by, progress=False)  # type: ignore[arg-type]
