@@ -794,7 +794,11 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
     root.add_module(last, module)
 
 
-_UNPLANNED = 1e-12  # a threshold that keeps one direction
+# A threshold that keeps one direction: a block's layers are wrapped at it until the plan
+# sets theirs. Every one is planned: a given plan names each layer wrapped (include=),
+# and budget_plan plans every layer pca_wrap makes here (keepdim=True), a standalone
+# projection at full rank.
+_UNPLANNED = 1e-12
 
 
 def _compress_block(
