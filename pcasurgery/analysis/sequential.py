@@ -830,6 +830,7 @@ def _compress_block(
     # would be a 121 MiB square while its eigenvectors are computed)
     wrapped = pca_wrap(block, _UNPLANNED, centering=centering, include=include)
     dense = _calibrated(wrapped, inputs, eigenvectors=True)  # every layer is compressed next
+    _trim()  # what the decompositions freed in their workers' heaps, before the projections
     if local is None:
         local = budget_plan(wrapped, remove=float(remove), by=by, progress=False)  # type: ignore[arg-type]
     apply_plan(wrapped, local)
