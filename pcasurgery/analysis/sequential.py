@@ -48,8 +48,8 @@ from ..layers.decompose import compute_eigenvectors
 from ..layers.kinds import kind_of, output_width
 from ..layers.network import pca_layers_of
 from ..layers.offload import offloaded
-from ..layers.statistics import statistics_bytes, token_mask
-from ..layers.through import input_width
+from ..layers.statistics import token_mask
+from ..layers.through import held_bytes
 from ..surgery import calibrate, pca_wrap
 from .budget import (
     GRADIENT_MEASURE,
@@ -162,15 +162,10 @@ def block_statistics_bytes(block: nn.Module) -> int:
     """The bytes a block's PCA layers hold while it is calibrated: ``statistics_bytes`` of
     each module of a known kind (``layers.kinds``), collected on its input where it widens."""
     return sum(
-        statistics_bytes(output_width(module), input_width(module), _itemsize(module))
+        held_bytes(module, output_width(module))
         for module in block.modules()
         if kind_of(module) is not None
     )
-
-
-def _itemsize(module: nn.Module) -> int:
-    weight = getattr(module, "weight", None)
-    return weight.element_size() if isinstance(weight, Tensor) else 4
 
 
 def compress_sequential(

@@ -38,7 +38,7 @@ from .pca import PCALayer
 from .state import SquareFactors, version_tokens
 from .statistics import TOKEN_MASK
 
-__all__ = ["InputStatistics", "input_statistics", "input_width"]
+__all__ = ["InputStatistics", "held_bytes", "input_statistics", "input_width"]
 
 
 def _widths(module: nn.Module, kind: str) -> tuple[int, int]:
@@ -71,6 +71,17 @@ def input_width(module: nn.Module) -> int | None:
         if module.kernel_size != (1, 1) or module.padding not in ((0, 0), "valid"):
             return None
     return inputs
+
+
+def held_bytes(module: nn.Module | None, width: int) -> int:
+    """``statistics_bytes`` of a PCA layer of ``width`` after ``module``: collected on the
+    module's input where :func:`input_width` says so (None: a layer collected on its own)."""
+    inputs = None if module is None else input_width(module)
+    if module is None or inputs is None:
+        return _statistics.statistics_bytes(width)
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return _statistics.statistics_bytes(width, inputs, weight.element_size())
 
 
 def input_statistics(

@@ -55,8 +55,8 @@ from ..layers.offload import offloaded, resident
 from ..layers.pca import PCALayer
 from ..layers.sites import sites_of
 from ..layers.state import LayerSnapshot
-from ..layers.statistics import statistics_bytes, token_mask
-from ..layers.through import InputStatistics, input_statistics
+from ..layers.statistics import token_mask
+from ..layers.through import InputStatistics, held_bytes, input_statistics
 
 __all__ = ["all_reduce_statistics", "calibrate"]
 
@@ -252,7 +252,11 @@ def calibrate(
             log.info(
                 "calibrate: %d PCA layers; their statistics and eigenvectors take up to %.1f MiB",
                 len(layers),
-                sum(_held_bytes(layer, inputs.get(layer)) for layer in layers.values()) / 2**20,
+                sum(
+                    held_bytes(inputs[layer].module if layer in inputs else None, layer.width)
+                    for layer in layers.values()
+                )
+                / 2**20,
             )
             model.eval()
             batches = _stream(
@@ -291,15 +295,6 @@ def _refuse_meta(model: nn.Module, layers: dict[str, PCALayer]) -> None:
                 "with no accelerate hook that loads them (never loaded, or the PCA layer's own "
                 "buffers offloaded): calibrate needs them; dispatch with offload_buffers=False"
             )
-
-
-def _held_bytes(layer: PCALayer, source: InputStatistics | None) -> int:
-    """``statistics_bytes`` of the layer, collected on ``source``'s input where given."""
-    if source is None:
-        return statistics_bytes(layer.width)
-    weight = source.module.weight
-    assert isinstance(weight, torch.Tensor)
-    return statistics_bytes(layer.width, source.width, weight.element_size())
 
 
 def _install_inputs(sources: Iterable[InputStatistics]) -> None:
