@@ -17,8 +17,10 @@ The job:
 5. plans per-layer ranks that remove ``--remove`` of the blocks' projection
    parameters, weighed by the language-model loss's gradient on the planning
    windows (``budget_plan(loss=..., data=...)``), and compresses the blocks one
-   at a time at those ranks, each calibrated on the compressed blocks' outputs
-   (``compress_sequential(plan=..., propagate="compressed")``);
+   at a time at those ranks, each calibrated on the compressed blocks' outputs,
+   each layer keeping the directions that matter to the loss (its output
+   features weighed by the loss's gradient on the planning windows:
+   ``compress_sequential(plan=..., propagate="compressed", loss=..., loss_data=...)``);
 6. measures the compressed model the same way, writes the checkpoint (loads
    with ``AutoModelForCausalLM.from_pretrained(DIR/model, trust_remote_code=True)``
    where pcasurgery is not installed), reloads it to check its perplexity, and
@@ -464,6 +466,7 @@ def run_compress_lm(
         small: Any = compress_sequential(
             model, calib, blocks=glob, plan=plan, propagate="compressed", progress=args.progress,
             weights=weights, out=written, out_dtype=stored if disk else None,
+            loss=_lm_loss, loss_data=planning,  # each layer keeps the directions the loss needs
         )  # fmt: skip
         compressed: dict[str, float] = {
             "params": count_params(small),

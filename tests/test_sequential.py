@@ -9,6 +9,7 @@ calibrating and compressing the whole model's blocks one after another.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import warnings
 import weakref
@@ -460,11 +461,13 @@ def test_a_loss_weighed_global_budget_measured_block_by_block_equals_the_whole_m
         ps.budget_plan(spectra, remove=0.3, loss=_lm_loss, data=planning)
     with pytest.raises(ValueError, match="loss and loss_data go together"):
         ps.calibrate_sequential(model, data, blocks="model.layers.*", loss=_lm_loss)
-    with pytest.raises(ValueError, match="weigh the global budget"):
-        ps.compress_sequential(
-            model, data, blocks="model.layers.*", plan=reference, loss=_lm_loss,
-            loss_data=planning,
-        )  # fmt: skip
+    # a plan made elsewhere: the loss weighs each layer's directions, the ranks are the plan's
+    weighed = ps.compress_sequential(
+        copy.deepcopy(model), data, blocks="model.layers.*", plan=reference, loss=_lm_loss,
+        loss_data=planning,
+    )  # fmt: skip
+    assert list(weighed.compression_report["k"]) == list(reference["k"])
+    assert ps.count_params(weighed) == ps.count_params(ours)
 
 
 def test_the_compression_pass_decomposes_each_layer_once(monkeypatch):
@@ -506,3 +509,102 @@ def test_the_compression_pass_builds_each_projection_at_its_planned_rank_only(mo
     ps.compress_sequential(copy.deepcopy(model), data, blocks="model.layers.*", plan=plan)
     planned = sorted(int(k) for k in plan["k"])
     assert sorted(k for k in built if k > 1) == [k for k in planned if k > 1]
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(width, width)
+        self.out = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.out(torch.tanh(self.fc(x)))
+
+
+class _Residuals(torch.nn.Module):
+    def __init__(self, width: int = 6, blocks: int = 2):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Residual(width) for _ in range(blocks))
+        self.head = torch.nn.Linear(width, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _first_output_loss(model, batch):
+    return (model(batch)[:, 0] - 1).square().mean()
+
+
+def _weighed_projection(inputs, module, grads, k):
+    """numpy: the map ``y -> mu + S^-1 U U^T S (y - mu)`` after ``module`` (``S``: the features'
+    weights ``sqrt(g / mean(g) + 0.1)``; ``U``: the top ``k`` eigenvectors of ``S C S``), as
+    one affine map ``(P W, P b + (I - P) mu)``."""
+    import numpy as np
+
+    w, b = module.weight.detach().numpy(), module.bias.detach().numpy()
+    y = inputs @ w.T + b
+    mu = y.mean(0)
+    cov = (y - mu).T @ (y - mu) / len(y)
+    g = (grads**2).sum(0)
+    s = np.sqrt(g / g.mean() + 0.1)
+    _, vectors = np.linalg.eigh(s[:, None] * cov * s[None, :])
+    u = vectors[:, ::-1][:, :k]
+    p = (u @ u.T) * (1 / s)[:, None] * s[None, :]
+    return p @ w, p @ b + mu - p @ mu
+
+
+def test_a_loss_weighs_each_layers_directions_by_its_gradient_there():
+    """numpy reference: each layer projects in the metric of the loss's squared gradient at
+    its outputs (measured on the dense model), at the plan's rank; the next block is
+    calibrated on the compressed block's outputs, and the user's blocks are not changed."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = _Residuals().double()
+    data = [torch.randn(32, 6, dtype=torch.float64) for _ in range(3)]
+    planning = [torch.randn(16, 6, dtype=torch.float64) for _ in range(2)]
+    dense = copy.deepcopy(model)
+    first = model.blocks[0]
+    plan = ps.budget_plan(
+        ps.calibrate_sequential(model, data, blocks="blocks.*", progress=False), remove=0.5
+    )
+    ks = dict(zip(plan["layer"], plan["k"], strict=True))
+    names = [f"blocks.{i}.{m}" for i in range(2) for m in ("fc", "out")]
+    assert all(0 < ks[name] < 6 for name in names)
+
+    grads: dict[str, list] = {name: [] for name in names}  # the loss's gradient there, dense
+
+    def keep(name, module, args, out):
+        out.register_hook(lambda g: grads[name].append(g.numpy()))
+
+    handles = [
+        dense.get_submodule(name).register_forward_hook(functools.partial(keep, name))
+        for name in names
+    ]
+    for batch in planning:
+        _first_output_loss(dense, batch).backward()
+    for handle in handles:
+        handle.remove()
+
+    small = ps.compress_sequential(
+        model, data, blocks="blocks.*", plan=plan, loss=_first_output_loss,
+        loss_data=planning, progress=False,
+    )  # fmt: skip
+    x = torch.cat(data)
+    with torch.no_grad():
+        for i in range(2):
+            # within a block, each layer is calibrated on the dense block's activations
+            inputs = {"fc": x, "out": torch.tanh(dense.blocks[i].fc(x))}
+            for m in ("fc", "out"):
+                name, g = f"blocks.{i}.{m}", np.concatenate(grads[f"blocks.{i}.{m}"])
+                module, k = dense.get_submodule(name), ks[name]
+                want_w, want_b = _weighed_projection(inputs[m].numpy(), module, g, k)
+                got = small.get_submodule(name)
+                np.testing.assert_allclose(got.weight.numpy(), want_w, atol=1e-10)
+                np.testing.assert_allclose(got.bias.numpy(), want_b, atol=1e-10)
+                plain, _ = _weighed_projection(inputs[m].numpy(), module, np.ones_like(g), k)
+                assert np.abs(plain - want_w).max() > 1e-3  # the weights moved the directions
+            x = small.blocks[i](x)  # the next block's inputs: the compressed block's outputs
+    torch.testing.assert_close(first.fc.weight, dense.blocks[0].fc.weight, rtol=0, atol=0)

@@ -17,6 +17,15 @@ Each block's ranks come from ``plan`` (a ``budget_plan`` table of the whole
 wrapped model, whose layer names are the model's: the global allocation), or
 else from a budget that removes ``remove`` of each block's planned parameters
 (``budget_plan`` on the block: the same fraction of every block).
+
+With a ``loss``, each layer keeps the directions that matter to the loss, not
+only those of most variance: its output features are weighed by the loss's
+gradient there (``w_f = sqrt(g_f / mean(g) + 0.1)``, ``g_f`` the sum over the
+loss's samples of the squared gradient at feature ``f``, the model dense: a
+diagonal Fisher metric, floored so that no feature is ignored), and the layer
+projects ``y`` to ``mu + W^-1 V V^T W (y - mu)``, ``V`` the top eigenvectors of
+the weighed covariance ``W C W``. The rank is what the plan says; the
+projection is oblique, and folds into the same two factors.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +52,13 @@ from .._batches import attention_mask, map_tensors, run_batch, to_device
 from .._progress import check_progress, progress_bar
 from .._validation import check_device, check_module, kept_modes
 from ..compression.compress import compress, make_shippable
-from ..compression.plan import PLAN_COLUMNS
+from ..compression.plan import PLAN_COLUMNS, followed_module, fusable_batchnorms, known_kind
 from ..compression.shards import ShardReader, ShardWriter, to_meta
 from ..layers.decompose import compute_eigenvectors
 from ..layers.kinds import kind_of, output_width
 from ..layers.network import pca_layers_of
 from ..layers.offload import offloaded
+from ..layers.sites import sites_of
 from ..layers.statistics import token_mask
 from ..layers.through import held_bytes
 from ..surgery import calibrate, pca_wrap
@@ -228,9 +239,15 @@ def compress_sequential(
             (``trust_remote_code=True``), without pcasurgery.
         out_dtype: the dtype floating tensors are written in (None: the model's);
             ``torch.bfloat16`` halves a float32 model's checkpoint.
-        loss, loss_data: with ``remove`` and the global budget, the allocation is
-            weighed by the loss's gradient, measured block by block in the first
-            pass (see :func:`calibrate_sequential`).
+        loss, loss_data: ``loss(model, batch) -> scalar tensor`` and its batches:
+            every layer's output features are weighed by the loss's gradient there
+            (the module docstring), measured on the dense model block by block,
+            so that each layer keeps the directions that matter to the loss
+            (``compression_report``'s ``explained`` is then of the weighed variance).
+            With ``remove`` and the global budget, the allocation is weighed by the
+            loss too (see :func:`calibrate_sequential`). Costs a forward and a
+            backward sweep over the blocks on ``loss_data`` (each block's input and
+            output gradient kept), and a forward and backward of each block on them.
         progress: a bar over the blocks (``None``: in a terminal, after two seconds).
 
     Returns:
@@ -255,12 +272,6 @@ def compress_sequential(
         raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-    if (loss is not None or loss_data is not None) and (remove is None or budget != "global"):
-        raise ValueError(
-            "loss and loss_data weigh the global budget that remove= plans "
-            f"(budget='global'); got plan={'a table' if plan is not None else None} and "
-            f"budget={budget!r}: weigh a plan with calibrate_sequential(loss=...) instead"
-        )
     if plan is not None and not {"layer", "k"} <= set(getattr(plan, "columns", ())):
         raise ValueError("plan must be a DataFrame from budget_plan (columns layer and k)")
     progress = check_progress(progress)
@@ -286,8 +297,8 @@ def compress_sequential(
         block_statistics_bytes(first) / 2**20,
     )
     inputs = [to_device(call, target) for call in _capture(model, first, data, run)]
+    weighing = _weighing(model, names, loss, loss_data, run, target, reader, progress)
     if remove is not None and budget == "global":
-        weighing = _weighing(model, names, loss, loss_data, run, target, reader, progress)
         spectra = _spectra(model, names, inputs, centering, target, progress, reader, weighing)
         plan = budget_plan(spectra, remove=float(remove), by=by, progress=False)
     rows = []
@@ -295,8 +306,9 @@ def compress_sequential(
         for i, name in enumerate(names):
             block = _loaded(model, name, reader)
             with _computed_on(block, target) as back:
+                metric = None if weighing is None else weighing.output_weights(block, i)
                 small, report, dense = _compress_block(
-                    block, name, inputs, remove, plan, by, centering
+                    block, name, inputs, remove, plan, by, centering, metric
                 )
                 if propagate == "compressed":
                     inputs = _outputs(small, inputs)
@@ -725,6 +737,34 @@ class _Weighing:
                 _backward(wrapped, call, grad)
         return {name: gauge.sums[name] for name in gauge.seen}
 
+    def output_weights(self, block: nn.Module, i: int) -> dict[str, Tensor]:
+        """Of each module of a known kind in the dense block ``i``, by its name in the block:
+        the weight of each of its output features (the module docstring), float64."""
+        sums: dict[str, Tensor] = {}
+
+        def add(name: str, dims: int, g: Tensor) -> None:
+            rows = g.detach().movedim(1 if dims else -1, -1)
+            total = rows.reshape(-1, rows.shape[-1]).to(torch.float64).square().sum(0)
+            sums[name] = total if name not in sums else sums[name] + total
+
+        def hook(name: str, dims: int, module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, Tensor) and output.requires_grad:
+                output.register_hook(partial(add, name, dims))
+
+        handles = [
+            module.register_forward_hook(partial(hook, name, kind.spatial_dims))
+            for name, module in block.named_modules()
+            if (kind := kind_of(module)) is not None
+        ]
+        try:
+            with _no_parameter_grads(block):
+                for call, grad in zip(self.inputs[i], self.grads[i], strict=True):
+                    _backward(block, call, grad)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {name: _feature_weights(g) for name, g in sums.items()}
+
     def check(self, measures: dict[str, Tensor], names: list[str]) -> None:
         missing = [name for name in names if name not in measures]
         if missing:
@@ -734,6 +774,68 @@ class _Weighing:
             )
         if not any(bool(s.any()) for s in measures.values()):
             raise ValueError(ZERO_GRADIENT)
+
+
+# the floor of a feature's weight, as a fraction of the mean squared gradient
+_WEIGHT_FLOOR = 0.1
+
+
+def _feature_weights(g: Tensor) -> Tensor:
+    """``sqrt(g / mean(g) + floor)``; all ones where the loss never reaches the layer."""
+    mean = g.mean()
+    return (g / mean + _WEIGHT_FLOOR).sqrt() if bool(mean > 0) else torch.ones_like(g)
+
+
+def _scale_outputs(module: nn.Module, factors: Tensor) -> None:
+    """Multiply each output feature of ``module`` (of a known kind, or a Sequential such as
+    ``LowRank`` ending in one) by its factor, in its weight and bias."""
+    while isinstance(module, nn.Sequential):
+        module = module[-1]
+    kind = known_kind(module)
+    weight, bias = module.weight, module.bias
+    assert isinstance(weight, Tensor)
+    with torch.no_grad():
+        matrix = kind.matrix(weight.detach()) * factors.to(weight.device, weight.dtype)[:, None]
+        weight.copy_(kind.weight_from_matrix(matrix, weight))
+        if isinstance(bias, Tensor):
+            bias.mul_(factors.to(bias.device, bias.dtype))
+
+
+def _divide(factors: Tensor, dims: int, module: nn.Module, args: Any, output: Tensor) -> Tensor:
+    """A forward hook: ``output`` with each feature divided by its factor."""
+    shape = (-1,) + (1,) * dims if dims else (-1,)
+    return output / factors.to(output.device, output.dtype).reshape(shape)
+
+
+@contextlib.contextmanager
+def _weighed(
+    wrapped: nn.Module, weights: dict[str, Tensor] | None
+) -> Iterator[list[tuple[str, Tensor]]]:
+    """Within, each PCA layer of ``wrapped`` that follows a module with ``weights`` sees that
+    module's outputs weighed (its weight and bias scaled), and what the module with its PCA
+    layer returns is divided by them again, so that the block computes what it did: the
+    layers are calibrated, and their projections built, in the weighed metric. Yields the
+    ``(name, weights)`` of the modules scaled: ``compress``'s layers at those names divide
+    their outputs by them (:func:`_scale_outputs`). Layers whose BatchNorm ``compress``
+    fuses are left unweighed."""
+    done: list[tuple[str, Tensor]] = []
+    handles = []
+    fused = fusable_batchnorms(wrapped) if weights else {}
+    try:
+        for site in sites_of(wrapped) if weights else ():
+            factors = weights.get(site.name) if weights else None
+            module = followed_module(wrapped, site)
+            if factors is None or module is None or site.name in fused:
+                continue
+            outer = wrapped.get_submodule(site.layer_path.rpartition(".")[0])
+            _scale_outputs(module, factors)
+            dims = known_kind(module).spatial_dims
+            handles.append(outer.register_forward_hook(partial(_divide, factors, dims)))
+            done.append((site.name, factors))
+        yield done
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _backward(block: nn.Module, call: Call, grad: Tensor) -> Tensor:
@@ -804,9 +906,11 @@ def _compress_block(
     plan: pd.DataFrame | None,
     by: str,
     centering: bool,
+    metric: dict[str, Tensor] | None = None,
 ) -> tuple[nn.Module, pd.DataFrame, list[Call] | None]:
     """The compressed copy of one block, calibrated on ``inputs``, its report rows and the
-    dense block's outputs on ``inputs`` (read off the calibration).
+    dense block's outputs on ``inputs`` (read off the calibration). ``metric``: the weights
+    of the output features of the block's modules, by name (:func:`_weighed`).
 
     With a global ``plan``, only the block's layers it names are wrapped (the
     others stay as they are), each at its planned rank; a block it does not
@@ -824,7 +928,8 @@ def _compress_block(
     # direction, so that no projection is built at a default threshold (a 5632-wide layer's
     # would be a 121 MiB square while its eigenvectors are computed)
     wrapped = pca_wrap(block, _UNPLANNED, centering=centering, include=include)
-    dense = _calibrated(wrapped, inputs, eigenvectors=True)  # every layer is compressed next
+    with _weighed(wrapped, metric) as weighed:
+        dense = _calibrated(wrapped, inputs, eigenvectors=True)  # every layer is compressed next
     _trim()  # what the decompositions freed in their workers' heaps, before the projections
     if local is None:
         local = budget_plan(wrapped, remove=float(remove), by=by, progress=False)  # type: ignore[arg-type]
@@ -834,6 +939,8 @@ def _compress_block(
     for layer in layers:
         layer.release_statistics()
     small = compress(wrapped, progress=False)
+    for module_name, factors in weighed:  # back from the weighed metric
+        _scale_outputs(small.get_submodule(module_name), 1 / factors)
     report: pd.DataFrame = small.__dict__["compression_report"]
     return small, report.assign(layer=name + "." + report["layer"].astype(str)), dense
 
