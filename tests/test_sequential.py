@@ -35,11 +35,18 @@ def _logits(model, prompt):
         return model(input_ids=prompt, use_cache=False).logits
 
 
-def _whole_model(model, data, remove):
+def _gpt2(layers: int = 2):
+    """GPT-2 passes its key/value cache to each block positionally."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=layers, n_head=4)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _whole_model(model, data, remove, blocks="model.layers.*"):
     """The whole-model procedure: its plan and the compressed model."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapped = ps.pca_wrap(model, include="model.layers.*")
+        wrapped = ps.pca_wrap(model, include=blocks)
     ps.calibrate(wrapped, data, progress=False)
     plan = ps.budget_plan(wrapped, remove=remove)
     ps.apply_plan(wrapped, plan)
@@ -49,11 +56,12 @@ def _whole_model(model, data, remove):
 PROMPT = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(4))
 
 
-def test_passing_the_dense_activations_on_equals_whole_model_compression():
-    model, data = _llama(), token_batches(96)
-    plan, whole = _whole_model(model, data, remove=0.3)
+@pytest.mark.parametrize("build, blocks", [(_llama, "model.layers.*"), (_gpt2, "transformer.h.*")])
+def test_passing_the_dense_activations_on_equals_whole_model_compression(build, blocks):
+    model, data = build(), token_batches(96)
+    plan, whole = _whole_model(model, data, remove=0.3, blocks=blocks)
     sequential = ps.compress_sequential(
-        copy.deepcopy(model), data, blocks="model.layers.*", plan=plan, propagate="original"
+        copy.deepcopy(model), data, blocks=blocks, plan=plan, propagate="original"
     )
     assert list(sequential.compression_report["layer"]) == list(whole.compression_report["layer"])
     assert list(sequential.compression_report["k"]) == list(plan["k"])
@@ -61,6 +69,12 @@ def test_passing_the_dense_activations_on_equals_whole_model_compression():
     torch.testing.assert_close(
         _logits(sequential, PROMPT), _logits(whole, PROMPT), atol=1e-5, rtol=1e-5
     )
+    # a backward through each block (the loss's gradients) keeps no key/value cache either
+    planning = token_batches(96, count=2, batch=3, length=20)
+    weighed = ps.compress_sequential(
+        copy.deepcopy(model), data, blocks=blocks, plan=plan, loss=_lm_loss, loss_data=planning
+    )
+    assert list(weighed.compression_report["k"]) == list(plan["k"])
 
 
 def test_passing_the_compressed_activations_on_equals_compressing_block_after_block():

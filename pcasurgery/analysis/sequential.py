@@ -107,9 +107,12 @@ def _capture(
     mask: list[Tensor | None] = [None]
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        caches = [k for k, v in kwargs.items() if type(v).__name__.endswith("Cache")]
-        if caches:  # a key/value cache would grow at every later call of the block
+        # a key/value cache (GPT-2 passes it positionally) would grow at every later call of
+        # the block: each call would attend to the keys of the calls before it
+        caches = [k for k, v in kwargs.items() if _is_cache(v)]
+        if caches:
             kwargs = {**kwargs, **dict.fromkeys(caches), "use_cache": False}
+        args = tuple(None if _is_cache(a) else a for a in args)
         captured.append((args, kwargs, mask[0]))
         raise _Captured
 
@@ -129,6 +132,11 @@ def _capture(
     if not captured:
         raise ValueError("data must hold at least one batch, got none")
     return captured
+
+
+def _is_cache(value: object) -> bool:
+    """Whether ``value`` is a transformers key/value cache (``DynamicCache``, ...)."""
+    return type(value).__name__.endswith("Cache")
 
 
 def _outputs(block: nn.Module, inputs: list[Call]) -> list[Call]:
