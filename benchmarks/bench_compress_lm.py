@@ -3,7 +3,8 @@
 1. Runs ``python -m pcasurgery compress-lm <SmolLM2 .gguf> --text
    benchmarks/data/tinyshakespeare.txt --remove 0.2 --out DIR`` with its
    default windows, timed (goal: under 10 minutes on 2 cores; held-out
-   perplexity within 1.25x of dense).
+   perplexity within 1.15x of dense at ``--remove 0.2``, 1.35x at 0.3, 1.25x
+   otherwise).
 2. Loads the written checkpoint in a Python process where ``import
    pcasurgery`` fails (``AutoModelForCausalLM.from_pretrained(DIR/model,
    trust_remote_code=True)``) and measures the perplexity on the same held-out
@@ -200,6 +201,8 @@ def main(argv=None) -> dict:
     )
     reloaded = json.loads(reload.stdout.strip().splitlines()[-1])
     ratio = summary["perplexity_ratio"]
+    # at 20 % and 30 % fewer block parameters the goals are 1.15x and 1.35x; 1.25x elsewhere
+    goal = {0.2: 1.15, 0.3: 1.35}.get(round(summary["remove"], 6), 1.25)
     print(
         f"\nthe whole command: {seconds:.0f} s ({seconds / 60:.1f} min; goal < 10 min: "
         f"{'met' if seconds < 600 else 'MISSED'})"
@@ -207,7 +210,7 @@ def main(argv=None) -> dict:
     print(
         f"held-out perplexity {summary['dense']['perplexity']:.3f} -> {summary['compressed']['perplexity']:.3f}: "
         f"{ratio:.3f}x at {summary['removed_block_params']:.1%} fewer decoder-block parameters "
-        f"(goal <= 1.25x: {'met' if ratio <= 1.25 else 'MISSED'})"
+        f"(goal <= {goal}x: {'met' if ratio <= goal else 'MISSED'})"
     )
     same = abs(reloaded["perplexity"] / summary["compressed"]["perplexity"] - 1) < 1e-4
     print(
