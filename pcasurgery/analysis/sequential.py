@@ -23,9 +23,9 @@ only those of most variance: its output features are weighed by the loss's
 gradient there (``w_f = sqrt(g_f / mean(g) + 0.1)``, ``g_f`` the sum over the
 loss's samples of the squared gradient at feature ``f``, the model dense: a
 diagonal Fisher metric, floored so that no feature is ignored), and the layer
-projects ``y`` to ``mu + W^-1 V V^T W (y - mu)``, ``V`` the top eigenvectors of
-the weighed covariance ``W C W``. The rank is what the plan says; the
-projection is oblique, and folds into the same two factors.
+projects ``y`` to ``mu + D^-1 V V^T D (y - mu)``, ``D = diag(w)``, ``V`` the top
+eigenvectors of the weighed covariance ``D C D``. The rank is what the plan
+says; the projection is oblique, and folds into the same two factors.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def compress_sequential(
             With ``remove`` and the global budget, the allocation is weighed by the
             loss too (see :func:`calibrate_sequential`). Costs a forward and a
             backward sweep over the blocks on ``loss_data`` (each block's input and
-            output gradient kept), and a forward and backward of each block on them.
+            output gradient kept), and a backward of the first block.
         progress: a bar over the blocks (``None``: in a terminal, after two seconds).
 
     Returns:
@@ -847,11 +847,14 @@ def _weighed(
     their outputs by them (:func:`_scale_outputs`). Layers whose BatchNorm ``compress``
     fuses are left unweighed."""
     done: list[tuple[str, Tensor]] = []
+    if not weights:
+        yield done
+        return
     handles = []
-    fused = fusable_batchnorms(wrapped) if weights else {}
+    fused = fusable_batchnorms(wrapped)
     try:
-        for site in sites_of(wrapped) if weights else ():
-            factors = weights.get(site.name) if weights else None
+        for site in sites_of(wrapped):
+            factors = weights.get(site.name)
             module = followed_module(wrapped, site)
             if factors is None or module is None or site.name in fused:
                 continue
