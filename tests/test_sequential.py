@@ -622,3 +622,29 @@ def test_a_loss_weighs_each_layers_directions_by_its_gradient_there():
                 assert np.abs(plain - want_w).max() > 1e-3  # the weights moved the directions
             x = small.blocks[i](x)  # the next block's inputs: the compressed block's outputs
     torch.testing.assert_close(first.fc.weight, dense.blocks[0].fc.weight, rtol=0, atol=0)
+
+
+def test_the_loss_activations_are_released_before_the_blocks_are_compressed(monkeypatch):
+    """Each block's inputs and output gradients on the loss's batches serve the first pass's
+    measures; the compression pass holds the first block's only (its feature weights)."""
+    from pcasurgery.analysis import sequential
+
+    made, held = [], []
+    init, compress_block = sequential._Weighing.__init__, sequential._compress_block
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    def count(*args, **kwargs):
+        held.append([len(calls) for calls in made[0].inputs + made[0].grads])
+        return compress_block(*args, **kwargs)
+
+    monkeypatch.setattr(sequential._Weighing, "__init__", keep)
+    monkeypatch.setattr(sequential, "_compress_block", count)
+    model, data = _llama(), token_batches(96)
+    planning = token_batches(96, count=2, batch=3, length=20)
+    ps.compress_sequential(
+        model, data, blocks="model.layers.*", remove=0.3, loss=_lm_loss, loss_data=planning
+    )
+    assert held == [[2, 0, 0, 2, 0, 0]] * 3

@@ -309,6 +309,8 @@ def compress_sequential(
     if remove is not None and budget == "global":
         spectra = _spectra(model, names, inputs, centering, target, progress, reader, weighing)
         plan = budget_plan(spectra, remove=float(remove), by=by, progress=False)
+    if weighing is not None:
+        weighing.release_measures()  # two activations per block and batch of loss_data
     rows = []
     with progress_bar(progress, desc="compressing blocks", unit="block", total=len(names)) as bar:
         for i, name in enumerate(names):
@@ -752,6 +754,13 @@ class _Weighing:
             for call, grad in zip(self.inputs[i], self.grads[i], strict=True):
                 _backward(wrapped, call, grad)
         return {name: gauge.sums[name] for name in gauge.seen}
+
+    def release_measures(self) -> None:
+        """Drop what only :meth:`measure` reads: each block's inputs and output gradients on
+        the loss's batches, but the first block's (its feature weights are measured from
+        them, the others' were kept from the backward sweep)."""
+        for i in range(1, len(self.inputs)):
+            self.inputs[i], self.grads[i] = [], []
 
     def output_weights(self, block: nn.Module, i: int) -> dict[str, Tensor]:
         """Of each module of a known kind in the dense block ``i``, by its name in the block:
