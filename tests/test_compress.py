@@ -285,3 +285,24 @@ def test_a_model_holding_a_wrapped_model_is_reported_planned_and_compressed(hold
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
     assert ps.layers.sites_of(small) == ()
+
+
+def test_compress_reads_the_layers_it_replaces_without_copying_their_weights(monkeypatch):
+    """The copy ``compress`` works on holds the replaced layers' own weights (read, then
+    dropped), so they are not held twice; the result shares no tensor with the wrapped model."""
+    import sys
+
+    torch.manual_seed(0)
+    wrapped = calibrated(MLP(), torch.randn(96, 12).split(32))
+    held = {p.data_ptr() for p in wrapped.parameters()}
+    module = sys.modules["pcasurgery.compression.compress"]
+    read, pair = [], module._compress_pair
+
+    def reading(layer, followed, plan):
+        read.append(followed.weight.data_ptr())
+        return pair(layer, followed, plan)
+
+    monkeypatch.setattr(module, "_compress_pair", reading)
+    small, _ = assert_compressed_equals_projected(wrapped, torch.randn(5, 12))
+    assert len(read) == 3 and set(read) <= held
+    assert not {p.data_ptr() for p in small.parameters()} & held

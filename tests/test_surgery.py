@@ -306,3 +306,17 @@ def test_wide_layers_are_announced_before_anything_is_allocated(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ps.pca_wrap(net)  # quiet below the limit
+
+
+def test_a_sharing_copy_holds_the_named_modules_parameters_but_never_a_tied_one():
+    from pcasurgery.layers.sites import copy_sharing
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    net[2].weight = net[1].weight
+    out = copy_sharing(net, [net[0], net[1]])
+    assert out[0].weight is net[0].weight and out[0].bias is net[0].bias
+    assert out[1].bias is net[1].bias
+    assert out[1].weight is not net[1].weight  # tied to net[2]'s: copied, still tied
+    assert out[1].weight is out[2].weight
+    assert out[2].bias is not net[2].bias
+    torch.testing.assert_close(out[2].bias, net[2].bias)

@@ -30,7 +30,6 @@ dtype and device of the layers they replace.
 
 from __future__ import annotations
 
-import copy
 import sys
 import warnings
 from typing import Any
@@ -47,7 +46,15 @@ from ..layers.kinds import pointwise, weight_matrix
 from ..layers.network import calibrated_layers
 from ..layers.offload import hook_like, resident
 from ..layers.pca import PCALayer
-from ..layers.sites import Projected, Site, clear_sites, replace_module, sites_of, unfollow
+from ..layers.sites import (
+    Projected,
+    Site,
+    clear_sites,
+    copy_sharing,
+    replace_module,
+    sites_of,
+    unfollow,
+)
 from ..modeling_pcasurgery import LowRank, compressed_class, mark_replaced, record
 from .counting import count_params
 from .plan import (
@@ -164,8 +171,8 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     for layer in layers.values():
         layer.ensure_eigenspace()
     # the copy shares the PCA layers (read here, never changed, and all replaced): their
-    # statistics and eigenvectors are not copied
-    out = copy.deepcopy(model, memo={id(layer): layer for layer in layers.values()})
+    # statistics and eigenvectors are not copied; nor are the weights of the modules replaced
+    out = copy_sharing(model, _replaced(model), {id(layer): layer for layer in layers.values()})
     bns = fusable_batchnorms(out)
     sites = sites_of(out)
     rows = []
@@ -184,6 +191,17 @@ def compress(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     make_shippable(out)
     out.compression_report = pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
     return out
+
+
+def _replaced(model: nn.Module) -> list[nn.Module]:
+    """The modules that ``compress`` replaces by new ones: every followed module but those kept."""
+    modules = []
+    for site in sites_of(model):
+        module = followed_module(model, site)
+        layer = model.get_submodule(site.layer_path)
+        if module is not None and plan_layer(layer, module).action != "kept":  # type: ignore[arg-type]
+            modules.append(module)
+    return modules
 
 
 def make_shippable(model: nn.Module) -> None:

@@ -32,6 +32,7 @@ its weights (``pcasurgery.layers.folding``).
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ __all__ = [
     "Projected",
     "Site",
     "SiteTracer",
+    "copy_sharing",
     "follow",
     "follow_calls",
     "replace_module",
@@ -281,6 +283,25 @@ def _wrapper(module: nn.Module, pca: PCALayer) -> tuple[nn.Module, str, str]:
     wrapper = Projected(module, pca)
     wrapper.train(module.training)
     return wrapper, "pca", "wrapper"
+
+
+def copy_sharing(
+    model: nn.Module, modules: Iterable[nn.Module], memo: dict | None = None
+) -> nn.Module:
+    """A deep copy of ``model`` in which the copies of ``modules`` hold their parameters
+    themselves, not copies: for modules that the copy only reads and then drops (replaced
+    by smaller ones, say), so that their weights are not held twice meanwhile.
+
+    A parameter that another module holds too (tied), one on ``meta`` (nothing to copy)
+    and a ``FollowedWeight`` (bound to its module) are copied as usual. ``memo``: more of
+    ``copy.deepcopy``'s (objects the copy shares)."""
+    memo = {} if memo is None else dict(memo)
+    held = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for module in modules:
+        for p in module.parameters(recurse=False):
+            if held[id(p)] == 1 and p.device.type != "meta" and type(p) is nn.Parameter:
+                memo[id(p)] = p
+    return copy.deepcopy(model, memo)
 
 
 def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
