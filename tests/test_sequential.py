@@ -125,6 +125,49 @@ def test_one_block_is_calibrated_at_a_time_and_the_result_ships(monkeypatch, tmp
     torch.testing.assert_close(_logits(again, PROMPT), _logits(small, PROMPT))
 
 
+def test_a_block_is_held_once_and_its_layers_decomposed_one_after_another(monkeypatch):
+    """Block by block, the memory is one block's: the wrapped copy holds the block's own
+    weights (calibration reads them, ``compress`` reads those it replaces), and the block's
+    decompositions run one after another, not one per worker side by side."""
+    import sys
+    import threading
+
+    from pcasurgery.analysis import sequential
+    from pcasurgery.layers import decompose
+
+    model, data = _llama(2), token_batches(96)
+    own = {p.data_ptr() for p in model.model.layers.parameters()}
+    wrapped_held, read, threads = [], [], set()
+    calibrate, install = sequential.calibrate, decompose._install
+    module = sys.modules["pcasurgery.compression.compress"]
+    pair = module._compress_pair
+
+    def calibrating(wrapped, *args, **kwargs):
+        wrapped_held.append({p.data_ptr() for p in wrapped.parameters()} <= own)
+        return calibrate(wrapped, *args, **kwargs)
+
+    def installing(layer, vectors=True):
+        threads.add(threading.current_thread().name)
+        return install(layer, vectors)
+
+    def reading(layer, followed, plan):
+        read.append(followed.weight.data_ptr() in own)
+        return pair(layer, followed, plan)
+
+    monkeypatch.setattr(sequential, "calibrate", calibrating)
+    monkeypatch.setattr(decompose, "_install", installing)
+    monkeypatch.setattr(module, "_compress_pair", reading)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)  # side by side, elsewhere
+    try:
+        ps.compress_sequential(model, data, blocks="model.layers.*", remove=0.3)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert wrapped_held == [True] * 4  # two passes (global budget)
+    assert read == [True] * 14
+    assert threads == {threading.current_thread().name}
+
+
 def test_bad_arguments_are_named():
     model, data = _llama(1), token_batches(96)
     with pytest.raises(ValueError, match="either remove .* or plan"):

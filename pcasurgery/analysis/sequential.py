@@ -5,7 +5,10 @@ each calibration batch). Then, for each block in order: the block is wrapped
 with PCA layers (a copy), calibrated on its captured inputs, planned, and
 compressed; the compressed block takes its place in the model, and the block's
 outputs on the captured inputs become the next block's inputs. Only one
-block's statistics and eigenvectors exist at a time.
+block's statistics and eigenvectors exist at a time, and the block's weights once:
+its wrapped copy holds the block's parameters themselves (``pca_wrap_sharing``),
+``compress`` shares those of the layers it replaces, and the block's
+decompositions run one after another (``one_at_a_time``), not side by side.
 
 ``propagate="compressed"`` (the default) passes on the compressed block's
 outputs, so each block is calibrated on the activations the compressed model
@@ -54,14 +57,15 @@ from .._validation import check_device, check_module, kept_modes
 from ..compression.compress import compress, make_shippable
 from ..compression.plan import PLAN_COLUMNS, followed_module, fusable_batchnorms, known_kind
 from ..compression.shards import ShardReader, ShardWriter, to_meta
-from ..layers.decompose import compute_eigenvectors
+from ..layers.decompose import compute_eigenvectors, one_at_a_time
 from ..layers.kinds import kind_of, output_width
 from ..layers.network import pca_layers_of
 from ..layers.offload import offloaded
 from ..layers.sites import sites_of
 from ..layers.statistics import token_mask
 from ..layers.through import held_bytes
-from ..surgery import calibrate, pca_wrap
+from ..surgery import calibrate
+from ..surgery.wrap import pca_wrap_sharing
 from .budget import (
     GRADIENT_MEASURE,
     ZERO_GRADIENT,
@@ -315,7 +319,7 @@ def compress_sequential(
     with progress_bar(progress, desc="compressing blocks", unit="block", total=len(names)) as bar:
         for i, name in enumerate(names):
             block = _loaded(model, name, reader)
-            with _computed_on(block, target) as back:
+            with _computed_on(block, target) as back, one_at_a_time():
                 metric = None if weighing is None else weighing.output_weights(block, i)
                 small, report, dense = _compress_block(
                     block, name, inputs, remove, plan, by, centering, metric
@@ -618,8 +622,8 @@ def _spectra(
     with progress_bar(progress, desc="spectra", unit="block", total=len(names)) as bar:
         for i, name in enumerate(names):
             block = _loaded(model, name, reader)
-            with _computed_on(block, target) as back:
-                wrapped = pca_wrap(block, centering=centering)
+            with _computed_on(block, target) as back, one_at_a_time():
+                wrapped = pca_wrap_sharing(block, 0.99, centering=centering)
                 inputs = _calibrated(wrapped, inputs)  # eigenvalues only
                 if weighing is not None:
                     for key, value in weighing.measure(wrapped, i).items():
@@ -838,6 +842,18 @@ def _scale_outputs(module: nn.Module, factors: Tensor) -> None:
             bias.mul_(factors.to(bias.device, bias.dtype))
 
 
+def _own_parameters(module: nn.Module) -> None:
+    """Give ``module`` (of a copy made by ``pca_wrap_sharing``) parameters of its own, which
+    it can change without changing the model's."""
+    for key, param in list(module._parameters.items()):
+        if param is None:
+            continue
+        if type(param) is nn.Parameter:  # the model's own
+            module._parameters[key] = nn.Parameter(param.detach().clone(), param.requires_grad)
+        else:  # the copy's FollowedWeight, on the model's weight's storage
+            param.data = param.data.clone()
+
+
 def _divide(factors: Tensor, dims: int, module: nn.Module, args: Any, output: Tensor) -> Tensor:
     """A forward hook: ``output`` with each feature divided by its factor."""
     shape = (-1,) + (1,) * dims if dims else (-1,)
@@ -868,6 +884,7 @@ def _weighed(
             if factors is None or module is None or site.name in fused:
                 continue
             outer = wrapped.get_submodule(site.layer_path.rpartition(".")[0])
+            _own_parameters(module)
             _scale_outputs(module, factors)
             dims = known_kind(module).spatial_dims
             handles.append(outer.register_forward_hook(partial(_divide, factors, dims)))
@@ -967,7 +984,7 @@ def _compress_block(
     # every layer's threshold comes from the plan: until then each projects onto its first
     # direction, so that no projection is built at a default threshold (a 5632-wide layer's
     # would be a 121 MiB square while its eigenvectors are computed)
-    wrapped = pca_wrap(block, _UNPLANNED, centering=centering, include=include)
+    wrapped = pca_wrap_sharing(block, _UNPLANNED, centering=centering, include=include)
     with _weighed(wrapped, metric) as weighed:
         dense = _calibrated(wrapped, inputs, eigenvectors=True)  # every layer is compressed next
     _trim(collect=False)  # what the decompositions freed in their workers' heaps, first

@@ -36,7 +36,7 @@ import copy
 import fnmatch
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -45,7 +45,15 @@ from .._validation import check_bool, check_module, check_patterns, check_thresh
 from ..layers.kinds import KINDS, affine_kind, is_conv1d, kind_of, output_width
 from ..layers.offload import execution_device
 from ..layers.pca import PCALayer, pca_layer_for
-from ..layers.sites import Site, follow, follow_calls, record_sites, replace_module, trace_sites
+from ..layers.sites import (
+    Site,
+    copy_sharing,
+    follow,
+    follow_calls,
+    record_sites,
+    replace_module,
+    trace_sites,
+)
 from .attention import split_attention
 
 __all__ = ["pca_wrap"]
@@ -140,7 +148,7 @@ def _warn_coverage(model: nn.Module) -> None:
             f"can follow: {listing}; pcasurgery follows nn.Linear, transformers' Conv1D, "
             "convolutions and transposed convolutions (swap or exclude the others)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -179,7 +187,7 @@ def _without_tied(
             "embeddings, say); they get no PCA layer, so that compression never unties and "
             f"duplicates them:{listing}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return [(name, m) for name, m in chosen if name not in tied]
 
@@ -220,7 +228,7 @@ def _announce_memory(chosen: list[tuple[str, nn.Module]]) -> None:
             f"on the device of the modules they follow; "
             f"the widest:{widest}\nexclude wide layers (exclude=...) if that is too much",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -249,7 +257,7 @@ def _warn_unreached(names: list[str]) -> None:
             "as nn.MultiheadAttention uses out_proj's weight), so they get no PCA layer:"
             f"{listing}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -301,6 +309,43 @@ def pca_wrap(
         >>> list(pca_layers_of(wrapped))
         ['0', '2']
     """
+    return _wrap(model, threshold, targets, include, exclude, centering, keepdim, copy.deepcopy)
+
+
+def pca_wrap_sharing(
+    model: nn.Module,
+    threshold: float,
+    *,
+    include: str | Sequence[str] | None = None,
+    centering: bool = True,
+) -> nn.Module:
+    """``pca_wrap`` (Linear and Conv2d targets, keeping the width) whose copy holds
+    ``model``'s parameters themselves, not copies (``layers.sites.copy_sharing``): for a
+    copy that is calibrated and compressed, never trained nor changed, so that the weights
+    are held once (``compress_sequential``'s blocks)."""
+    return _wrap(
+        model,
+        threshold,
+        (nn.Linear, nn.Conv2d),
+        include,
+        None,
+        centering,
+        True,
+        lambda m: copy_sharing(m, m.modules()),
+    )
+
+
+def _wrap(
+    model: nn.Module,
+    threshold: float,
+    targets: type | Iterable[type],
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    centering: bool,
+    keepdim: bool,
+    copy_of: Callable[[nn.Module], nn.Module],
+) -> nn.Module:
+    """``pca_wrap`` on the copy ``copy_of(model)`` makes."""
     check_module(model)
     threshold = check_threshold(threshold)
     check_bool(centering, "centering")
@@ -316,7 +361,7 @@ def pca_wrap(
             "pca_wrap(nn.Sequential(model))"
         )
 
-    wrapped = copy.deepcopy(model)
+    wrapped = copy_of(model)
     if any(issubclass(nn.Linear, t) for t in types):  # attention whose projections are wanted
 
         def wanted(name: str) -> bool:
