@@ -375,3 +375,47 @@ def test_a_saved_whole_model_loads_in_a_fresh_process(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize(
+    "n, d, threshold, with_rest, route",
+    [
+        (12, 10, 0.99, True, "rest"),
+        (12, 10, 0.9, False, "basis"),
+        (60, 4, 0.8, False, "projection"),
+    ],
+)
+def test_a_float64_fold_reads_a_float32_weight_a_block_of_rows_at_a_time(
+    monkeypatch, n, d, threshold, with_rest, route
+):
+    """``compress`` folds in float64 without a float64 copy of the whole weight or of the
+    result: each route equals the fold of the float64 weight, rounded once."""
+    from pcasurgery.core import spectrum
+    from pcasurgery.layers import folding
+
+    torch.manual_seed(0)
+    wrapped = ps.pca_wrap(nn.Sequential(nn.Linear(n, d)), threshold)
+    ps.calibrate(
+        wrapped, (torch.randn(200, n) * torch.linspace(0.1, 2, n)).split(50), progress=False
+    )
+    layer, module = ps.pca_layers_of(wrapped)["0"], wrapped[0]
+    rest = layer.discarded_directions(module) if with_rest else None
+    assert folding._route(tuple(layer.basis.shape), n, rest) == route
+    w, b = module.weight.detach(), module.bias.detach()
+    want_w, want_b = folding.folded_affine(w.double(), b.double(), layer, rest)
+    monkeypatch.setattr(spectrum, "_ROWS_BYTES", 8 * max(n, d) * 3)  # 3 rows a block
+    blocks, real = [], spectrum.row_blocks
+
+    def counting(a, width=0):
+        for rows, block in real(a, width):
+            blocks.append(block.shape[0])
+            yield rows, block
+
+    monkeypatch.setattr(spectrum, "row_blocks", counting)
+    got_w, got_b = folding.folded_affine(w, b, layer, rest, torch.float64)
+    assert got_w.dtype == got_b.dtype == torch.float32
+    assert len(blocks) > 1 and max(blocks) <= 3
+    # rounded once from float64: the same floats (the blocks sum in another order, 1e-16)
+    torch.testing.assert_close(got_w, want_w.float(), rtol=0, atol=0)
+    torch.testing.assert_close(got_b, want_b.float(), rtol=0, atol=0)
+    assert not torch.equal(got_w, w)

@@ -74,14 +74,14 @@ def test_eigh_through_converts_a_float32_weight_a_block_of_rows_at_a_time(monkey
     inner = torch.from_numpy(f @ f.T)
     converted = []
     monkeypatch.setattr(_s, "_ROWS_BYTES", 8 * 7 * 16)  # 16 rows a block: 16, 16, 16, 2
-    real = _s._row_blocks
+    real = _s.row_blocks
 
-    def blocks(x):
-        for rows, block in real(x):
+    def blocks(x, width=0):
+        for rows, block in real(x, width):
             converted.append(block.shape[0])
             yield rows, block
 
-    monkeypatch.setattr(_s, "_row_blocks", blocks)
+    monkeypatch.setattr(_s, "row_blocks", blocks)
     values, vectors = _s.eigh_through(a, inner)
     assert converted == [16, 16, 16, 2] * 2  # a^T a, then the eigenvectors' map
     ref_values, ref_vectors = _s.eigh_through(a.double(), inner)

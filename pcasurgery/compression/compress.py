@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._progress import check_progress, progress_bar
+from ..core.spectrum import transposed_times_by_rows
 from ..layers.decompose import compute_eigenvectors
 from ..layers.folding import folded_affine
 from ..layers.kinds import pointwise, weight_matrix
@@ -98,14 +99,16 @@ def _compress_pair(layer: PCALayer, module: Dense, plan: LayerPlan) -> nn.Module
     kind = known_kind(module)
     v = (_kept_basis(layer) if layer.keepdim else layer.basis).to(module.weight.device)
     c = layer.center().to(module.weight.device)
-    w, b = weight_matrix(module, torch.float64)
+    # in its own dtype: the float64 products read it a block of rows at a time
+    w, b = weight_matrix(module, module.weight.dtype)
     k = v.shape[1]
     if plan.action == "folded":
+        rest = layer.discarded_directions(module)
         return _set(
-            kind.like(module, layer.width),
-            *folded_affine(w, b, layer, layer.discarded_directions(module)),
+            kind.like(module, layer.width), *folded_affine(w, b, layer, rest, torch.float64)
         )
-    down = _set(kind.like(module, k), v.T @ w, v.T @ (b - c))
+    down_w = transposed_times_by_rows(v, w)
+    down = _set(kind.like(module, k), down_w, v.T @ (b.to(torch.float64) - c))
     if plan.action == "down-projection":
         return down
     up = _pointwise(kind.spatial_dims, k, layer.width, v, c, module.weight)

@@ -33,7 +33,10 @@ __all__ = [
     "pca_of_rows",
     "projection_affine",
     "random_orthogonal",
+    "row_blocks",
     "saturation",
+    "times_by_rows",
+    "transposed_times_by_rows",
 ]
 
 
@@ -212,24 +215,50 @@ def eigh_through(
     return torch.cat([values, values.new_zeros(d - r)]), _fix_signs(basis)
 
 
-# eigh_through converts a narrower ``a`` to float64 this many bytes of rows at a time:
-# a 5632 x 2048 float32 weight is never copied whole (88 MiB) to form a^T a or a's map.
+# float64 products of narrower matrices convert them this many bytes of rows at a time: a
+# 5632 x 2048 float32 weight is never copied whole (88 MiB) to form a^T a or a's map.
 _ROWS_BYTES = 16 * 2**20
 
 
-def _row_blocks(a: Tensor) -> Iterator[tuple[slice, Tensor]]:
-    """``a``'s rows in float64, a block of ``_ROWS_BYTES`` at a time (all at once if float64)."""
-    step = a.shape[0] if a.dtype == torch.float64 else max(1, _ROWS_BYTES // (8 * a.shape[1]))
+def row_blocks(a: Tensor, width: int = 0) -> Iterator[tuple[slice, Tensor]]:
+    """``a``'s rows in float64, a block of ``_ROWS_BYTES`` at a time (all at once if float64
+    and ``width`` is 0); ``width``: the float64 row that the caller forms per row too."""
+    row = 8 * max(a.shape[1], width)
+    whole = a.dtype == torch.float64 and not width
+    step = a.shape[0] if whole else max(1, _ROWS_BYTES // row)
     for start in range(0, a.shape[0], step):
         rows = slice(start, start + step)
         yield rows, a[rows].to(torch.float64)
 
 
-def _times(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` in float64 for a float64 ``b``, ``a`` converted a block of rows at a time."""
-    out = b.new_empty(a.shape[0], b.shape[1])
-    for rows, block in _row_blocks(a):
-        torch.matmul(block, b, out=out[rows])
+def _times(a: Tensor, b: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``a @ b`` in float64 for a float64 ``b``, ``a`` converted a block of rows at a time,
+    the result in ``dtype`` (a narrower one: converted a block of rows at a time too)."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=dtype, device=b.device)
+    if dtype == torch.float64:
+        for rows, block in row_blocks(a):
+            torch.matmul(block, b, out=out[rows])
+        return out
+    for rows, block in row_blocks(a, b.shape[1]):
+        out[rows] = block @ b
+    return out
+
+
+def times_by_rows(a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``a @ b`` computed in float64 with neither ``a`` nor the result ever held whole in
+    float64 where they are narrower: ``a`` is converted, and the result (in ``dtype``,
+    default float64) formed, a block of rows at a time."""
+    return _times(a, b.to(torch.float64), torch.float64 if dtype is None else dtype)
+
+
+def transposed_times_by_rows(a: Tensor, b: Tensor) -> Tensor:
+    """``a^T @ b`` (float64) for ``a`` ``(d, k)`` and ``b`` ``(d, n)``, a narrower one
+    converted a block of their common rows at a time, never whole."""
+    if a.dtype == b.dtype == torch.float64:
+        return a.T @ b
+    out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=b.device)
+    for rows, block in row_blocks(b, a.shape[1]):
+        out.addmm_(a[rows].to(torch.float64).T, block)
     return out
 
 
@@ -237,7 +266,7 @@ def _gram_factor(a: Tensor) -> Tensor | None:
     """``L`` with ``a^T a = L L^T`` (in float64), or None where ``a L^{-T}`` could lose
     orthogonality beyond ``_THROUGH_ORTHOGONALITY`` (or ``a`` is rank-deficient)."""
     gram = a.new_zeros(a.shape[1], a.shape[1], dtype=torch.float64)
-    for _, block in _row_blocks(a):
+    for _, block in row_blocks(a):
         gram.addmm_(block.T, block)
     size = torch.linalg.matrix_norm(gram)
     lower, info = torch.linalg.cholesky_ex(gram)

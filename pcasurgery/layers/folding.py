@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .._progress import progress_bar, step
+from ..core import spectrum as _s
 from .decompose import compute_eigenvectors, side_by_side
 from .kinds import LayerKind, foldable_kind, weight_matrix
 from .pca import PCALayer, exporting
@@ -66,31 +67,74 @@ def _hooked(pca: PCALayer) -> bool:
 
 
 def folded_affine(
-    w: Tensor, b: Tensor, pca: PCALayer, rest: Tensor | None = None
+    w: Tensor,
+    b: Tensor,
+    pca: PCALayer,
+    rest: Tensor | None = None,
+    compute: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(P W, P b + q)``: the projection of ``pca`` after ``x -> W x + b``, as one affine map.
 
-    ``W`` is (outputs, inputs) and the result is computed in its dtype. With
-    ``V`` the kept basis and ``c`` the centre, ``P = V V^T`` and ``q = c - P c``
-    (``keepdim=False``: ``P = V^T``, ``q = -V^T c``). The product is taken
-    the cheapest way: through ``V`` (``V (V^T W)``), through ``P``, or, given
+    ``W`` is (outputs, inputs); the result is in its dtype, computed in ``compute``
+    (default: the same). With ``V`` the kept basis and ``c`` the centre, ``P = V V^T``
+    and ``q = c - P c`` (``keepdim=False``: ``P = V^T``, ``q = -V^T c``). The product
+    is taken the cheapest way: through ``V`` (``V (V^T W)``), through ``P``, or, given
     ``rest`` (the dropped directions ``R`` that complete ``V`` to a basis of
     the range of ``W`` and ``b - c``: ``PCALayer.discarded_directions``), as
     ``W - R (R^T W)``, which for a layer that keeps most of its directions
-    costs a fraction of the others.
+    costs a fraction of the others. With ``compute`` float64 and a narrower ``W``,
+    ``W`` is converted, and the result formed, a block of rows at a time: neither is
+    ever held whole in float64 (``compress``: 88 MiB each for a 5632 x 2048 layer).
     """
+    dtype = w.dtype
+    if compute == torch.float64 and dtype != torch.float64:
+        return _folded_by_rows(w, b, pca, rest)
+    if compute is not None and compute != dtype:
+        folded_w, folded_b = folded_affine(w.to(compute), b.to(compute), pca, rest)
+        return folded_w.to(dtype), folded_b.to(dtype)
     v, c = pca.basis.to(w.device, w.dtype), pca.center().to(w.device, w.dtype)
     if not pca.keepdim:
         return v.T @ w, v.T @ (b - c)
-    (d, k), n = v.shape, w.shape[1]
-    through_basis, through_projection = 2 * d * k * n, d * d * (k + n)  # multiply-accumulates
-    if rest is not None and 2 * d * rest.shape[1] * n < min(through_basis, through_projection):
-        r = rest.to(w.device, w.dtype)
+    route = _route(v.shape, w.shape[1], rest)
+    if route == "rest":
+        r = rest.to(w.device, w.dtype)  # type: ignore[union-attr]
         return w - r @ (r.T @ w), b - r @ (r.T @ (b - c))
-    if through_basis <= through_projection:
+    if route == "basis":
         return v @ (v.T @ w), v @ (v.T @ (b - c)) + c
     p = v @ v.T
     return p @ w, p @ (b - c) + c
+
+
+def _route(shape: tuple[int, ...], n: int, rest: Tensor | None) -> str:
+    """The cheapest of :func:`folded_affine`'s products for a ``(d, k)`` basis and ``n``
+    inputs: ``"rest"``, ``"basis"`` or ``"projection"``."""
+    d, k = shape
+    through_basis, through_projection = 2 * d * k * n, d * d * (k + n)  # multiply-accumulates
+    if rest is not None and 2 * d * rest.shape[1] * n < min(through_basis, through_projection):
+        return "rest"
+    return "basis" if through_basis <= through_projection else "projection"
+
+
+def _folded_by_rows(
+    w: Tensor, b: Tensor, pca: PCALayer, rest: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`folded_affine` in float64 for a narrower ``w``, a block of its rows at a time."""
+    f64 = torch.float64
+    v, c, b = pca.basis.to(w.device, f64), pca.center().to(w.device, f64), b.to(f64)
+    if not pca.keepdim:
+        return _s.transposed_times_by_rows(v, w).to(w.dtype), (v.T @ (b - c)).to(w.dtype)
+    route = _route(v.shape, w.shape[1], rest)
+    if route == "rest":
+        r = rest.to(w.device, f64)  # type: ignore[union-attr]
+        m, folded = _s.transposed_times_by_rows(r, w), torch.empty_like(w)
+        for rows, block in _s.row_blocks(w):
+            folded[rows] = block - r[rows] @ m  # W - R R^T W
+        return folded, (b - r @ (r.T @ (b - c))).to(w.dtype)
+    if route == "basis":
+        folded_w = _s.times_by_rows(v, _s.transposed_times_by_rows(v, w), w.dtype)
+        return folded_w, (v @ (v.T @ (b - c)) + c).to(w.dtype)
+    p = v @ v.T
+    return _s.transposed_times_by_rows(p, w).to(w.dtype), (p @ (b - c) + c).to(w.dtype)
 
 
 def factorising_pays(k: int, fan_in: int, width: int) -> bool:
