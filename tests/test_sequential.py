@@ -168,6 +168,36 @@ def test_a_block_is_held_once_and_its_layers_decomposed_one_after_another(monkey
     assert threads == {threading.current_thread().name}
 
 
+@pytest.mark.parametrize("propagate", ["compressed", "original"])
+def test_each_dense_block_is_freed_once_compressed_and_only_the_activations_passed_on_kept(
+    monkeypatch, propagate
+):
+    """One block's memory: when a block is compressed, the dense blocks before it are gone,
+    the first one too, and the dense block's outputs are kept only to be passed on."""
+    from pcasurgery.analysis import sequential
+
+    model, data = _llama(3), token_batches(96)
+    refs = [weakref.ref(block) for block in model.model.layers]
+    alive, kept = [], []
+    compress_block, calibrated = sequential._compress_block, sequential._calibrated
+
+    def compressing(block, name, *args, **kwargs):
+        alive.append([ref() is not None for ref in refs])
+        return compress_block(block, name, *args, **kwargs)
+
+    def calibrating(wrapped, inputs, eigenvectors=False, keep=True):
+        kept.append(keep)
+        return calibrated(wrapped, inputs, eigenvectors, keep)
+
+    monkeypatch.setattr(sequential, "_compress_block", compressing)
+    monkeypatch.setattr(sequential, "_calibrated", calibrating)
+    ps.compress_sequential(
+        model, data, blocks="model.layers.*", remove=0.3, budget="per-block", propagate=propagate
+    )
+    assert alive == [[True, True, True], [False, True, True], [False, False, True]]
+    assert kept == [propagate == "original"] * 3
+
+
 def test_bad_arguments_are_named():
     model, data = _llama(1), token_batches(96)
     with pytest.raises(ValueError, match="either remove .* or plan"):

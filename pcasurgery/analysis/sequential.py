@@ -138,6 +138,26 @@ def _capture(
     return captured
 
 
+def _first_inputs(
+    model: nn.Module,
+    names: list[str],
+    data: Iterable[Any],
+    run: Callable[[nn.Module, Any], Any],
+    target: torch.device | None,
+    job: str,
+) -> list[Call]:
+    """The first block's captured inputs, on ``target``, once one block's statistics are
+    announced. No reference to the block is kept: it is freed when compressed."""
+    first = model.get_submodule(names[0])
+    log.info(
+        "%s: %d blocks; the PCA statistics of one block take %.1f MiB",
+        job,
+        len(names),
+        block_statistics_bytes(first) / 2**20,
+    )
+    return [to_device(call, target) for call in _capture(model, first, data, run)]
+
+
 def _is_cache(value: object) -> bool:
     """Whether ``value`` is a transformers key/value cache (``DynamicCache``, ...)."""
     return type(value).__name__.endswith("Cache")
@@ -166,15 +186,19 @@ def _next(call: Call, y: Any) -> Call:
     return ((hidden, *args[1:]), kwargs, mask)
 
 
-def _calibrated(wrapped: nn.Module, inputs: list[Call], eigenvectors: bool = False) -> list[Call]:
+def _calibrated(
+    wrapped: nn.Module, inputs: list[Call], eigenvectors: bool = False, keep: bool = True
+) -> list[Call]:
     """Calibrate the wrapped block on ``inputs`` (``eigenvectors``: computed now, with the
     eigenvalues); its outputs there, the next block's inputs (a calibrating PCA layer passes
-    its input on as it is: the dense block's outputs, without a forward of their own)."""
+    its input on as it is: the dense block's outputs, without a forward of their own), or
+    none without ``keep``."""
     outputs: list[Call] = []
 
     def forward(block: nn.Module, call: Call) -> Any:
         y = _call(block, call)
-        outputs.append(_next(call, y))
+        if keep:
+            outputs.append(_next(call, y))
         return y
 
     calibrate(wrapped, inputs, forward=forward, progress=False, eigenvectors=eigenvectors)
@@ -302,13 +326,7 @@ def compress_sequential(
     reader = _reader(model, names, weights)
     if out is not None:
         writer = ShardWriter(out, out_dtype)
-    first = model.get_submodule(names[0])
-    log.info(
-        "compress_sequential: %d blocks; the PCA statistics of one block take %.1f MiB",
-        len(names),
-        block_statistics_bytes(first) / 2**20,
-    )
-    inputs = [to_device(call, target) for call in _capture(model, first, data, run)]
+    inputs = _first_inputs(model, names, data, run, target, "compress_sequential")
     weighing = _weighing(model, names, loss, loss_data, run, target, reader, progress)
     if remove is not None and budget == "global":
         spectra = _spectra(model, names, inputs, centering, target, progress, reader, weighing)
@@ -321,13 +339,15 @@ def compress_sequential(
             block = _loaded(model, name, reader)
             with _computed_on(block, target) as back, one_at_a_time():
                 metric = None if weighing is None else weighing.output_weights(block, i)
-                small, report, dense = _compress_block(
-                    block, name, inputs, remove, plan, by, centering, metric
+                dense = propagate == "original"
+                small, report, outputs = _compress_block(
+                    block, name, inputs, remove, plan, by, centering, metric, dense
                 )
-                if propagate == "compressed":
-                    inputs = _outputs(small, inputs)
+                if dense:
+                    inputs = outputs if outputs is not None else _outputs(block, inputs)
                 else:
-                    inputs = dense if dense is not None else _outputs(block, inputs)
+                    inputs = _outputs(small, inputs)
+                del outputs
                 back.append(small)
             if reader is not None:
                 to_meta(block)
@@ -468,15 +488,7 @@ def calibrate_sequential(
     target = check_device(device)
     names = block_names(model, blocks)
     reader = _reader(model, names, weights)
-    first = model.get_submodule(names[0])
-    log.info(
-        "calibrate_sequential: %d blocks; the PCA statistics of one block take %.1f MiB",
-        len(names),
-        block_statistics_bytes(first) / 2**20,
-    )
-    inputs = [
-        to_device(call, target) for call in _capture(model, first, data, forward or run_batch)
-    ]
+    inputs = _first_inputs(model, names, data, forward or run_batch, target, "calibrate_sequential")
     weighing = _weighing(
         model, names, loss, loss_data, forward or run_batch, target, reader, progress
     )
@@ -964,10 +976,12 @@ def _compress_block(
     by: str,
     centering: bool,
     metric: dict[str, Tensor] | None = None,
+    dense: bool = True,
 ) -> tuple[nn.Module, pd.DataFrame, list[Call] | None]:
-    """The compressed copy of one block, calibrated on ``inputs``, its report rows and the
-    dense block's outputs on ``inputs`` (read off the calibration). ``metric``: the weights
-    of the output features of the block's modules, by name (:func:`_weighed`).
+    """The compressed copy of one block, calibrated on ``inputs``, its report rows and, with
+    ``dense``, the dense block's outputs on ``inputs`` (read off the calibration; else None).
+    ``metric``: the weights of the output features of the block's modules, by name
+    (:func:`_weighed`).
 
     With a global ``plan``, only the block's layers it names are wrapped (the
     others stay as they are), each at its planned rank; a block it does not
@@ -986,20 +1000,22 @@ def _compress_block(
     # would be a 121 MiB square while its eigenvectors are computed)
     wrapped = pca_wrap_sharing(block, _UNPLANNED, centering=centering, include=include)
     with _weighed(wrapped, metric) as weighed:
-        dense = _calibrated(wrapped, inputs, eigenvectors=True)  # every layer is compressed next
-    _trim(collect=False)  # what the decompositions freed in their workers' heaps, first
+        # every layer is compressed next: the eigenvectors now
+        calls = _calibrated(wrapped, inputs, eigenvectors=True, keep=dense)
+    outputs = calls if dense else None
+    _trim(collect=False)  # what the decompositions freed, first
     if local is None:
         local = budget_plan(wrapped, remove=float(remove), by=by, progress=False)  # type: ignore[arg-type]
     apply_plan(wrapped, local)
     layers = pca_layers_of(wrapped).values()
-    compute_eigenvectors(layers)  # side by side, then the statistics go before compressing
+    compute_eigenvectors(layers)  # where pending; then the statistics go before compressing
     for layer in layers:
         layer.release_statistics()
     small = compress(wrapped, progress=False)
     for module_name, factors in weighed:  # back from the weighed metric
         _scale_outputs(small.get_submodule(module_name), 1 / factors)
     report: pd.DataFrame = small.__dict__["compression_report"]
-    return small, report.assign(layer=name + "." + report["layer"].astype(str)), dense
+    return small, report.assign(layer=name + "." + report["layer"].astype(str)), outputs
 
 
 def _call(block: nn.Module, call: Call) -> Any:
