@@ -79,6 +79,25 @@ def test_hidden_states_of_an_encoder_and_a_loss_of_ones_own():
     assert error() < again
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_the_student_heals_as_it_will_be_used_unless_training_is_asked(training):
+    """By default the student runs in eval mode (its dropout off: each step matches the
+    teacher's exact function); ``training=True`` runs it as in pretraining. Either way it
+    ends in eval mode."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    data = [torch.randn(64, 8) for _ in range(4)]
+    small = ps.compress(ps.calibrate(ps.pca_wrap(teacher, 0.6), data, progress=False))
+    student = nn.Sequential(small, nn.Dropout(0.5))
+    seen = []
+    student.register_forward_hook(lambda module, args, out: seen.append(module.training))
+    ps.heal(student, teacher, data, steps=6, lr=1e-3, warmup=1, target="hidden",
+            training=training, progress=False)  # fmt: skip
+    assert seen == [training] * 6 and not student.training
+    with pytest.raises(TypeError, match="training must be True or False"):
+        ps.heal(student, teacher, data, steps=1, training="yes")
+
+
 def test_a_failed_healing_leaves_the_student_as_it_was_and_bad_input_is_named():
     teacher, student = _compressed_llama()
     state = copy.deepcopy(student.state_dict())

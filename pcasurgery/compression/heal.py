@@ -5,7 +5,11 @@ the student (the compressed model) is trained to reproduce what the teacher
 (the original) computes on the same batch. Only the parameters of the modules
 ``train`` names move (by default every parameter the student has); the
 teacher never changes. The learning rate warms up linearly over ``warmup``
-steps, then falls linearly to zero at the last step.
+steps, then falls linearly to zero at the last step. The student runs in eval
+mode, as it will be used (no dropout, BatchNorm on its running statistics), unless
+``training=True``: distilling from a few thousand samples, dropout's noise keeps it
+from matching the teacher closely (all-MiniLM-L6-v2 at 30 % fewer encoder-layer
+parameters, 1050 steps: mean cosine 0.971 in eval mode, 0.961 in training mode).
 
 What is matched (``target``):
 
@@ -33,7 +37,7 @@ from torch import Tensor, nn
 
 from .._batches import attention_mask, run_batch
 from .._progress import check_progress, progress_bar
-from .._validation import check_module, check_positive_int
+from .._validation import check_bool, check_module, check_positive_int
 
 __all__ = ["heal"]
 
@@ -94,6 +98,7 @@ def heal(
     target: str | Callable[[Any, Any, Any], Tensor] = "logits",
     train: str | list[str] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    training: bool = False,
     progress: bool | None = None,
 ) -> dict[str, float]:
     """Train ``student`` (in place) to compute what ``teacher`` computes on ``data``.
@@ -110,6 +115,8 @@ def heal(
         train: globs of the modules whose parameters train (``"model.layers.*"``);
             None: every parameter of the student.
         forward: ``forward(model, batch)`` runs a batch (default: as ``calibrate`` does).
+        training: run the student in training mode (dropout active, BatchNorm on each
+            batch's statistics, which it then also updates); by default in eval mode.
         progress: a bar over the steps with the loss (``None``: in a terminal, after
             two seconds).
 
@@ -138,6 +145,7 @@ def heal(
         measure = target
     else:
         raise TypeError(f"target must be one of {TARGETS} or a function, got {target!r}")
+    check_bool(training, "training")
     params = _trained(student, train)
     run = forward or run_batch
     progress = check_progress(progress)
@@ -155,7 +163,7 @@ def heal(
     try:
         for p, _ in flags:
             p.requires_grad_(id(p) in trained)
-        student.train()
+        student.train(training)
         teacher.eval()
         with (
             progress_bar(progress, desc="healing", unit="step", total=steps) as bar,
