@@ -8,16 +8,20 @@ in a fresh process, which reports its peak resident memory:
 * whole: ``pca_wrap`` the blocks, ``calibrate(eigenvectors=True)`` (one decomposition
   a layer, as the model is compressed next), ``budget_plan(remove=0.2)``,
   ``apply_plan``, ``compress``;
-* sequential: ``compress_sequential(..., remove=0.2, budget=--budget)`` (one
-  block's statistics at a time; the compressed activations passed on; the
-  global budget makes a first pass for the eigenvalues).
+* sequential: ``compress_sequential(..., remove=0.2, budget=--budget,
+  propagate=--propagate)`` (one block's statistics at a time; by default the
+  compressed activations passed on; the global budget makes a first pass for the
+  eigenvalues). ``--scratch`` (with ``--propagate original``): the first pass
+  writes each block's eigenspaces to a temporary folder and the second reads
+  them, instead of calibrating every block again on the same activations.
 
 Printed: the weights' size, each mode's seconds and peak memory above the
 weights, and the ratios (goal: sequential peak <= weights + 1.5 GiB, time
 within 1.2x of the whole-model run).
 
 Usage: python benchmarks/bench_sequential.py [--blocks 22] [--windows 8] [--threads 2]
-           [--budget global|per-block] [--modes sequential whole]
+           [--budget global|per-block] [--propagate compressed|original] [--scratch]
+           [--modes sequential whole]
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import textwrap
 
 _RUN = textwrap.dedent(
     """
-    import json, resource, sys, time, warnings
+    import json, resource, sys, tempfile, time, warnings
     import torch, transformers
     import pcasurgery as ps
 
@@ -56,8 +60,11 @@ _RUN = textwrap.dedent(
             ps.apply_plan(wrapped, ps.budget_plan(wrapped, remove=0.2))
             small = ps.compress(wrapped)
         else:
-            small = ps.compress_sequential(model, data, blocks="model.layers.*", remove=0.2,
-                                           budget=sys.argv[5])
+            with tempfile.TemporaryDirectory() as scratch:
+                small = ps.compress_sequential(
+                    model, data, blocks="model.layers.*", remove=0.2, budget=sys.argv[5],
+                    propagate=sys.argv[6], scratch=scratch if sys.argv[7] == "1" else None,
+                )
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": seconds, "peak": peak, "weights": weights, "built": base,
@@ -73,6 +80,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", default="global", choices=["global", "per-block"],
                         help="compress_sequential's budget (global: two passes)")  # fmt: skip
+    parser.add_argument("--propagate", default="compressed", choices=["compressed", "original"])
+    parser.add_argument("--scratch", action="store_true",
+                        help="the first pass's eigenspaces kept on disk for the second "
+                             "(needs --propagate original and the global budget)")  # fmt: skip
     parser.add_argument("--modes", nargs="+", default=["sequential", "whole"],
                         choices=["sequential", "whole"])  # fmt: skip
     args = parser.parse_args(argv)
@@ -88,6 +99,8 @@ def main(argv=None) -> dict:
                 str(args.windows),
                 str(args.threads),
                 args.budget,
+                args.propagate,
+                "1" if args.scratch else "0",
             ],
             capture_output=True,
             text=True,
@@ -99,7 +112,15 @@ def main(argv=None) -> dict:
             continue
         results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
         r = results[mode]
-        print(f"{mode:>10}: {r['seconds']:7.1f} s, peak {r['peak'] / 2**30:6.2f} GiB "
+        label = (
+            mode
+            if mode == "whole"
+            else (
+                f"sequential ({args.budget} budget, {args.propagate} activations passed on"
+                f"{', scratch' if args.scratch else ''})"
+            )
+        )
+        print(f"{label}: {r['seconds']:7.1f} s, peak {r['peak'] / 2**30:6.2f} GiB "
               f"({(r['peak'] - r['weights']) / 2**30:+.2f} GiB above the weights, "
               f"{(r['peak'] - r['built']) / 2**30:+.2f} GiB above the process before the job), "
               f"{r['params']:,} parameters after", flush=True)  # fmt: skip

@@ -721,3 +721,61 @@ def test_the_loss_activations_are_released_before_the_blocks_are_compressed(monk
         model, data, blocks="model.layers.*", remove=0.3, loss=_lm_loss, loss_data=planning
     )
     assert held == [[2, 0, 0, 2, 0, 0]] * 3
+
+
+def test_a_scratch_folder_spares_the_second_pass_its_forwards_and_decompositions(
+    monkeypatch, tmp_path, caplog
+):
+    """With the dense activations passed on, the global budget's second pass would calibrate
+    each block on what the first saw: with ``scratch`` the first pass writes the eigenspaces
+    there and the second reads them, so that each block runs and is decomposed once, and the
+    result is still the whole model's."""
+    from pcasurgery.core import spectrum
+
+    model, data = _llama(), token_batches(96)
+    plan, whole = _whole_model(model, data, remove=0.3)
+    layer_class = type(model.model.layers[0])
+    calls = []
+    forward = layer_class.forward
+    eigh, eigvalsh = spectrum.eigh_descending, spectrum.eigvalsh_descending
+
+    def counted(self, hidden, *args, **kwargs):
+        if isinstance(hidden, torch.Tensor):  # a run, not torch.fx tracing the block
+            calls.append("block")
+        return forward(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(layer_class, "forward", counted)
+    monkeypatch.setattr(spectrum, "eigh_descending", lambda m: calls.append("eigh") or eigh(m))
+    monkeypatch.setattr(
+        spectrum, "eigvalsh_descending", lambda m: calls.append("eigvalsh") or eigvalsh(m)
+    )
+    with caplog.at_level("INFO", logger="pcasurgery"):
+        sequential = ps.compress_sequential(
+            copy.deepcopy(model),
+            data,
+            blocks="model.layers.*",
+            remove=0.3,
+            propagate="original",
+            scratch=tmp_path / "scratch",
+        )
+    assert calls.count("block") == 3 * len(data)  # the first pass only
+    assert calls.count("eigh") == len(plan) and "eigvalsh" not in calls
+    assert "eigenspaces take" in caplog.text
+    assert not any((tmp_path / "scratch").iterdir())  # its own folder is removed
+    assert list(sequential.compression_report["k"]) == list(plan["k"])
+    assert ps.count_params(sequential) == ps.count_params(whole)
+    torch.testing.assert_close(
+        _logits(sequential, PROMPT), _logits(whole, PROMPT), atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="scratch keeps .* propagate='compressed'"):
+        ps.compress_sequential(model, data, blocks="model.layers.*", remove=0.3, scratch=tmp_path)
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(ValueError, match="scratch=.* is a file"):
+        ps.compress_sequential(
+            model,
+            data,
+            blocks="model.layers.*",
+            remove=0.3,
+            propagate="original",
+            scratch=tmp_path / "a file",
+        )

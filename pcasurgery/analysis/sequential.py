@@ -41,7 +41,9 @@ import glob
 import itertools
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -53,7 +55,7 @@ from torch import Tensor, nn
 
 from .._batches import attention_mask, map_tensors, run_batch, to_device
 from .._progress import check_progress, progress_bar
-from .._validation import check_device, check_module, kept_modes
+from .._validation import check_device, check_module, check_writable, kept_modes
 from ..compression.compress import compress, make_shippable
 from ..compression.plan import PLAN_COLUMNS, followed_module, fusable_batchnorms, known_kind
 from ..compression.shards import ShardReader, ShardWriter, to_meta
@@ -233,6 +235,7 @@ def compress_sequential(
     out_dtype: torch.dtype | None = None,
     loss: Callable[[nn.Module, Any], Tensor] | None = None,
     loss_data: Iterable[Any] | None = None,
+    scratch: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
 ) -> nn.Module:
     """Calibrate and compress the blocks matched by ``blocks`` one at a time, in place.
@@ -284,6 +287,18 @@ def compress_sequential(
             loss too (see :func:`calibrate_sequential`). Costs a forward and a
             backward sweep over the blocks on ``loss_data`` (each block's input and
             output gradient kept), and a backward of the first block.
+        scratch: a folder on disk for the global budget's first pass, with
+            ``propagate="original"`` (and no ``loss``): the first pass then computes
+            each block's eigenvectors with its eigenvalues and writes the block's
+            eigenspaces there (a folder of its own inside ``scratch``, removed at
+            the end), and the second pass reads them back instead of calibrating
+            the block again, which it would do on the same activations: each
+            block runs forward and is decomposed once, as in whole-model
+            compression, and no activations are kept for the second pass. Takes
+            on disk about the float64 bytes of every layer's eigenvectors (logged
+            after the first block; a TinyLlama-1.1B-shaped block: 0.3 GiB), each
+            block's freed once it is compressed. None: the second pass calibrates
+            each block again.
         progress: a bar over the blocks (``None``: in a terminal, after two seconds).
 
     Returns:
@@ -296,7 +311,9 @@ def compress_sequential(
             of ``"compressed"``, ``"original"``; ``blocks`` matches nothing; no data;
             ``out`` not empty; ``weights`` not a checkpoint, or lacking a tensor the
             model has on ``meta`` (or in another shape); a block offloaded by
-            accelerate. These are raised before any block changes. The model is changed in
+            accelerate; ``scratch`` without ``remove``, the global budget and
+            ``propagate="original"``, or with ``loss``. These are raised before any
+            block changes. The model is changed in
             place, block after block (keeping the dense blocks would double the
             memory): where a later block fails, the blocks before it stay compressed,
             and the failed block stays as it was.
@@ -310,6 +327,8 @@ def compress_sequential(
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     if plan is not None and not {"layer", "k"} <= set(getattr(plan, "columns", ())):
         raise ValueError("plan must be a DataFrame from budget_plan (columns layer and k)")
+    if scratch is not None:
+        _check_scratch(scratch, remove, budget, propagate, loss)
     progress = check_progress(progress)
     target = check_device(device)
     run = forward or run_batch
@@ -328,24 +347,63 @@ def compress_sequential(
         writer = ShardWriter(out, out_dtype)
     inputs = _first_inputs(model, names, data, run, target, "compress_sequential")
     weighing = _weighing(model, names, loss, loss_data, run, target, reader, progress)
-    if remove is not None and budget == "global":
-        spectra = _spectra(model, names, inputs, centering, target, progress, reader, weighing)
-        plan = budget_plan(spectra, remove=float(remove), by=by, progress=False)
-    if weighing is not None:
-        weighing.release_measures()  # two activations per block and batch of loss_data
+    with _scratch_folder(scratch) as saved:
+        if remove is not None and budget == "global":
+            spectra = _spectra(
+                model, names, inputs, centering, target, progress, reader, weighing, saved
+            )
+            plan = budget_plan(spectra, remove=float(remove), by=by, progress=False)
+        if weighing is not None:
+            weighing.release_measures()  # two activations per block and batch of loss_data
+        if saved is not None:
+            inputs = []  # the second pass reads the eigenspaces: no block runs again
+        rows = _compress_blocks(
+            model, names, inputs, remove, plan, by, centering, propagate, target, reader,
+            writer, weighing, saved, progress,
+        )  # fmt: skip
+    make_shippable(model)
+    if writer is not None:
+        writer.write(model, "", "others.safetensors")
+        writer.finish(model)
+    report = (
+        pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=list(PLAN_COLUMNS))
+    )
+    model.compression_report = report
+    return model
+
+
+def _compress_blocks(
+    model: nn.Module,
+    names: list[str],
+    inputs: list[Call],
+    remove: float | None,
+    plan: pd.DataFrame | None,
+    by: str,
+    centering: bool,
+    propagate: str,
+    target: torch.device | None,
+    reader: ShardReader | None,
+    writer: ShardWriter | None,
+    weighing: _Weighing | None,
+    saved: Path | None,
+    progress: bool | None,
+) -> list[pd.DataFrame]:
+    """The second pass: each block compressed in turn and put in its place in ``model``
+    (written by ``writer`` and released, when there is one); the blocks' report rows."""
     rows = []
     with progress_bar(progress, desc="compressing blocks", unit="block", total=len(names)) as bar:
         for i, name in enumerate(names):
             block = _loaded(model, name, reader)
             with _computed_on(block, target) as back, one_at_a_time():
                 metric = None if weighing is None else weighing.output_weights(block, i)
-                dense = propagate == "original"
+                dense = propagate == "original" and saved is None
+                eigenspaces = None if saved is None else _block_file(saved, i)
                 small, report, outputs = _compress_block(
-                    block, name, inputs, remove, plan, by, centering, metric, dense
+                    block, name, inputs, remove, plan, by, centering, metric, dense, eigenspaces
                 )
                 if dense:
                     inputs = outputs if outputs is not None else _outputs(block, inputs)
-                else:
+                elif saved is None:  # else the first pass wrote every block's eigenspaces
                     inputs = _outputs(small, inputs)
                 del outputs
                 back.append(small)
@@ -360,15 +418,7 @@ def compress_sequential(
             del block, small
             _trim()
             bar.update()
-    make_shippable(model)
-    if writer is not None:
-        writer.write(model, "", "others.safetensors")
-        writer.finish(model)
-    report = (
-        pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=list(PLAN_COLUMNS))
-    )
-    model.compression_report = report
-    return model
+    return rows
 
 
 @contextlib.contextmanager
@@ -624,19 +674,26 @@ def _spectra(
     progress: bool | None,
     reader: ShardReader | None = None,
     weighing: _Weighing | None = None,
+    saved: Path | None = None,
 ) -> nn.Module:
     """Every block wrapped and calibrated in turn on the dense activations, keeping of each
     only its PCA layers' eigenvalues and the shapes of the modules they follow (weights on
     ``meta``), under a root that names them as the model does, for ``budget_plan``. With
-    ``weighing``, each layer's ``s_j`` along its eigenvectors too (``GRADIENT_MEASURE``)."""
+    ``weighing``, each layer's ``s_j`` along its eigenvectors too (``GRADIENT_MEASURE``).
+    With ``saved`` (a folder), each block's eigenvectors are computed too and its
+    eigenspaces written there (:func:`_save_eigenspaces`), for the second pass."""
     root = nn.Module()
     measures: dict[str, Tensor] = {}
     with progress_bar(progress, desc="spectra", unit="block", total=len(names)) as bar:
         for i, name in enumerate(names):
             block = _loaded(model, name, reader)
             with _computed_on(block, target) as back, one_at_a_time():
-                wrapped = pca_wrap_sharing(block, 0.99, centering=centering)
-                inputs = _calibrated(wrapped, inputs)  # eigenvalues only
+                # saving: no projection is built at a threshold (the plan sets the ranks)
+                threshold = 0.99 if saved is None else _UNPLANNED
+                wrapped = pca_wrap_sharing(block, threshold, centering=centering)
+                inputs = _calibrated(wrapped, inputs, eigenvectors=saved is not None)
+                if saved is not None:
+                    _save_eigenspaces(wrapped, _block_file(saved, i), i, len(names))
                 if weighing is not None:
                     for key, value in weighing.measure(wrapped, i).items():
                         measures[f"{name}.{key}"] = value
@@ -960,6 +1017,75 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
     root.add_module(last, module)
 
 
+def _check_scratch(
+    scratch: Any, remove: float | None, budget: str, propagate: str, loss: Any
+) -> None:
+    """``scratch`` is usable: a folder that can be written, where the second pass would
+    calibrate each block on the activations the first pass saw."""
+    if remove is None or budget != "global" or propagate != "original" or loss is not None:
+        raise ValueError(
+            "scratch keeps the first pass's eigenspaces for the second, which it needs only "
+            "where both would calibrate on the same activations: with remove, "
+            "budget='global' and propagate='original', without loss; got "
+            f"remove={remove!r}, budget={budget!r}, propagate={propagate!r}, "
+            f"loss={'given' if loss is not None else None}"
+        )
+    check_writable(scratch, "scratch", folder=True)
+
+
+@contextlib.contextmanager
+def _scratch_folder(scratch: Any) -> Iterator[Path | None]:
+    """A folder of this call's own inside ``scratch`` (None without), removed at the end."""
+    if scratch is None:
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="pcasurgery-eigenspaces-", dir=scratch))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _block_file(folder: Path, i: int) -> Path:
+    return folder / f"block-{i:05d}.safetensors"
+
+
+def _save_eigenspaces(wrapped: nn.Module, path: Path, i: int, blocks: int) -> None:
+    """Write the eigenspace of each PCA layer of the calibrated ``wrapped`` block (its
+    statistics freed first: what ``compress`` reads) to ``path``, by layer name."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, layer in pca_layers_of(wrapped).items():
+        layer.release_statistics()
+        for key, value in layer.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().contiguous()
+    save_file(tensors, str(path))
+    del tensors
+    if i == 0:
+        size = path.stat().st_size
+        log.info(
+            "compress_sequential: the first block's eigenspaces take %.1f MiB in scratch; "
+            "about %.2f GiB for the %d blocks, each freed once compressed",
+            size / 2**20,
+            size * blocks / 2**30,
+            blocks,
+        )
+
+
+def _load_eigenspaces(wrapped: nn.Module, path: Path) -> None:
+    """Load each PCA layer of ``wrapped`` from ``path`` (:func:`_save_eigenspaces`), one
+    layer at a time, and remove the file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for name, layer in pca_layers_of(wrapped).items():
+            layer.load_state_dict(
+                {key: f.get_tensor(f"{name}.{key}") for key in layer.state_dict()}
+            )
+    path.unlink()
+
+
 # A threshold that keeps one direction: a block's layers are wrapped at it until the plan
 # sets theirs. Every one is planned: a given plan names each layer wrapped (include=),
 # and budget_plan plans every layer pca_wrap makes here (keepdim=True), a standalone
@@ -977,11 +1103,13 @@ def _compress_block(
     centering: bool,
     metric: dict[str, Tensor] | None = None,
     dense: bool = True,
+    eigenspaces: Path | None = None,
 ) -> tuple[nn.Module, pd.DataFrame, list[Call] | None]:
     """The compressed copy of one block, calibrated on ``inputs``, its report rows and, with
     ``dense``, the dense block's outputs on ``inputs`` (read off the calibration; else None).
     ``metric``: the weights of the output features of the block's modules, by name
-    (:func:`_weighed`).
+    (:func:`_weighed`). ``eigenspaces``: the file :func:`_save_eigenspaces` wrote for the
+    block, read instead of calibrating it (``inputs`` unused, no outputs).
 
     With a global ``plan``, only the block's layers it names are wrapped (the
     others stay as they are), each at its planned rank; a block it does not
@@ -999,10 +1127,15 @@ def _compress_block(
     # direction, so that no projection is built at a default threshold (a 5632-wide layer's
     # would be a 121 MiB square while its eigenvectors are computed)
     wrapped = pca_wrap_sharing(block, _UNPLANNED, centering=centering, include=include)
-    with _weighed(wrapped, metric) as weighed:
-        # every layer is compressed next: the eigenvectors now
-        calls = _calibrated(wrapped, inputs, eigenvectors=True, keep=dense)
-    outputs = calls if dense else None
+    weighed: list[tuple[str, Tensor]] = []
+    outputs = None
+    if eigenspaces is not None:
+        _load_eigenspaces(wrapped, eigenspaces)
+    else:
+        with _weighed(wrapped, metric) as weighed:
+            # every layer is compressed next: the eigenvectors now
+            calls = _calibrated(wrapped, inputs, eigenvectors=True, keep=dense)
+        outputs = calls if dense else None
     _trim(collect=False)  # what the decompositions freed, first
     if local is None:
         local = budget_plan(wrapped, remove=float(remove), by=by, progress=False)  # type: ignore[arg-type]
