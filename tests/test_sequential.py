@@ -767,6 +767,13 @@ def test_a_scratch_folder_spares_the_second_pass_its_forwards_and_decompositions
     torch.testing.assert_close(
         _logits(sequential, PROMPT), _logits(whole, PROMPT), atol=1e-5, rtol=1e-5
     )
+    # a model on meta, read from its shards in both passes
+    model.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    from_disk = ps.compress_sequential(
+        _on_meta(), data, blocks="model.layers.*", remove=0.3, propagate="original",
+        weights=tmp_path / "dense", scratch=tmp_path / "scratch",
+    )  # fmt: skip
+    torch.testing.assert_close(_logits(from_disk, PROMPT), _logits(sequential, PROMPT))
     with pytest.raises(ValueError, match="scratch keeps .* propagate='compressed'"):
         ps.compress_sequential(model, data, blocks="model.layers.*", remove=0.3, scratch=tmp_path)
     (tmp_path / "a file").write_text("")

@@ -14,7 +14,10 @@ decompositions run one after another (``one_at_a_time``), not side by side.
 outputs, so each block is calibrated on the activations the compressed model
 will really feed it, and compensates for what the blocks before it lost (what
 SliceGPT does); ``"original"`` passes on the dense block's outputs, which gives
-exactly what whole-model calibration gives.
+exactly what whole-model calibration gives. There, with a global budget, the
+second pass would calibrate each block on the activations the first pass saw:
+with ``scratch`` (a folder) the first pass writes each block's eigenspaces to
+disk and the second reads them back instead.
 
 Each block's ranks come from ``plan`` (a ``budget_plan`` table of the whole
 wrapped model, whose layer names are the model's: the global allocation), or
