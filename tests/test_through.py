@@ -95,7 +95,9 @@ def test_eigh_through_takes_householder_qr_where_the_cholesky_route_would_lose_o
     case, monkeypatch
 ):
     """A well-conditioned ``a`` goes through the Cholesky factor of ``a^T a`` (no QR);
-    cond(a) = 1e6, or a repeated column, through Householder QR. Both match numpy."""
+    cond(a) = 1e6, or a repeated column, through Householder QR. Both match numpy. The
+    eigenvalues alone go through the Cholesky factor wherever it exists (their error is
+    of the same order by either route), without the orthogonality bound's inverse."""
     rng = np.random.default_rng(0)
     u, _ = np.linalg.qr(rng.standard_normal((40, 9)))
     v, _ = np.linalg.qr(rng.standard_normal((9, 9)))
@@ -109,14 +111,23 @@ def test_eigh_through_takes_householder_qr_where_the_cholesky_route_would_lose_o
     original = torch.linalg.qr
     monkeypatch.setattr(torch.linalg, "qr", lambda *x, **k: qr_calls.append(1) or original(*x, **k))
     values, vectors = _s.eigh_through(torch.from_numpy(a), torch.from_numpy(inner))
+    assert len(qr_calls) == (case != "conditioned")
+    inverses = []
+    inverse = torch.cholesky_inverse
+    monkeypatch.setattr(torch, "cholesky_inverse", lambda *x: inverses.append(1) or inverse(*x))
     alone, none = _s.eigh_through(torch.from_numpy(a), torch.from_numpy(inner), vectors=False)
-    assert none is None and len(qr_calls) == 2 * (case != "conditioned")
+    assert none is None and len(qr_calls) == {"rank-deficient": 2}.get(case, len(qr_calls))
+    assert not inverses
     ref_values, ref_vectors = np.linalg.eigh(a @ inner @ a.T)
     ref_values, ref_vectors = ref_values[::-1], ref_vectors[:, ::-1]
     for got in (values, alone):
         np.testing.assert_allclose(got.numpy(), np.clip(ref_values, 0, None),
                                    atol=1e-12 * ref_values[0])  # fmt: skip
     np.testing.assert_allclose(vectors.T.numpy() @ vectors.numpy(), np.eye(9), atol=1e-12)
+    cache: dict = {}  # the eigenvalues first, the eigenvectors at their first use: the route
+    _s.eigh_through(torch.from_numpy(a), torch.from_numpy(inner), vectors=False, cache=cache)
+    _, later = _s.eigh_through(torch.from_numpy(a), torch.from_numpy(inner), cache=cache)
+    np.testing.assert_allclose(later.T.numpy() @ later.numpy(), np.eye(9), atol=1e-12)
     k = 5  # a gap in every case's spectrum
     np.testing.assert_allclose(_projector(vectors.numpy(), k), _projector(ref_vectors, k),
                                atol=1e-7)  # fmt: skip
