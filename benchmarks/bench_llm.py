@@ -486,11 +486,14 @@ def bench_minilm(args) -> dict[str, float]:
             print(f"  gradient-weighed plan at {remove:.0%} fewer encoder-layer parameters: mean "
                   f"cosine {cosine_r:.4f}, Spearman {rho_r:.4f}", flush=True)  # fmt: skip
             results[f"minilm_cosine_{remove:g}"] = cosine_r
+    # without healing: >= 0.98 both; healed within 300 s: >= 0.97 and >= 0.96
+    healed = "minilm_cosine_healed" in results
     print("  goals: " + ", ".join(
-        f"{name} {'met' if value >= goal else 'MISSED'}" for name, value, goal in (
-            ("cosine", results.get("minilm_cosine_healed", cosine), 0.98),
-            ("Spearman", results.get("minilm_spearman_healed", rho), 0.98),
-            ("onnxruntime speed", speeds, 1.3))) + (" (after healing)" if args.heal else ""))  # fmt: skip
+        f"{name} {'met' if value >= goal else 'MISSED'} ({value:.4f} against {goal:g})"
+        for name, value, goal in (
+            ("cosine", results.get("minilm_cosine_healed", cosine), 0.97 if healed else 0.98),
+            ("Spearman", results.get("minilm_spearman_healed", rho), 0.96 if healed else 0.98),
+            ("onnxruntime speed", speeds, 1.3))) + (" (after healing)" if healed else ""))  # fmt: skip
     return results
 
 
