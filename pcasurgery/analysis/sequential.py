@@ -1050,23 +1050,24 @@ def _scratch_folder(scratch: Any) -> Iterator[Path | None]:
 
 
 def _block_file(folder: Path, i: int) -> Path:
-    return folder / f"block-{i:05d}.safetensors"
+    """The folder of block ``i``'s eigenspaces, one safetensors file per PCA layer."""
+    return folder / f"block-{i:05d}"
 
 
 def _save_eigenspaces(wrapped: nn.Module, path: Path, i: int, blocks: int) -> None:
     """Write the eigenspace of each PCA layer of the calibrated ``wrapped`` block (its
-    statistics freed first: what ``compress`` reads) to ``path``, by layer name."""
+    statistics freed first: what ``compress`` reads) into the folder ``path``, a file per
+    layer (safetensors serialises a file's tensors in memory first: one layer's at a time)."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    for name, layer in pca_layers_of(wrapped).items():
+    path.mkdir()
+    for j, (name, layer) in enumerate(pca_layers_of(wrapped).items()):
         layer.release_statistics()
-        for key, value in layer.state_dict().items():
-            tensors[f"{name}.{key}"] = value.detach().contiguous()
-    save_file(tensors, str(path))
-    del tensors
+        tensors = {key: value.detach().contiguous() for key, value in layer.state_dict().items()}
+        save_file(tensors, str(path / f"{j:05d}.safetensors"), metadata={"layer": name})
+        del tensors
     if i == 0:
-        size = path.stat().st_size
+        size = sum(f.stat().st_size for f in path.iterdir())
         log.info(
             "compress_sequential: the first block's eigenspaces take %.1f MiB in scratch; "
             "about %.2f GiB for the %d blocks, each freed once compressed",
@@ -1077,16 +1078,18 @@ def _save_eigenspaces(wrapped: nn.Module, path: Path, i: int, blocks: int) -> No
 
 
 def _load_eigenspaces(wrapped: nn.Module, path: Path) -> None:
-    """Load each PCA layer of ``wrapped`` from ``path`` (:func:`_save_eigenspaces`), one
-    layer at a time, and remove the file."""
+    """Load each PCA layer of ``wrapped`` from the folder ``path`` (:func:`_save_eigenspaces`),
+    one layer at a time, and remove the folder."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        for name, layer in pca_layers_of(wrapped).items():
-            layer.load_state_dict(
-                {key: f.get_tensor(f"{name}.{key}") for key in layer.state_dict()}
-            )
-    path.unlink()
+    files = {}
+    for file in sorted(path.iterdir()):
+        with safe_open(str(file), framework="pt") as f:
+            files[f.metadata()["layer"]] = file
+    for name, layer in pca_layers_of(wrapped).items():
+        with safe_open(str(files[name]), framework="pt") as f:
+            layer.load_state_dict({key: f.get_tensor(key) for key in layer.state_dict()})
+    shutil.rmtree(path)
 
 
 # A threshold that keeps one direction: a block's layers are wrapped at it until the plan
