@@ -146,9 +146,9 @@ def test_a_block_is_held_once_and_its_layers_decomposed_one_after_another(monkey
         wrapped_held.append({p.data_ptr() for p in wrapped.parameters()} <= own)
         return calibrate(wrapped, *args, **kwargs)
 
-    def installing(layer, vectors=True):
+    def installing(layer, vectors=True, release=False):
         threads.add(threading.current_thread().name)
-        return install(layer, vectors)
+        return install(layer, vectors, release)
 
     def reading(layer, followed, plan):
         read.append(followed.weight.data_ptr() in own)
@@ -166,6 +166,35 @@ def test_a_block_is_held_once_and_its_layers_decomposed_one_after_another(monkey
     assert wrapped_held == [True] * 4  # two passes (global budget)
     assert read == [True] * 14
     assert threads == {threading.current_thread().name}
+
+
+def test_a_blocks_statistics_are_freed_as_its_layers_eigenspaces_are_installed(monkeypatch):
+    """While a block's eigenvectors are computed, the statistics of the layers already
+    decomposed are freed (their eigenspaces are all that is read after): the statistics
+    and the eigenvectors of a block are never all held at once. ``calibrate`` itself
+    keeps its statistics."""
+    from pcasurgery.layers.pca import PCALayer
+
+    model, data = _llama(2), token_batches(96)
+    installed, held = [], []
+    install = PCALayer._install_spectrum
+
+    def recording(self, values, vectors):
+        held.append(sum(layer.has_statistics for layer in installed))
+        installed.append(self)
+        return install(self, values, vectors)
+
+    monkeypatch.setattr(PCALayer, "_install_spectrum", recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = ps.pca_wrap(copy.deepcopy(model), include="model.layers.*")
+    ps.calibrate(wrapped, data, progress=False, eigenvectors=True)
+    layers = ps.pca_layers_of(wrapped).values()
+    assert len(held) == len(layers) and all(layer.has_statistics for layer in layers)
+    installed.clear()
+    held.clear()
+    ps.compress_sequential(model, data, blocks="model.layers.*", remove=0.3)
+    assert len(held) == len(layers) and held == [0] * len(layers)
 
 
 @pytest.mark.parametrize("propagate", ["compressed", "original"])

@@ -62,7 +62,7 @@ from .._validation import check_device, check_module, check_writable, kept_modes
 from ..compression.compress import compress, make_shippable
 from ..compression.plan import PLAN_COLUMNS, followed_module, fusable_batchnorms, known_kind
 from ..compression.shards import ShardReader, ShardWriter, to_meta
-from ..layers.decompose import compute_eigenvectors, one_at_a_time
+from ..layers.decompose import compute_eigenvectors, one_at_a_time, releasing_statistics
 from ..layers.kinds import kind_of, output_width
 from ..layers.network import pca_layers_of
 from ..layers.offload import offloaded
@@ -694,7 +694,8 @@ def _spectra(
                 # saving: no projection is built at a threshold (the plan sets the ranks)
                 threshold = 0.99 if saved is None else _UNPLANNED
                 wrapped = pca_wrap_sharing(block, threshold, centering=centering)
-                inputs = _calibrated(wrapped, inputs, eigenvectors=saved is not None)
+                with releasing_statistics():  # where the eigenvectors are computed
+                    inputs = _calibrated(wrapped, inputs, eigenvectors=saved is not None)
                 if saved is not None:
                     _save_eigenspaces(wrapped, _block_file(saved, i), i, len(names))
                 if weighing is not None:
@@ -1138,8 +1139,8 @@ def _compress_block(
     if eigenspaces is not None:
         _load_eigenspaces(wrapped, eigenspaces)
     else:
-        with _weighed(wrapped, metric) as weighed:
-            # every layer is compressed next: the eigenvectors now
+        with _weighed(wrapped, metric) as weighed, releasing_statistics():
+            # every layer is compressed next: the eigenvectors now, the statistics freed
             calls = _calibrated(wrapped, inputs, eigenvectors=True, keep=dense)
         outputs = calls if dense else None
     _trim(collect=False)  # what the decompositions freed, first

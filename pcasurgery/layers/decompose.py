@@ -14,9 +14,30 @@ import torch
 from .._progress import progress_bar, step
 from .pca import PCALayer
 
-__all__ = ["compute_eigenspaces", "compute_eigenvectors", "one_at_a_time", "side_by_side"]
+__all__ = [
+    "compute_eigenspaces",
+    "compute_eigenvectors",
+    "one_at_a_time",
+    "releasing_statistics",
+    "side_by_side",
+]
 
 _ONE_AT_A_TIME: ContextVar[bool] = ContextVar("pcasurgery_one_at_a_time", default=False)
+_RELEASING: ContextVar[bool] = ContextVar("pcasurgery_releasing_statistics", default=False)
+
+
+@contextlib.contextmanager
+def releasing_statistics() -> Iterator[None]:
+    """Within, :func:`compute_eigenspaces` with the eigenvectors frees each layer's
+    statistics (``PCALayer.release_statistics``) as soon as its eigenspace is installed,
+    for a caller that reads only the eigenspaces after (``compress_sequential``): the
+    statistics of the layers decomposed and the eigenvectors of those still waiting are
+    never all held at once (0.2 GiB less at a TinyLlama-shaped block's peak)."""
+    token = _RELEASING.set(True)
+    try:
+        yield
+    finally:
+        _RELEASING.reset(token)
 
 
 @contextlib.contextmanager
@@ -68,12 +89,13 @@ def compute_eigenspaces(
     with progress_bar(
         progress, desc="decompositions", unit="layer", total=sum(costs), steps=len(costs)
     ) as bar:
+        release = vectors and _RELEASING.get()  # read here: workers have their own context
         side_by_side(
-            [partial(_install, layer, vectors) for layer in on_cpu],
+            [partial(_install, layer, vectors, release) for layer in on_cpu],
             on_done=lambda i: step(bar, costs[i]),
         )
         for i, layer in enumerate(elsewhere, start=len(on_cpu)):
-            _install(layer, vectors)
+            _install(layer, vectors, release)
             step(bar, costs[i])
 
 
@@ -114,13 +136,16 @@ def side_by_side(
         torch.set_num_threads(threads)
 
 
-def _install(layer: PCALayer, vectors: bool = True) -> None:
-    """Decompose the layer's checked statistics, install the result."""
+def _install(layer: PCALayer, vectors: bool = True, release: bool = False) -> None:
+    """Decompose the layer's checked statistics, install the result (and free the
+    statistics, with ``release``)."""
     values, eigenvectors = layer._decomposition(vectors, checked=True)
     if eigenvectors is None:
         layer._install_eigenvalues(values)
     else:
         layer._install_spectrum(values, eigenvectors)
+        if release:
+            layer.release_statistics()
 
 
 def _one_thread(job: Callable[[], Any]) -> None:

@@ -265,6 +265,9 @@ def calibrate(
             with resident(model):  # offloaded weights, read through their inputs' moments
                 _install_inputs(inputs.values())
                 _combine(layers, snapshot, reset, batches)
+                # read before the decompositions, which may free the statistics
+                # (decompose.releasing_statistics)
+                undersampled = _undersampled(layers)
                 # the spectra (what a report reads; from the input-wide problem where a
                 # layer's statistics are still one input's, held as factors); the
                 # eigenvectors come at their first use unless asked for now
@@ -276,7 +279,7 @@ def calibrate(
             for layer in layers.values():
                 layer.collect_through(None)
         snapshot.restore_modes()
-    _warn_undersampled(layers)
+    _warn_undersampled(undersampled)
     return model
 
 
@@ -322,18 +325,24 @@ def _input_side(model: nn.Module) -> dict[PCALayer, InputStatistics]:
     return chosen
 
 
-def _warn_undersampled(layers: Mapping[str, PCALayer]) -> None:
-    """Warn about layers whose covariance has fewer sample rows than the layer is wide.
+def _undersampled(layers: Mapping[str, PCALayer]) -> list[tuple[str, int, int]]:
+    """``(name, rows, width)`` of the layers whose covariance has fewer sample rows than
+    the layer is wide."""
+    return [
+        (name, layer.sample_rows, layer.width)
+        for name, layer in layers.items()
+        if layer.sample_rows < layer.width
+    ]
+
+
+def _warn_undersampled(short: list[tuple[str, int, int]]) -> None:
+    """Warn about layers whose covariance has fewer sample rows than the layer is wide
+    (:func:`_undersampled`).
 
     Such a covariance has rank below the width: the layer looks saturated far
     below its real use, and its projection drops directions that fresh inputs
     use (a 1000-wide classifier calibrated on 16 examples keeps at most 15).
     """
-    short = [
-        (name, layer.sample_rows, layer.width)
-        for name, layer in layers.items()
-        if layer.sample_rows < layer.width
-    ]
     if short:
         listing = "".join(f"\n  - {name}: {n} rows for width {w}" for name, n, w in short)
         warnings.warn(
