@@ -400,7 +400,7 @@ def _compress_blocks(
             with _computed_on(block, target) as back, one_at_a_time():
                 metric = None if weighing is None else weighing.output_weights(block, i)
                 dense = propagate == "original" and saved is None
-                eigenspaces = None if saved is None else _block_file(saved, i)
+                eigenspaces = None if saved is None else _block_folder(saved, i)
                 small, report, outputs = _compress_block(
                     block, name, inputs, remove, plan, by, centering, metric, dense, eigenspaces
                 )
@@ -697,7 +697,7 @@ def _spectra(
                 with releasing_statistics():  # where the eigenvectors are computed
                     inputs = _calibrated(wrapped, inputs, eigenvectors=saved is not None)
                 if saved is not None:
-                    _save_eigenspaces(wrapped, _block_file(saved, i), i, len(names))
+                    _save_eigenspaces(wrapped, _block_folder(saved, i), i, len(names))
                 if weighing is not None:
                     for key, value in weighing.measure(wrapped, i).items():
                         measures[f"{name}.{key}"] = value
@@ -1050,7 +1050,7 @@ def _scratch_folder(scratch: Any) -> Iterator[Path | None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _block_file(folder: Path, i: int) -> Path:
+def _block_folder(folder: Path, i: int) -> Path:
     """The folder of block ``i``'s eigenspaces, one safetensors file per PCA layer."""
     return folder / f"block-{i:05d}"
 
@@ -1063,7 +1063,7 @@ def _save_eigenspaces(wrapped: nn.Module, path: Path, i: int, blocks: int) -> No
 
     path.mkdir()
     for j, (name, layer) in enumerate(pca_layers_of(wrapped).items()):
-        layer.release_statistics()
+        layer.release_statistics()  # where releasing_statistics has not already
         tensors = {key: value.detach().contiguous() for key, value in layer.state_dict().items()}
         save_file(tensors, str(path / f"{j:05d}.safetensors"), metadata={"layer": name})
         del tensors
@@ -1115,7 +1115,7 @@ def _compress_block(
     """The compressed copy of one block, calibrated on ``inputs``, its report rows and, with
     ``dense``, the dense block's outputs on ``inputs`` (read off the calibration; else None).
     ``metric``: the weights of the output features of the block's modules, by name
-    (:func:`_weighed`). ``eigenspaces``: the file :func:`_save_eigenspaces` wrote for the
+    (:func:`_weighed`). ``eigenspaces``: the folder :func:`_save_eigenspaces` wrote for the
     block, read instead of calibrating it (``inputs`` unused, no outputs).
 
     With a global ``plan``, only the block's layers it names are wrapped (the
