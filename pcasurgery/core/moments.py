@@ -390,9 +390,12 @@ def _accumulate_known(
         batch = _batch_moments(x, center, channel_dim, subtract=True)
         moved = True
     if moved:
-        moved_state = reshift(state, batch.shift)
-        for buf, value in zip(state[1:], moved_state[1:], strict=True):
-            buf.copy_(value)
+        if empty:  # no sums yet to re-express around the new shift
+            state.shift.copy_(batch.shift)
+        else:
+            moved_state = reshift(state, batch.shift)
+            for buf, value in zip(state[1:], moved_state[1:], strict=True):
+                buf.copy_(value)
         subtract = bool(batch.shift.any())
     state.count.add_(count)
     state.total.add_(batch.total.to(state.total.device))
