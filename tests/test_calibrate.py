@@ -294,6 +294,45 @@ def test_padding_never_enters_the_statistics():
     assert int(ps.pca_layers_of(with_padding)["pool"].sample_count) == len(lengths)
 
 
+def test_a_mask_without_padding_copies_no_token_and_changes_no_statistic(monkeypatch):
+    from pcasurgery.layers.pca import LinearPCALayer
+
+    torch.manual_seed(0)
+    model = TokenModel().eval()
+    ids = torch.randint(1, 30, (4, 6))
+    ones = torch.ones_like(ids)
+    seen = []
+    samples_of = LinearPCALayer._samples_of
+
+    def spy(self, x):
+        out = samples_of(self, x)
+        seen.append(out is x)
+        return out
+
+    monkeypatch.setattr(LinearPCALayer, "_samples_of", spy)
+    masked = ps.calibrate(
+        ps.pca_wrap(model, 0.9), [{"input_ids": ids, "attention_mask": ones}], progress=False
+    )
+    assert seen == [True, True, True]  # up's input, down's output, pool's: as the model made them
+    half = ones.clone()
+    half[0, 3:] = 0
+    seen.clear()
+    ps.calibrate(
+        ps.pca_wrap(model, 0.9), [{"input_ids": ids, "attention_mask": half}], progress=False
+    )
+    assert seen == [False, False, True]  # the real tokens copied out; the pooled rows whole
+    unmasked = ps.calibrate(
+        ps.pca_wrap(model, 0.9),
+        [ids],
+        forward=lambda m, b: m(b, torch.ones_like(b)),
+        progress=False,
+    )
+    for name, layer in ps.pca_layers_of(masked).items():
+        other = ps.pca_layers_of(unmasked)[name]
+        assert torch.equal(layer.eigenvalues, other.eigenvalues), name
+        assert int(layer.sample_count) == int(other.sample_count), name
+
+
 def test_eigenspaces_computed_side_by_side_match_numpy_and_keep_the_thread_count():
     from pcasurgery.layers.decompose import compute_eigenspaces
 

@@ -97,8 +97,13 @@ def token_mask(mask: Tensor | None) -> Iterator[None]:
     activation whose leading dimensions are ``(batch, tokens)`` (or
     ``(tokens, batch)``) contributes only its real tokens, so padding never
     enters the statistics. Other activations (pooled outputs, say) are used whole.
+    A mask with no padding selects every position: it is read once here and
+    dropped, so that no layer copies its real tokens out of the activations.
     """
-    reset = TOKEN_MASK.set(None if mask is None else mask.bool())
+    if mask is not None:
+        mask = mask.bool()
+        mask = None if bool(mask.all()) else mask
+    reset = TOKEN_MASK.set(mask)
     try:
         yield
     finally:
