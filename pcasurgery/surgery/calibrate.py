@@ -24,6 +24,10 @@ Token batches: when a dict batch carries an ``attention_mask`` (the
 transformers convention), Linear PCA layers collect only the positions where it
 is 1, so a padded batch and the same sequences unpadded give the same
 statistics (``pcasurgery.layers.pca.token_mask``).
+
+An LLM's output layer (its LM head), which no PCA layer follows, runs on the
+first batch only: later batches stop as it is about to run, where the first
+batch showed that every PCA layer has run by then (``surgery.tail``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from ..layers.sites import sites_of
 from ..layers.state import LayerSnapshot
 from ..layers.statistics import token_mask
 from ..layers.through import InputStatistics, held_bytes, input_statistics
+from .tail import TailSkip
 
 __all__ = ["all_reduce_statistics", "calibrate"]
 
@@ -169,6 +174,7 @@ def calibrate(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     reset: bool = True,
     eigenvectors: bool = False,
+    skip_tail: bool = True,
 ) -> nn.Module:
     """Stream ``data`` through ``model``, fill the PCA layers' statistics, compute their eigenspaces.
 
@@ -197,6 +203,12 @@ def calibrate(
             ``compress``): for a model about to project or be compressed, where the
             eigenvalues alone (what ``report`` and a spectral plan read) would be
             computed twice.
+        skip_tail: from the second batch on, stop each forward as the model's output
+            layer (an LLM's LM head, ``model.get_output_embeddings()``) is about to run,
+            where no PCA layer is left to see its work: where the first batch called it
+            once, after every PCA layer, and every layer has been called as often as
+            in that batch (``surgery.tail``). The statistics are the same. False runs
+            every batch whole. Only with the default ``forward``.
 
     Returns:
         ``model``, with every PCA layer's eigenspace computed and its train/eval
@@ -229,6 +241,7 @@ def calibrate(
     progress = check_progress(progress)
     check_bool(reset, "reset")
     check_bool(eigenvectors, "eigenvectors")
+    check_bool(skip_tail, "skip_tail")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable as forward(model, batch), got {forward!r}")
     target = check_device(device)
@@ -259,9 +272,19 @@ def calibrate(
                 / 2**20,
             )
             model.eval()
-            batches = _stream(
-                model, data, forward or run_batch, target, max_batches, max_samples, progress
-            )
+            watched = [
+                inputs[layer].module if layer in inputs else layer for layer in layers.values()
+            ]
+            with TailSkip(model, watched, enabled=skip_tail and forward is None) as tail:
+                batches = _stream(
+                    model,
+                    data,
+                    lambda _, batch: tail.run(forward or run_batch, batch),
+                    target,
+                    max_batches,
+                    max_samples,
+                    progress,
+                )
             with resident(model):  # offloaded weights, read through their inputs' moments
                 _install_inputs(inputs.values())
                 _combine(layers, snapshot, reset, batches)
