@@ -183,8 +183,15 @@ def test_a_llama_dispatched_by_accelerate_with_offloaded_blocks(order, tmp_path)
     assert ps.layers.offload.offloaded(getattr(up, "module", up))  # the block is on disk
     data = [torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(i))
             for i in range(4)]  # fmt: skip
+    heads = []
+    for m in (wrapped, twin):
+        heads.append([0])
+        m.lm_head.register_forward_hook(lambda *_, runs=heads[-1]: runs.__setitem__(0, runs[0] + 1))
     ps.calibrate(wrapped, data, progress=False)
     ps.calibrate(twin, data, progress=False)
+    # accelerate's hooks expect each forward they start to end: the dispatched model's
+    # LM head runs on every batch, the twin's on the first only (surgery.tail)
+    assert heads == [[4], [1]]
     ids = torch.randint(0, 64, (3, 12))
     with torch.no_grad():
         expected = twin(ids).logits
