@@ -190,7 +190,8 @@ def real_case(
           f"fastest {calibrate:.1f} s / {plain:.1f} s = {calibrate / plain:.2f}x); "
           f"first projecting forward {first / plain_one:.2f}x "
           f"(a plain one right after calibrating: {cold / plain_one:.2f}x) "
-          f"(goal <= 1.1x); steady projecting forward {steady:.2f}x, inside ps.folded "
+          f"(it computes the eigenvectors, which calibration leaves to their first use); "
+          f"steady projecting forward {steady:.2f}x, inside ps.folded "
           f"{steady_folded:.2f}x (opening the scope: {statistics.median(opening) / plain:.2f}x "
           f"the plain forwards)", flush=True)  # fmt: skip
     print(f"{name}: the last calibration's steps / the plain forwards before it: " + ", ".join(
