@@ -144,3 +144,45 @@ def test_the_output_layer_runs_with_a_custom_forward_and_bad_skip_tail_is_named(
     assert runs == 4
     with pytest.raises(TypeError, match="skip_tail"):
         ps.calibrate(ps.pca_wrap(model), batches, skip_tail="yes", progress=False)
+
+
+def _architecture(name: str) -> tuple[nn.Module, list[dict]]:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    size = dict(vocab_size=64)
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, **size)
+        model = transformers.GPT2LMHeadModel(config)
+    elif name == "bert":
+        config = transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **size
+        )
+        model = transformers.BertForMaskedLM(config)
+    else:
+        config = transformers.T5Config(
+            d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, **size
+        )
+        model = transformers.T5ForConditionalGeneration(config)
+    batches = token_batches(64, count=3, batch=2, length=10)
+    if name == "t5":
+        for batch in batches:
+            batch["decoder_input_ids"] = batch["input_ids"][:, :6]
+    return model.eval(), batches
+
+
+@pytest.mark.filterwarnings("ignore:.*saw fewer samples")  # tiny batches: the spectra are theirs
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5"])
+def test_tied_heads_of_other_architectures_run_once_for_the_same_statistics(name):
+    """GPT-2's and T5's LM heads, BERT's masked-LM decoder (after its wrapped transform)."""
+    model, batches = _architecture(name)
+    statistics, runs = [], []
+    for skip_tail in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tied output layer left alone
+            wrapped = ps.pca_wrap(model, 0.9)
+        head = _runs(wrapped.get_output_embeddings())
+        ps.calibrate(wrapped, batches, progress=False, skip_tail=skip_tail)
+        statistics.append(_statistics(wrapped))
+        runs.append(head[0])
+    assert runs == [1, 3]
+    _assert_same(*statistics)
