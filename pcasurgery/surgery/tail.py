@@ -53,15 +53,9 @@ class TailSkip:
         self._watched = list(watched)
         self._counts = [0] * len(self._watched)
         self._reference: list[int] | None = None
-        self._stop: nn.Module | None = None
         self._raised = False
         self._live = enabled and not any(hasattr(module, "_hf_hook") for module in model.modules())
         self._handles: list[RemovableHandle] = []
-
-    @property
-    def stop_module(self) -> nn.Module | None:
-        """The output layer before which later batches stop (None: every batch runs whole)."""
-        return self._stop if self._live else None
 
     def __enter__(self) -> TailSkip:
         if self._live:
@@ -124,7 +118,6 @@ class TailSkip:
         ):
             self._stand_aside()
             return
-        self._stop = stop
         self._handles.append(stop.register_forward_pre_hook(self._stop_here))
 
     def _output_layer(self) -> nn.Module | None:
