@@ -54,7 +54,10 @@ class TailSkip:
         self._counts = [0] * len(self._watched)
         self._reference: list[int] | None = None
         self._raised = False
-        self._live = enabled and not any(hasattr(module, "_hf_hook") for module in model.modules())
+        self._output = self._output_layer() if enabled else None
+        self._live = self._output is not None and not any(
+            hasattr(module, "_hf_hook") for module in model.modules()
+        )
         self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> TailSkip:
@@ -76,12 +79,12 @@ class TailSkip:
 
     def run(self, run: Callable[[nn.Module, Any], Any], batch: Any) -> None:
         """``run(model, batch)``, stopped before the output layer where the rule allows."""
-        if not self._live:
+        if not self._live or self._output is None:
             run(self._model, batch)
             return
         self._counts[:] = [0] * len(self._counts)
         if self._reference is None:
-            self._first(run, batch)
+            self._first(run, batch, self._output)
             return
         self._raised = False
         try:
@@ -91,18 +94,13 @@ class TailSkip:
         if self._raised:  # the model caught the stop and went on: run every batch whole
             self._stand_aside()
 
-    def _first(self, run: Callable[[nn.Module, Any], Any], batch: Any) -> None:
+    def _first(self, run: Callable[[nn.Module, Any], Any], batch: Any, stop: nn.Module) -> None:
         """Run the first batch whole, recording where the output layer is called, and decide."""
         calls: list[nn.Module] = []
 
         def record(module: nn.Module, args: Any) -> None:
             calls.append(module)
 
-        stop = self._output_layer()
-        if stop is None:
-            self._stand_aside()
-            run(self._model, batch)
-            return
         ids = {id(module) for module in self._watched}
         handles = [module.register_forward_pre_hook(record) for module in {stop, *self._watched}]
         try:
