@@ -35,13 +35,15 @@ beside it). The load average is printed with the ratios.
 ``--load N`` then measures each real case again while N other processes keep
 the cores busy (pure-Python loops, started after the quiet measurement): the
 plain forward, calibrate + report, their ratio, and how much that ratio and
-the calibration time grew over the quiet run.
+the calibration time grew over the quiet run. ``--skip-tail-pairs N`` interleaves N
+pairs of SmolLM2 calibrations with its LM head run on every batch
+(``skip_tail=False``) and on the first only (the default), and prints both medians.
 ``wide``: the peak memory of wrapping and calibrating ``Linear(4, 16384)``
 over the bytes of its float64 covariance (2 GiB), in a fresh process.
 
 Usage: python benchmarks/bench_calibration.py [--repeats 7] [--threads 2]
            [--cases vgg resnet50 convnext llama-block smollm2 wide]
-           [--device cuda] [--calibrations 2] [--load 2]
+           [--device cuda] [--calibrations 2] [--load 2] [--skip-tail-pairs 6]
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def real_case(
     include: str | None = None,
     calibrations: int = 1,
     load: int = 0,
+    tail_pairs: int = 0,
 ) -> dict[str, float]:
     """(calibrate + report), first projecting forward and steady projecting forward / plain.
 
@@ -130,7 +133,10 @@ def real_case(
     times beside it: on a shared machine the plain forwards alone have varied
     2x between runs minutes apart. The first projecting
     forward after each calibration is timed, and the median reported. With ``load`` > 0, plain forwards and one
-    calibration are measured again while ``load`` busy processes run.
+    calibration are measured again while ``load`` busy processes run. With ``tail_pairs``
+    > 0, that many pairs of calibrations with ``skip_tail=False`` and ``True`` (an LLM's
+    head run on every batch, or on the first only) are interleaved, each over the plain
+    forwards timed just before it, and the medians printed side by side.
     """
     model.eval()
 
@@ -196,6 +202,21 @@ def real_case(
           f"the plain forwards)", flush=True)  # fmt: skip
     print(f"{name}: the last calibration's steps / the plain forwards before it: " + ", ".join(
         f"{step} {t / base:.2f}x" for step, t in split.items()), flush=True)  # fmt: skip
+    if tail_pairs:
+        skips: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(tail_pairs):
+            for skip_tail in (False, True):
+                base = timed(lambda: forward(model, batches))
+                skips[skip_tail].append(
+                    timed(lambda: (ps.calibrate(wrapped, batches, progress=False,  # noqa: B023
+                                                skip_tail=skip_tail), ps.report(wrapped)))  # noqa: B023
+                    / base
+                )  # fmt: skip
+        print(f"{name}: calibrate+report / plain, {tail_pairs} interleaved pairs: every batch "
+              f"run whole (skip_tail=False) {statistics.median(skips[False]):.2f}x "
+              f"({', '.join(f'{r:.2f}' for r in skips[False])}), the output layer on the first "
+              f"batch only (skip_tail=True, the default) {statistics.median(skips[True]):.2f}x "
+              f"({', '.join(f'{r:.2f}' for r in skips[True])})", flush=True)  # fmt: skip
     out = {f"{name} calibrate": ratio, f"{name} first": first / plain_one,
            f"{name} project": steady, f"{name} project folded": steady_folded}  # fmt: skip
     if load:
@@ -291,7 +312,11 @@ def smollm2(device: torch.device) -> tuple[str, nn.Module, list[dict[str, torch.
 
 
 def real_cases(
-    cases: list[str], device: torch.device, calibrations: int = 1, load: int = 0
+    cases: list[str],
+    device: torch.device,
+    calibrations: int = 1,
+    load: int = 0,
+    tail_pairs: int = 0,
 ) -> dict[str, float]:
     """The real cases named in ``cases``, each measured by :func:`real_case`."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -342,6 +367,7 @@ def real_cases(
                 include="model.layers.*",
                 calibrations=calibrations,
                 load=load,
+                tail_pairs=tail_pairs,
             )
         )
     return out
@@ -406,13 +432,17 @@ def main(argv=None) -> dict[str, float]:
                         help="calibrations per real case; the median paired ratio is reported")  # fmt: skip
     parser.add_argument("--load", type=int, default=0,
                         help="measure the real cases again beside this many busy processes")  # fmt: skip
+    parser.add_argument("--skip-tail-pairs", type=int, default=0,
+                        help="SmolLM2: interleave this many calibrations with its LM head run "
+                             "on every batch and on the first only")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    extra = real_cases(args.cases, device, calibrations=args.calibrations, load=args.load)
+    extra = real_cases(args.cases, device, calibrations=args.calibrations, load=args.load,
+                       tail_pairs=args.skip_tail_pairs)  # fmt: skip
     if "wide" in args.cases:
         extra.update(wide_case())
     if "vgg" not in args.cases:
