@@ -19,9 +19,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["execution_device", "hook_like", "offloaded", "resident"]
+__all__ = ["dispatched", "execution_device", "hook_like", "offloaded", "resident"]
 
 _HOOK = "_hf_hook"
+
+
+def dispatched(model: nn.Module) -> bool:
+    """Whether accelerate has put a hook on ``model`` or any of its modules."""
+    return any(_HOOK in module.__dict__ for module in model.modules())
 
 
 def offloaded(module: nn.Module) -> bool:

@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..layers.offload import dispatched
 from ..layers.pca import PCALayer
 
 __all__ = ["TailSkip"]
@@ -55,9 +56,7 @@ class TailSkip:
         self._reference: list[int] | None = None
         self._raised = False
         self._output = self._output_layer() if enabled else None
-        self._live = self._output is not None and not any(
-            hasattr(module, "_hf_hook") for module in model.modules()
-        )
+        self._live = self._output is not None and not dispatched(model)
         self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> TailSkip:
