@@ -6,14 +6,16 @@ import copy
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from models import warmed_resnet
+from models import Conv1D, warmed_resnet
 from torch import nn
 
 import pcasurgery as ps
 from pcasurgery.core.spectrum import explained_fraction
 from pcasurgery.layers import sites_of
+from pcasurgery.layers.kinds import kind_of
 
 
 def spectra_model(seed: int = 0) -> tuple[nn.Module, list[torch.Tensor]]:
@@ -447,3 +449,96 @@ def test_a_layer_that_never_varies_is_planned_and_built_as_its_mean():
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(small(x), wrapped(x), atol=1e-5, rtol=1e-5)
+
+
+class _Kinds(nn.Module):
+    """A strided Conv1d, a ConvTranspose1d that widens, a Linear and transformers' Conv1D."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 10, 5, stride=2, padding=2)
+        self.up = nn.ConvTranspose1d(10, 14, 4, stride=2, padding=1)
+        self.linear = nn.Linear(14, 9)
+        self.gpt2 = Conv1D(12, 9)
+
+    def forward(self, x):
+        h = torch.relu(self.up(torch.relu(self.conv(x))))
+        return self.gpt2(torch.tanh(self.linear(h.mT)))
+
+
+def _kinds_case():
+    torch.manual_seed(0)
+    return _Kinds().eval(), [torch.randn(8, 3, 16) for _ in range(2)], {}
+
+
+def _spectra_case():
+    return (*spectra_model(2), {})
+
+
+def _mobile_case():
+    return _warmed(MobileNetStyle(True)), [torch.randn(16, 3, 8, 8) for _ in range(2)], {}
+
+
+def _resnet_case():
+    return warmed_resnet(), torch.randn(32, 3, 8, 8).split(16), {}
+
+
+def _narrowing_case():
+    # layers that output their k coordinates (keepdim=False): a Linear's down-projection,
+    # and a standalone one after a grouped convolution
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 8)).eval()
+    grouped = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Conv2d(12, 12, 3, groups=3))
+    data = [torch.randn(64, 10) for _ in range(2)], [torch.randn(16, 3, 8, 8) for _ in range(2)]
+    return (model, grouped.eval()), data, {"include": ["2"], "keepdim": False}
+
+
+@pytest.mark.parametrize(
+    "case", [_kinds_case, _spectra_case, _mobile_case, _resnet_case, _narrowing_case]
+)
+def test_every_rank_a_plan_prices_is_what_compress_builds(case):
+    # the plan prices all of a layer's ranks at once; each price must be what compress
+    # then builds, counted on the compressed model itself (the ranks a plan does not pick
+    # included: standalone projections below full rank, ranks where factorising stops)
+    models, datas, options = case()
+    if isinstance(models, nn.Module):
+        models, datas = (models,), (datas,)
+    actions = set()
+    for model, data in zip(models, datas, strict=True):
+        actions |= _check_every_rank(model, data, options)
+    assert len(actions) >= 2, actions  # factorised and folded, or standalone ones
+
+
+def _check_every_rank(model, data, options) -> set[str]:
+    from pcasurgery.compression.plan import followed_module, plan_layers
+
+    wrapped = ps.calibrate(ps.pca_wrap(model, 0.99, **options), data, progress=False)
+    layers = ps.pca_layers_of(wrapped)
+    sites = {site.name: site for site in sites_of(wrapped)}
+    follows = {name: followed_module(wrapped, site) for name, site in sites.items()}
+    prices = {
+        name: plan_layers(layer, follows[name], np.arange(1, layer.width + 1))
+        for name, layer in layers.items()
+    }
+    # what the replaced modules (fused BatchNorms included) cost before
+    params_before = ps.compression_plan(wrapped)["params_before"].sum()
+    macs_before = sum(
+        layers[n].positions * kind_of(m).macs_per_position(m)
+        for n, m in follows.items()
+        if m is not None
+    )
+    x = data[0][:4]
+    params, macs = ps.count_params(model), ps.count_macs(model, x)
+    actions = set()
+    for step in range(1, max(layer.width for layer in layers.values()) + 1):
+        ks = {name: min(step, layer.width) for name, layer in layers.items()}
+        ps.apply_plan(wrapped, pd.DataFrame({"layer": list(ks), "k": list(ks.values())}))
+        small = ps.compress(wrapped)
+        after = sum(int(prices[n].params[k - 1]) for n, k in ks.items())
+        assert ps.count_params(small) == params - params_before + after, step
+        after_macs = sum(
+            layers[n].positions * int(prices[n].macs_per_position[k - 1]) for n, k in ks.items()
+        )
+        assert ps.count_macs(small, x) == macs - macs_before + after_macs, step
+        actions |= {str(prices[n].actions[k - 1]) for n, k in ks.items()}
+    return actions

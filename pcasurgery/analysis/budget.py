@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from .._progress import check_progress, progress_bar
 from .._validation import check_choice, check_patterns, kept_modes
 from ..compression.counting import count_params
-from ..compression.plan import followed_module, fusable_batchnorms, plan_layer
+from ..compression.plan import followed_module, fusable_batchnorms, plan_layer, plan_layers
 from ..core.spectrum import explained_fraction, explained_fractions
 from ..layers.decompose import compute_eigenvectors
 from ..layers.network import calibrated_layers, folded, set_threshold
@@ -89,7 +89,7 @@ class _Layer:
     penalty: np.ndarray  # what the allocation minimises the sum of: (energy lost) ** 2
     params: np.ndarray  # params after compression at each k
     macs: np.ndarray  # MACs per example after compression at each k
-    actions: list[str]
+    actions: np.ndarray  # of str
 
 
 def _candidates(
@@ -115,7 +115,7 @@ def _candidates(
         ks = np.array([0, layer.width])
     else:
         ks = np.arange(1, layer.width + 1)
-    plans = [plan_layer(layer, module, int(k)) for k in ks]
+    plans = plan_layers(layer, module, ks)
     fractions = np.concatenate([[0.0], explained_fractions(values).cpu().numpy()])
     loss = np.clip(1.0 - fractions[ks], 0.0, 1.0) if varies else np.zeros(len(ks))
     positions = layer.positions
@@ -129,9 +129,9 @@ def _candidates(
         ks=ks,
         loss=loss,
         penalty=(loss * _variance_share(layer)) ** 2,
-        params=np.array([p.params for p in plans], dtype=np.float64),
-        macs=np.array([positions * p.macs_per_position for p in plans], dtype=np.float64),
-        actions=[p.action for p in plans],
+        params=plans.params.astype(np.float64),
+        macs=(positions * plans.macs_per_position).astype(np.float64),
+        actions=plans.actions,
     )
 
 
@@ -490,7 +490,7 @@ def _table(items: list[_Layer], choice: list[int]) -> pd.DataFrame:
                 "layer": item.site.name,
                 "width": item.layer.width,
                 "k": int(item.ks[i]),
-                "action": item.actions[i],
+                "action": str(item.actions[i]),
                 "explained": 1.0 - float(item.loss[i]),
                 "params_before": item.params_before,
                 "params_after": int(item.params[i]),

@@ -3,7 +3,8 @@
 :func:`plan_layer` chooses how one PCA layer is compressed (factorised, folded,
 a down-projection, a standalone projection, dropped as the identity, or kept)
 and prices it: parameters, and multiply-accumulates per output position from
-the layer kinds' formula (``layers.kinds``, the one ``count_macs`` uses).
+the layer kinds' formula (``layers.kinds``, the one ``count_macs`` uses);
+:func:`plan_layers` does so at many ranks at once, as arrays (what a budget weighs).
 ``compression_plan``, ``compress``, ``budget_plan`` and ``sweep`` all read it.
 """
 
@@ -12,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers.folding import factorising_pays, own_forward
+from ..layers.folding import largest_factorised_rank, own_forward
 from ..layers.kinds import LayerKind, foldable_kind, kind_of
 from ..layers.network import calibrated_layers
 from ..layers.pca import PCALayer
@@ -26,11 +28,13 @@ from .counting import count_params
 __all__ = [
     "PLAN_COLUMNS",
     "LayerPlan",
+    "LayerPlans",
     "compression_plan",
     "followed_module",
     "fusable_batchnorms",
     "known_kind",
     "plan_layer",
+    "plan_layers",
     "plan_site",
 ]
 
@@ -73,33 +77,58 @@ def plan_layer(layer: PCALayer, follows: Dense | None, k: int | None = None) -> 
     adds a layer.
     """
     k = layer.in_dim if k is None else k
-    width, built = layer.width, max(k, 1)
+    return plan_layers(layer, follows, np.array([k]))[0]
+
+
+@dataclass(frozen=True)
+class LayerPlans:
+    """:class:`LayerPlan` at many ranks of one layer, as arrays: entry ``i`` is rank ``ks[i]``."""
+
+    actions: np.ndarray  # of str
+    params: np.ndarray  # int64
+    macs_per_position: np.ndarray  # int64
+
+    def __getitem__(self, i: int) -> LayerPlan:
+        return LayerPlan(str(self.actions[i]), int(self.params[i]), int(self.macs_per_position[i]))
+
+
+def plan_layers(layer: PCALayer, follows: Dense | None, ks: np.ndarray) -> LayerPlans:
+    """:func:`plan_layer` at every rank of ``ks`` (integers) at once: what a budget prices,
+    a layer's every rank (an LLM's 5632-wide projection: 5632 plans), in a few array
+    operations instead of one call each."""
+    k = np.asarray(ks, dtype=np.int64)
+    width, built = layer.width, np.maximum(k, 1)
+
+    def plans(actions: Any, params: Any, macs: Any) -> LayerPlans:
+        return LayerPlans(
+            *(np.broadcast_to(np.asarray(a), k.shape) for a in (actions, params, macs))
+        )
+
     if follows is not None:
         kind, fan_in = known_kind(follows), _fan_in(follows)
-        dense = LayerPlan("folded", width * (fan_in + 1), kind.macs_per_position(follows, width))
+        dense = (width * (fan_in + 1), kind.macs_per_position(follows, width))
         if layer.other_bias:  # the model calls F.linear with a bias of its own making
-            return LayerPlan("kept", dense.params, dense.macs_per_position)
+            return plans("kept", *dense)
         if not layer.keepdim:
-            return LayerPlan(
-                "down-projection", k * (fan_in + 1), kind.macs_per_position(follows, k)
-            )
-        if factorising_pays(built, fan_in, width):
-            down = LayerPlan("", built * (fan_in + 1), kind.macs_per_position(follows, built))
-            return LayerPlan(
-                "factorised",
-                down.params + width * (built + 1),
-                down.macs_per_position + built * width,
-            )
-        return dense
-    if not layer.keepdim:
-        return LayerPlan("standalone", k * (width + 1), k * width)
-    if k >= width:
-        return LayerPlan("identity", 0, 0)
-    if factorising_pays(built, width, width):  # x -> k -> width against the width x width map
-        return LayerPlan(
-            "standalone-factorised", built * (width + 1) + width * (built + 1), 2 * built * width
+            return plans("down-projection", k * (fan_in + 1), kind.macs_per_position(follows, k))
+        pays = built <= largest_factorised_rank(fan_in, width)
+        return plans(
+            np.where(pays, "factorised", "folded"),
+            np.where(pays, built * (fan_in + 1) + width * (built + 1), dense[0]),
+            np.where(pays, kind.macs_per_position(follows, built) + built * width, dense[1]),
         )
-    return LayerPlan("standalone", width * (width + 1), width * width)
+    if not layer.keepdim:
+        return plans("standalone", k * (width + 1), k * width)
+    identity = k >= width
+    # x -> k -> width against the width x width map
+    pays = ~identity & (built <= largest_factorised_rank(width, width))
+    return plans(
+        np.select([identity, pays], ["identity", "standalone-factorised"], "standalone"),
+        np.select(
+            [identity, pays], [0, built * (width + 1) + width * (built + 1)], width * (width + 1)
+        ),
+        np.select([identity, pays], [0, 2 * built * width], width * width),
+    )
 
 
 _BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}  # by spatial dims

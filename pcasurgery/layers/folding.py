@@ -47,10 +47,10 @@ from .state import version_tokens
 
 __all__ = [
     "cached_fold",
-    "factorising_pays",
     "fold_scope",
     "folded_affine",
     "folded_forward",
+    "largest_factorised_rank",
     "own_forward",
     "prefold",
 ]
@@ -137,12 +137,15 @@ def _folded_by_rows(
     return _s.transposed_times_by_rows(p, w).to(w.dtype), (p @ (b - c) + c).to(w.dtype)
 
 
-def factorising_pays(k: int, fan_in: int, width: int) -> bool:
-    """Whether ``fan_in -> k -> width`` (both with biases) is smaller than ``fan_in -> width``.
+def largest_factorised_rank(fan_in: int, width: int) -> int:
+    """The largest ``k`` at which ``fan_in -> k -> width`` (both with biases) is smaller than
+    ``fan_in -> width``: ``k (fan_in + 1) + width (k + 1) < width (fan_in + 1)``, that is
+    ``k (fan_in + width + 1) < width fan_in``. Every rank from 1 to it pays (0: none does).
 
-    The rule ``compress`` factorises by, and the eval-mode fold runs by.
+    The rule ``compress`` factorises by (``compression.plan``), as one number, so that a
+    plan prices every rank of a layer at once.
     """
-    return 0 < k and k * (fan_in + 1) + width * (k + 1) < width * (fan_in + 1)
+    return (width * fan_in - 1) // (fan_in + width + 1)
 
 
 def _runs_factorised(k: int, fan_in: int, width: int) -> bool:

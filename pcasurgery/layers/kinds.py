@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -156,9 +157,16 @@ class LayerKind:
             return int(weight.numel() // weight.shape[1])
         return int(weight[0].numel())
 
-    def macs_per_position(self, module: Any, outputs: int | None = None) -> int:
+    @overload
+    def macs_per_position(self, module: Any, outputs: int | None = None) -> int: ...
+
+    @overload
+    def macs_per_position(self, module: Any, outputs: np.ndarray) -> np.ndarray: ...
+
+    def macs_per_position(self, module: Any, outputs: Any = None) -> Any:
         """Multiply-accumulates of one output position (a row, a pixel), of the module or of
-        a ``groups=1`` layer of its geometry with ``outputs`` outputs.
+        a ``groups=1`` layer of its geometry with ``outputs`` outputs (an int, or an integer
+        array of counts: one number each).
 
         A transposed convolution's ``in x out x kernel`` products per input
         position are spread over ``prod(stride)`` output positions (exact when
