@@ -542,3 +542,37 @@ def _check_every_rank(model, data, options) -> set[str]:
         assert ps.count_macs(small, x) == macs - macs_before + after_macs, step
         actions |= {str(prices[n].actions[k - 1]) for n, k in ks.items()}
     return actions
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_allocation_is_optimal_where_many_ranks_cost_the_same_units(seed, monkeypatch):
+    # the allocation's dynamic programme keeps, of the ranks that round to the same whole
+    # units of the budget, the one of least loss: it must still find the optimum of the
+    # rounded problem, checked against every combination, and choose as it does with
+    # every rank considered
+    from pcasurgery.analysis import budget
+    from pcasurgery.analysis.budget import _allocate
+
+    rng = np.random.default_rng(seed)
+    sizes = (30, 24, 36)
+    # each layer's ranks span a few units of the budget: most of its cost is fixed
+    costs = [rng.uniform(0, 0.05, n).cumsum() + rng.uniform(50, 150) for n in sizes]
+    # real layers lose less with every rank; odd seeds shuffle the losses
+    losses = [np.sort(rng.uniform(0, 1, n))[::-1].copy() for n in sizes]
+    if seed % 2:
+        losses = [rng.permutation(loss) for loss in losses]
+    target = sum(float(c[0]) + 0.5 * float(c[-1] - c[0]) for c in costs)
+    choice = _allocate(losses, costs, target)
+    assert choice is not None
+    total = sum(float(c[i]) for c, i in zip(costs, choice, strict=True))
+    ours = sum(float(val[i]) for val, i in zip(losses, choice, strict=True))
+    assert total <= target
+    unit = target / max(4096, 32 * len(costs))
+    units = [np.ceil(c / unit - 1e-9) for c in costs]
+    assert sum(len(np.unique(u)) for u in units) < 0.9 * sum(sizes)  # ranks share units
+    grid = np.ix_(*[np.arange(n) for n in sizes])
+    fits = sum(u[g] for u, g in zip(units, grid, strict=True)) <= max(4096, 32 * len(costs))
+    loss = sum(val[g] for val, g in zip(losses, grid, strict=True))
+    assert ours <= loss[fits].min() + 1e-12
+    monkeypatch.setattr(budget, "_cheapest_per_unit", lambda o, u, loss, b: (o[u <= b], u[u <= b]))
+    assert _allocate(losses, costs, target) == choice
