@@ -9,7 +9,8 @@ memory:
 1. report: the model built on ``meta`` (``accelerate.init_empty_weights``),
    ``calibrate_sequential(weights=...)`` on ``--windows`` windows of 512 random
    tokens, ``report`` (goal: <= 20 min at a peak <= 8 GiB);
-2. compress: the same, then ``budget_plan(remove=0.2)`` on those spectra and
+2. compress: the same, then ``budget_plan(remove=0.2)`` on those spectra (its
+   seconds printed apart) and
    ``compress_sequential(plan=..., weights=..., out=..., out_dtype=bfloat16)``,
    each compressed block written as it is done (goal: <= 60 min end to end);
    with ``--loss``, the plan weighed by the language-model loss on 2 other
@@ -105,7 +106,9 @@ _REPORT = _COMMON + textwrap.dedent(
     result = {"seconds": seconds, "layers": len(report),
               "saturation": float(report["saturation"].mean())}
     if mode.startswith("compress"):
+        planning = time.perf_counter()
         plan = ps.budget_plan(spectra, remove=0.2)
+        result["plan_seconds"] = time.perf_counter() - planning
         small = ps.compress_sequential(model, windows_of(windows), blocks="model.layers.*",
                                        plan=plan, weights=folder, out=folder + "-small",
                                        out_dtype=torch.bfloat16)
@@ -185,7 +188,8 @@ def main(argv=None) -> dict:
             removed = 1 - c["params_after"] / c["params_before"]
             what = "spectra and the loss's gradients" if args.loss else "spectra"
             print(f"compress: {what} {c['seconds']:.0f} s + compression "
-                  f"{c['compress_seconds']:.0f} s = {(c['seconds'] + c['compress_seconds']) / 60:.1f} "
+                  f"{c['compress_seconds']:.0f} s (the plan {c['plan_seconds']:.1f} s of it) = "
+                  f"{(c['seconds'] + c['compress_seconds']) / 60:.1f} "
                   f"min (goal <= 60), peak {c['peak'] / gib:.2f} GiB; block parameters "
                   f"{c['params_before']:,} -> {c['params_after']:,} ({removed:.1%} fewer)",
                   flush=True)  # fmt: skip
