@@ -128,7 +128,8 @@ def test_one_block_is_calibrated_at_a_time_and_the_result_ships(monkeypatch, tmp
 def test_a_block_is_held_once_and_its_layers_decomposed_one_after_another(monkeypatch):
     """Block by block, the memory is one block's: the wrapped copy holds the block's own
     weights (calibration reads them, ``compress`` reads those it replaces), and the block's
-    decompositions run one after another, not one per worker side by side."""
+    eigenvectors are computed one layer after another, not one per worker side by side.
+    The first pass's eigenvalues alone (little memory each) are computed side by side."""
     import sys
     import threading
 
@@ -137,7 +138,7 @@ def test_a_block_is_held_once_and_its_layers_decomposed_one_after_another(monkey
 
     model, data = _llama(2), token_batches(96)
     own = {p.data_ptr() for p in model.model.layers.parameters()}
-    wrapped_held, read, threads = [], [], set()
+    wrapped_held, read, threads = [], [], {True: set(), False: set()}
     calibrate, install = sequential.calibrate, decompose._install
     module = sys.modules["pcasurgery.compression.compress"]
     pair = module._compress_pair
@@ -147,7 +148,7 @@ def test_a_block_is_held_once_and_its_layers_decomposed_one_after_another(monkey
         return calibrate(wrapped, *args, **kwargs)
 
     def installing(layer, vectors=True, release=False):
-        threads.add(threading.current_thread().name)
+        threads[vectors].add(threading.current_thread().name)
         return install(layer, vectors, release)
 
     def reading(layer, followed, plan):
@@ -165,7 +166,8 @@ def test_a_block_is_held_once_and_its_layers_decomposed_one_after_another(monkey
         torch.set_num_threads(threads_before)
     assert wrapped_held == [True] * 4  # two passes (global budget)
     assert read == [True] * 14
-    assert threads == {threading.current_thread().name}
+    assert threads[True] == {threading.current_thread().name}
+    assert len(threads[False]) == 2 and all(n.startswith("pcasurgery") for n in threads[False])
 
 
 def test_a_blocks_statistics_are_freed_as_its_layers_eigenspaces_are_installed(monkeypatch):

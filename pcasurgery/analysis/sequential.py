@@ -8,7 +8,8 @@ outputs on the captured inputs become the next block's inputs. Only one
 block's statistics and eigenvectors exist at a time, and the block's weights once:
 its wrapped copy holds the block's parameters themselves (``pca_wrap_sharing``),
 ``compress`` shares those of the layers it replaces, and the block's
-decompositions run one after another (``one_at_a_time``), not side by side.
+eigenvectors are computed one layer after another (``one_at_a_time``), not side
+by side (eigenvalues alone, of little memory, still are).
 
 ``propagate="compressed"`` (the default) passes on the compressed block's
 outputs, so each block is calibrated on the activations the compressed model

@@ -44,8 +44,14 @@ def releasing_statistics() -> Iterator[None]:
 def one_at_a_time() -> Iterator[None]:
     """Within, :func:`side_by_side` runs its jobs one after another, each on every thread:
     one decomposition's memory at a time instead of one per worker (a 5632 x 2048 layer's
-    takes 0.25 GiB), for about 5 % more time on two cores (``compress_sequential``, which
-    promises one block's memory)."""
+    eigenvectors take 0.25 GiB), for 5 % to 15 % more time on two cores (``eigh`` of four
+    matrices 1024 to 4096 wide; ``compress_sequential``, which promises one block's memory).
+
+    Jobs of little memory (``small``: the eigenvalues alone, a few squares of the width
+    each) still run side by side: a two-thread ``eigvalsh`` is no faster than a one-thread
+    one, so one after another they would take 1.5x to 1.8x as long (four matrices 1024
+    to 4096 wide, two cores; ``compress_sequential``'s first pass and
+    ``calibrate_sequential`` decompose that way)."""
     token = _ONE_AT_A_TIME.set(True)
     try:
         yield
@@ -93,6 +99,7 @@ def compute_eigenspaces(
         side_by_side(
             [partial(_install, layer, vectors, release) for layer in on_cpu],
             on_done=lambda i: step(bar, costs[i]),
+            small=not vectors,
         )
         for i, layer in enumerate(elsewhere, start=len(on_cpu)):
             _install(layer, vectors, release)
@@ -106,17 +113,20 @@ def _width(layer: PCALayer) -> int:
 
 
 def side_by_side(
-    jobs: Sequence[Callable[[], Any]], on_done: Callable[[int], Any] | None = None
+    jobs: Sequence[Callable[[], Any]],
+    on_done: Callable[[int], Any] | None = None,
+    small: bool = False,
 ) -> None:
     """Run CPU ``jobs`` in a pool of ``torch.get_num_threads()`` workers of one thread each.
 
     Jobs start in the order given (largest first keeps the workers even). With
     one thread, or one job, they run here, one after another. ``on_done(i)`` is
     called here (not in a worker) as job ``i`` ends well. The first error is
-    raised once every job has ended. Within :func:`one_at_a_time`, one after another.
+    raised once every job has ended. Within :func:`one_at_a_time`, one after another,
+    unless the jobs are ``small`` (of little memory each).
     """
     workers = min(torch.get_num_threads(), len(jobs))
-    if workers <= 1 or _ONE_AT_A_TIME.get():
+    if workers <= 1 or (_ONE_AT_A_TIME.get() and not small):
         for i, job in enumerate(jobs):
             job()
             if on_done is not None:
