@@ -567,6 +567,8 @@ def test_the_allocation_is_optimal_where_many_ranks_cost_the_same_units(seed, mo
     total = sum(float(c[i]) for c, i in zip(costs, choice, strict=True))
     ours = sum(float(val[i]) for val, i in zip(losses, choice, strict=True))
     assert total <= target
+    for cost, loss, i in zip(costs, losses, choice, strict=True):  # no move left that fits
+        assert not ((cost - cost[i] <= target - total) & (loss < loss[i])).any()
     unit = target / max(4096, 32 * len(costs))
     units = [np.ceil(c / unit - 1e-9) for c in costs]
     assert sum(len(np.unique(u)) for u in units) < 0.9 * sum(sizes)  # ranks share units

@@ -597,22 +597,43 @@ def _allocate(losses: list[np.ndarray], costs: list[np.ndarray], target: float) 
         option = int(picks[j][b])
         choice[j] = option
         b -= int(np.ceil(costs[j][option] / unit - 1e-9))
-    # spend the rounding slack: single-layer moves to less loss, best loss saved per cost first
+    # spend the rounding slack: single-layer moves to less loss, best loss saved per cost
+    # first. A layer's best move stays its best while the spare does not grow and the move
+    # still fits (the moves that fit only lose members): it is found again only then, or
+    # once the layer has moved, not for every layer at every move.
+    moves: list[tuple[float, int] | None] = [None] * len(losses)
+    found_at = [-np.inf] * len(losses)  # the spare each layer's best move was found at
     while True:
         spare = target - _total(costs, choice)
         best_move, best_gain = None, 0.0
         for j, (loss, cost) in enumerate(zip(losses, costs, strict=True)):
-            extra = cost - cost[choice[j]]
-            gain = loss[choice[j]] - loss
-            ok = (extra <= spare) & (gain > 0)
-            if ok.any():
-                rate = np.where(ok, gain / np.maximum(extra, 1e-12), -np.inf)
-                i = int(np.argmax(rate))
-                if rate[i] > best_gain:
-                    best_move, best_gain = (j, i), float(rate[i])
+            move = moves[j]
+            if spare > found_at[j] or (
+                move is not None and cost[move[1]] - cost[choice[j]] > spare
+            ):
+                moves[j] = move = _best_move(loss, cost, choice[j], spare)
+                found_at[j] = spare
+            if move is not None and move[0] > best_gain:
+                best_move, best_gain = (j, move[1]), move[0]
         if best_move is None:
             return choice
-        choice[best_move[0]] = best_move[1]
+        j, i = best_move
+        choice[j], found_at[j] = i, -np.inf
+
+
+def _best_move(
+    loss: np.ndarray, cost: np.ndarray, current: int, spare: float
+) -> tuple[float, int] | None:
+    """``(loss saved per cost, rank)`` of the layer's best move from ``current`` that costs at
+    most ``spare`` more and loses less (the first of the best); None where none does."""
+    extra = cost - cost[current]
+    gain = loss[current] - loss
+    ok = (extra <= spare) & (gain > 0)
+    if not ok.any():
+        return None
+    rate = np.where(ok, gain / np.maximum(extra, 1e-12), -np.inf)
+    i = int(np.argmax(rate))
+    return float(rate[i]), i
 
 
 def _cheapest_per_unit(
