@@ -487,11 +487,14 @@ def test_under_sampled_layers_are_named_and_rows_are_reported():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 100))
     wrapped = ps.pca_wrap(net)
-    expected = (
-        r"saw fewer samples [^\n]*\n  - 0: 16 rows for width 32\n  - 2: 16 rows for width 100$"
-    )
+    # the widening layer 0 is not short of rows: its output's covariance has rank at most
+    # its input's width, 8, whatever it sees; the classifier's is short of them
+    expected = r"saw fewer samples [^\n]*\n  - 2: 16 rows for width 100$"
     with pytest.warns(UserWarning, match=expected):
         ps.calibrate(wrapped, [torch.randn(16, 8)], progress=False)
+    few = r"\n  - 0: 6 rows for width 32 \(input width 8\)\n  - 2: 6 rows for width 100$"
+    with pytest.warns(UserWarning, match=few):
+        ps.calibrate(ps.pca_wrap(net), [torch.randn(6, 8)], progress=False)
     table = ps.report(wrapped).set_index("layer")
     assert table.loc["2", "rows"] == 16 and table.loc["2", "samples"] == 16
     tokens = ps.calibrate(ps.pca_wrap(nn.Sequential(nn.Linear(8, 6))), [torch.randn(2, 5, 8)],

@@ -18,6 +18,7 @@ __all__ = [
     "compute_eigenspaces",
     "compute_eigenvectors",
     "one_at_a_time",
+    "problem_width",
     "releasing_statistics",
     "side_by_side",
 ]
@@ -88,10 +89,10 @@ def compute_eigenspaces(
             layer._check_statistics()
     on_cpu = sorted(
         (layer for layer in layers if layer.shift.device.type == "cpu"),
-        key=lambda layer: -_width(layer),
+        key=lambda layer: -problem_width(layer),
     )
     elsewhere = [layer for layer in layers if layer.shift.device.type != "cpu"]
-    costs = [float(_width(layer)) ** 3 for layer in on_cpu + elsewhere]
+    costs = [float(problem_width(layer)) ** 3 for layer in on_cpu + elsewhere]
     with progress_bar(
         progress, desc="decompositions", unit="layer", total=sum(costs), steps=len(costs)
     ) as bar:
@@ -106,8 +107,10 @@ def compute_eigenspaces(
             step(bar, costs[i])
 
 
-def _width(layer: PCALayer) -> int:
-    """The width of the problem the layer's spectrum comes from."""
+def problem_width(layer: PCALayer) -> int:
+    """The width of the problem the layer's spectrum comes from: the layer's own, or for a
+    layer whose statistics are a module's input moments mapped through its weights, held
+    as factors (``layers.through``), the input's, which bounds the spectrum's rank."""
     factors = layer._square_factors
     return layer.width if factors is None else int(factors.weight.shape[1])
 
@@ -167,11 +170,12 @@ def compute_eigenvectors(layers: Iterable[PCALayer], progress: bool | None = Fal
     """``PCALayer.compute_eigenvectors`` for the layers whose eigenvectors are pending, the
     CPU ones side by side (as :func:`compute_eigenspaces`), largest first."""
     pending = sorted(
-        (layer for layer in layers if layer.eigenvectors_pending), key=lambda layer: -_width(layer)
+        (layer for layer in layers if layer.eigenvectors_pending),
+        key=lambda layer: -problem_width(layer),
     )
     on_cpu = [layer for layer in pending if layer.shift.device.type == "cpu"]
     elsewhere = [layer for layer in pending if layer.shift.device.type != "cpu"]
-    costs = [float(_width(layer)) ** 3 for layer in on_cpu + elsewhere]
+    costs = [float(problem_width(layer)) ** 3 for layer in on_cpu + elsewhere]
     with progress_bar(
         progress, desc="eigenvectors", unit="layer", total=sum(costs), steps=len(costs)
     ) as bar:

@@ -53,7 +53,7 @@ from .._validation import (
     kept_modes,
 )
 from ..core import moments as _m
-from ..layers.decompose import compute_eigenspaces
+from ..layers.decompose import compute_eigenspaces, problem_width
 from ..layers.network import pca_layers_of, require_layers
 from ..layers.offload import offloaded, resident
 from ..layers.pca import PCALayer
@@ -223,6 +223,11 @@ def calibrate(
             the batch index added as a note. In every case the model is left
             exactly as it was before the call.
 
+    Warns:
+        UserWarning: naming the layers that saw fewer sample rows than their
+            spectrum can have directions (their width, or a widening layer's input
+            width): their spectra are those of the data seen.
+
     Example:
         >>> from pcasurgery import pca_wrap
         >>> net = pca_wrap(nn.Sequential(nn.Linear(8, 4)), 0.9)
@@ -348,17 +353,21 @@ def _input_side(model: nn.Module) -> dict[PCALayer, InputStatistics]:
     return chosen
 
 
-def _undersampled(layers: Mapping[str, PCALayer]) -> list[tuple[str, int, int]]:
+def _undersampled(layers: Mapping[str, PCALayer]) -> list[tuple[str, int, str]]:
     """``(name, rows, width)`` of the layers whose covariance has fewer sample rows than
-    the layer is wide."""
-    return [
-        (name, layer.sample_rows, layer.width)
-        for name, layer in layers.items()
-        if layer.sample_rows < layer.width
-    ]
+    the problem its spectrum comes from is wide (``decompose.problem_width``): the layer's
+    width, or its input's where it widens (collected on its input, ``layers.through``:
+    its covariance has rank at most the input's width however many rows it sees)."""
+    short = []
+    for name, layer in layers.items():
+        width = problem_width(layer)
+        if layer.sample_rows < width:
+            what = str(width) if width == layer.width else f"{layer.width} (input width {width})"
+            short.append((name, layer.sample_rows, what))
+    return short
 
 
-def _warn_undersampled(short: list[tuple[str, int, int]]) -> None:
+def _warn_undersampled(short: list[tuple[str, int, str]]) -> None:
     """Warn about layers whose covariance has fewer sample rows than the layer is wide
     (:func:`_undersampled`).
 
