@@ -567,8 +567,8 @@ def _allocate(losses: list[np.ndarray], costs: list[np.ndarray], target: float) 
     skipped, and so is every rank but the one of least loss (the first of equal
     losses) among those that cost the same whole units: it takes the others'
     place at every budget. A layer's thousands of ranks fall on a few dozen units
-    (a 7B model's 224 layers share 7168), so the pass takes a few dozen steps a
-    layer, not one per rank. None when no choice fits.
+    (a 7B-shaped model's budget is cut into 7168 for its 224 layers), so the pass
+    takes a few dozen steps a layer, not one per rank. None when no choice fits.
     """
     buckets = max(4096, 32 * len(losses))
     unit = target / buckets
